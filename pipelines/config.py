@@ -1,0 +1,294 @@
+"""Typed configuration: every params.yaml section is mirrored by a frozen dataclass.
+
+`build(cls, mapping, where)` turns a plain mapping (one params.yaml section) into `cls`, and fails
+with a `ConfigError` that names the section, the offending key and the valid keys when a key is
+unknown, missing or of the wrong type. Only `stages/` reads params.yaml; the library receives these
+objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A params.yaml section does not match its dataclass."""
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in get_args(tp))}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`, converting lists to tuples and ints to floats."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
+        return build(tp, value, where)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{where}: {value!r} is not one of {_type_name(tp)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{where}: {value!r} does not match {_type_name(tp)}")
+    if origin is tuple:
+        args = get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list ({_type_name(tp)}), got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} items ({_type_name(tp)}), got {value!r}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        kt, vt = get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping ({_type_name(tp)}), got {value!r}")
+        return {_coerce(k, kt, where): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported annotation {tp!r}")  # a programming error
+
+
+def build(cls: type, mapping: dict[str, Any] | None, where: str | None = None) -> Any:
+    """Build the frozen dataclass `cls` from `mapping`, strictly.
+
+    Unknown keys, missing keys without a default and values of the wrong type raise `ConfigError`
+    naming `where` (the params.yaml path, e.g. ``pairs``) and the valid keys.
+    """
+    where = where or cls.__name__
+    mapping = {} if mapping is None else mapping
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {mapping!r}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    valid = ", ".join(sorted(fields))
+    unknown = sorted(set(mapping) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}; valid keys: {valid}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in mapping:
+            kwargs[name] = _coerce(mapping[name], hints[name], f"{where}.{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where}: missing key {name!r}; valid keys: {valid}")
+    obj = cls(**kwargs)
+    check = getattr(obj, "validate", None)
+    if check is not None:
+        check(where)
+    return obj
+
+
+def as_dict(obj: Any) -> dict[str, Any]:
+    """The dataclass as plain, JSON-friendly data (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple | list):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(obj))
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------
+
+SourceKind = Literal["synthetic", "ffhq_ref", "celebref_hq", "folder_by_identity", "unlabelled_folder"]
+
+
+@dataclass(frozen=True)
+class SynthesizeConfig:
+    """`synthesize`: the procedural identity-face source (the embedded default)."""
+
+    seed: int = 7
+    render_size: int = 128  # rendered at this size, then area-downsampled to image_size
+    image_size: int = 64
+    album_identities: int = 200  # the dataset pool, ingested like any album
+    album_images_per_identity: tuple[int, int] = (2, 8)  # inclusive range
+    album_singleton_fraction: float = 0.03  # identities with a single image (they have no reference)
+    encoder_identities: int = 300  # a disjoint pool that trains the identity encoders
+    encoder_images_per_identity: int = 8
+    grid_identities: int = 8
+    grid_images: int = 6
+
+    def validate(self, where: str) -> None:
+        if self.render_size < 32 or self.image_size < 16 or self.image_size > self.render_size:
+            raise ConfigError(f"{where}: need render_size >= 32 and 16 <= image_size <= render_size")
+        lo, hi = self.album_images_per_identity
+        if not 1 <= lo <= hi:
+            raise ConfigError(f"{where}.album_images_per_identity: need 1 <= min <= max, got {lo, hi}")
+        if not 0.0 <= self.album_singleton_fraction < 1.0:
+            raise ConfigError(f"{where}.album_singleton_fraction must lie in [0, 1)")
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """`source`: where the images come from."""
+
+    kind: SourceKind = "synthetic"
+    root: str = "data/synthetic/album"
+    images_dir: str = "images"  # ffhq_ref: folder of FFHQ images under root (already resized)
+    resize_method: str = "lanczos"  # ffhq_ref: how the user resized images1024x1024, recorded
+    extensions: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """`ingest`: validation rules for every source image."""
+
+    min_size: int = 32
+    alpha: Literal["composite", "quarantine"] = "composite"  # alpha over white, or reject
+
+
+@dataclass(frozen=True)
+class EncoderArch:
+    """An IR-style backbone: `units` per stage and `widths` (stem, stage1..stage4)."""
+
+    seed: int = 1
+    units: tuple[int, int, int, int] = (1, 1, 2, 1)
+    widths: tuple[int, int, int, int, int] = (16, 16, 32, 64, 128)
+    stem_stride: int = 2  # the stem halves 64 px inputs: 4x less compute than AdaFace's stride 1
+
+
+@dataclass(frozen=True)
+class TrainIdEncoderConfig:
+    """`train_id_encoder`: the small identity encoders of the embedded default (AdaFace loss)."""
+
+    input_size: int = 64
+    embedding_dim: int = 512
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 5e-4
+    holdout_fraction: float = 0.2  # identities of the encoder pool held out for verification
+    margin: float = 0.4  # AdaFace m
+    h: float = 0.333  # AdaFace h (norm concentration)
+    scale: float = 64.0  # AdaFace s
+    t_alpha: float = 0.01  # EMA of the batch norm statistics
+    threads: int = 2
+    primary: EncoderArch = field(default_factory=lambda: EncoderArch(seed=1))
+    evaluator: EncoderArch = field(
+        default_factory=lambda: EncoderArch(seed=2, units=(1, 1, 2, 1), widths=(16, 24, 48, 96, 160))
+    )
+
+    def validate(self, where: str) -> None:
+        for arch in (self.primary, self.evaluator):
+            if self.input_size % (16 * arch.stem_stride):
+                raise ConfigError(f"{where}.input_size must be a multiple of 16·stem_stride, got {self.input_size}")
+        if not 0.0 < self.holdout_fraction < 1.0:
+            raise ConfigError(f"{where}.holdout_fraction must lie in (0, 1)")
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """`embed`: which identity encoder embeds every manifest image."""
+
+    encoder: Literal["small_ir", "adaface_ir50"] = "small_ir"
+    checkpoint: str = "data/encoders/primary.safetensors"
+    batch_size: int = 128
+    threads: int = 2
+    crop_border: float = 0.0  # fraction cropped from each edge first (FFHQ-Ref protocol: 0.0625)
+
+
+@dataclass(frozen=True)
+class PairsConfig:
+    """`pairs`: the FFHQ-Ref protocol (identity graph, identity-disjoint splits, ordered references)."""
+
+    seed: int = 42
+    link_distance: float = 0.4  # cosine distance below which two images are the same person
+    min_eval_ref_distance: float = 0.1  # val/test references at least this far from the target
+    identity_from: Literal["auto", "label", "graph"] = "auto"  # auto: the label when a source has one
+    split_fractions: dict[str, float] = field(
+        default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1}
+    )
+    max_refs: int = 9  # references kept per target (FFHQ-Ref test lists hold 2-9)
+    check_released: bool = True  # ffhq_ref: rebuild the mapping from embeddings and report agreement
+
+    def validate(self, where: str) -> None:
+        if set(self.split_fractions) != {"train", "val", "test"}:
+            raise ConfigError(f"{where}.split_fractions needs exactly the keys train, val, test")
+        if abs(sum(self.split_fractions.values()) - 1.0) > 1e-6:
+            raise ConfigError(f"{where}.split_fractions must sum to 1, got {self.split_fractions}")
+        if not 0.0 < self.link_distance < 2.0:
+            raise ConfigError(f"{where}.link_distance must lie in (0, 2)")
+
+
+@dataclass(frozen=True)
+class ShardsConfig:
+    """`shards`: webdataset shards per split."""
+
+    resolution: int = 64
+    resize_method: Literal["area", "lanczos", "bicubic"] = "area"
+    max_refs: int = 8
+    samples_per_shard: int = 128
+    preview_samples: int = 4
+
+    def validate(self, where: str) -> None:
+        if self.max_refs < 1:
+            raise ConfigError(f"{where}.max_refs must be at least 1")
+
+
+SECTIONS: dict[str, type] = {
+    "synthesize": SynthesizeConfig,
+    "source": SourceConfig,
+    "ingest": IngestConfig,
+    "train_id_encoder": TrainIdEncoderConfig,
+    "embed": EmbedConfig,
+    "pairs": PairsConfig,
+    "shards": ShardsConfig,
+}
+
+
+def load_sections(params: dict[str, Any], names: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Build the named sections (all known ones by default) from a parsed params.yaml."""
+    if not isinstance(params, dict):
+        raise ConfigError("params.yaml: expected a mapping of sections")
+    unknown = sorted(set(params) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(
+            f"params.yaml: unknown section(s) {', '.join(unknown)}; valid sections: {', '.join(sorted(SECTIONS))}"
+        )
+    names = names or tuple(SECTIONS)
+    return {n: build(SECTIONS[n], params.get(n), n) for n in names}

@@ -1,0 +1,49 @@
+"""Identity embeddings for every manifest image: raw vectors (direction · norm), batched."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from models.id_encoder import IRBackbone, load_adaface_checkpoint, load_encoder, preprocess
+from pipelines.config import EmbedConfig
+from pipelines.images import load_rgb, sha256_file
+
+
+def load_identity_encoder(kind: str, checkpoint: str) -> tuple[IRBackbone, str, str]:
+    """(model in eval mode, encoder name, checkpoint sha256) for `small_ir` or `adaface_ir50`."""
+    if kind == "small_ir":
+        model, name = load_encoder(checkpoint)
+    elif kind == "adaface_ir50":
+        model, name = load_adaface_checkpoint(checkpoint), "adaface_ir50"
+    else:
+        raise ValueError(f"unknown identity encoder {kind!r}; valid: small_ir, adaface_ir50")
+    return model, name, sha256_file(checkpoint)
+
+
+def encoder_input(img: np.ndarray, size: int, border: float) -> np.ndarray:
+    """Crop `border` of each edge, then area-resize to (size, size): (H, W, 3) uint8 → (size, size, 3)."""
+    if border > 0:
+        h, w = img.shape[:2]
+        bh, bw = round(h * border), round(w * border)
+        img = img[bh : h - bh, bw : w - bw]
+    if img.shape[0] != size or img.shape[1] != size:
+        img = np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BOX))
+    return img
+
+
+@torch.no_grad()
+def embed_paths(model: IRBackbone, paths: list[str], cfg: EmbedConfig, progress: bool = True) -> np.ndarray:
+    """Raw embeddings (N, D) float32 of the images at `paths`, in order."""
+    torch.set_num_threads(cfg.threads)
+    model.eval()
+    size = model.cfg.input_size
+    out = []
+    for i in tqdm(range(0, len(paths), cfg.batch_size), desc="embed", unit="batch", disable=not progress):
+        batch = np.stack([encoder_input(load_rgb(p)[0], size, cfg.crop_border) for p in paths[i : i + cfg.batch_size]])
+        x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, S, S) RGB [0, 1]
+        e, n = model(preprocess(x, size))
+        out.append((e * n).numpy().astype(np.float32))
+    return np.concatenate(out) if out else np.zeros((0, model.cfg.embedding_dim), np.float32)

@@ -1,0 +1,93 @@
+"""Validate every source image: the manifest, the quarantine and counts per reason.
+
+Every listed image ends in exactly one of two files: the manifest (usable, with what was done to
+reach 8-bit RGB) or the quarantine (with a reason and a message naming the file). One bad image
+never stops the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from pipelines.config import IngestConfig
+from pipelines.images import ImageProblem, load_rgb
+from pipelines.sources import SourceListing
+
+
+@dataclass
+class IngestResult:
+    manifest: list[dict]
+    quarantine: list[dict]
+    metrics: dict
+
+
+def ingest(listing: SourceListing, cfg: IngestConfig, progress: bool = True) -> IngestResult:
+    manifest, quarantine = [], []
+    for p in listing.problems:
+        quarantine.append({"image_id": None, **p})
+    by_bytes: dict[str, str] = {}
+    by_pixels: dict[str, str] = {}
+    for item in tqdm(listing.items, desc="ingest", unit="img", disable=not progress):
+        base = {"image_id": item.image_id, "item": item.path}
+        try:
+            data = open(item.path, "rb").read()
+        except OSError as exc:
+            quarantine.append({**base, "reason": "unreadable", "detail": f"{item.path}: {exc}"})
+            continue
+        sha = hashlib.sha256(data).hexdigest()
+        if sha in by_bytes:
+            quarantine.append({**base, "reason": "duplicate", "detail": f"{item.path}: same bytes as {by_bytes[sha]}"})
+            continue
+        try:
+            arr, info = load_rgb(item.path, alpha=cfg.alpha, data=data)
+        except ImageProblem as exc:
+            quarantine.append({**base, "reason": exc.reason, "detail": str(exc)})
+            continue
+        h, w = arr.shape[:2]
+        if min(h, w) < cfg.min_size:
+            quarantine.append(
+                {**base, "reason": "too_small", "detail": f"{item.path}: {w}x{h} is below ingest.min_size={cfg.min_size}"}
+            )
+            continue
+        psha = hashlib.sha256(arr.tobytes() + f"{h}x{w}".encode()).hexdigest()
+        if psha in by_pixels:
+            quarantine.append(
+                {**base, "reason": "duplicate", "detail": f"{item.path}: same pixels as {by_pixels[psha]} (other encoding)"}
+            )
+            continue
+        by_bytes[sha] = item.image_id
+        by_pixels[psha] = item.image_id
+        manifest.append(
+            {
+                "image_id": item.image_id,
+                "path": item.path,
+                "relpath": item.relpath,
+                "identity": item.identity,
+                "split": item.split,
+                "width": w,
+                "height": h,
+                "sha256": sha,
+                "pixel_sha256": psha,
+                "mode": info.mode,
+                "format": info.format,
+                "conversions": info.conversions,
+                "status": "ok",
+            }
+        )
+    manifest.sort(key=lambda r: r["image_id"])
+    quarantine.sort(key=lambda r: (str(r["item"]), r["reason"], r["detail"]))
+    reasons = Counter(q["reason"] for q in quarantine)
+    converted = Counter(c.split(" ")[0] for r in manifest for c in r["conversions"])
+    metrics = {
+        "listed": len(listing.items),
+        "accepted": len(manifest),
+        "quarantined": len(quarantine),
+        "quarantine_reasons": dict(sorted(reasons.items())),
+        "conversions": dict(sorted(converted.items())),
+        "identities": len({r["identity"] for r in manifest if r["identity"] is not None}),
+    }
+    return IngestResult(manifest, quarantine, metrics)

@@ -1,0 +1,171 @@
+"""Webdataset shards by the contract of ARCHITECTURE.md: write, index, validate, read.
+
+One sample per target: ``gt.png``, ``ref{i}.png`` (ordered, up to `max_refs`), ``meta.json``,
+``gt_emb.npy`` (D,) and ``ref_emb.npy`` (K, D) raw identity embeddings, and ``refmask{i}.png``
+(single channel, reference grid; 0 consistent, 1 conflict, 255 ignore) where masks exist. Shards are
+byte-reproducible: sorted samples, mtime 0, fixed owner and mode, deterministic PNG and npy bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+INDEX_NAME = "index.json"
+FORMAT_VERSION = 1
+
+
+class ShardError(ValueError):
+    """A shard is missing, corrupt or disagrees with the index."""
+
+
+def npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
+    return buf.getvalue()
+
+
+def write_split(out: Path, split: str, samples: Iterator[dict], samples_per_shard: int) -> list[dict]:
+    """Write samples ({"__key__", "gt.png": bytes, ...}) to `out/{split}-NNNNNN.tar`; return shard entries."""
+    import webdataset as wds
+
+    out.mkdir(parents=True, exist_ok=True)
+    pattern = str(out / f"{split}-%06d.tar")
+    counts: dict[str, int] = {}
+
+    def post(fname: str) -> None:
+        counts[Path(fname).name] = writer.count
+
+    writer = wds.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0, mtime=0, encoder=False, post=post)
+    n = 0
+    for s in samples:
+        writer.write(s)
+        n += 1
+    writer.close()
+    if n == 0:  # ShardWriter opened an empty first shard: remove it, an empty split has no shards
+        for f in out.glob(f"{split}-*.tar"):
+            f.unlink()
+        return []
+    entries = []
+    for name in sorted(counts):
+        path = out / name
+        entries.append({"name": name, "samples": counts[name], "bytes": path.stat().st_size, "sha256": _sha(path)})
+    return entries
+
+
+def _sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def validate_shards(root: str | Path, check_hash: bool = True) -> dict:
+    """Check every shard listed in `root/index.json`: present, sha256 and sample count as indexed.
+
+    Returns the index. Raises `ShardError` naming the first bad shard and what is wrong with it.
+    """
+    root = Path(root)
+    index_path = root / INDEX_NAME
+    if not index_path.is_file():
+        raise ShardError(f"{index_path}: shard index missing (run `dvc repro shards`)")
+    index = json.loads(index_path.read_text())
+    for split, info in index["splits"].items():
+        for entry in info["shards"]:
+            path = root / entry["name"]
+            if not path.is_file():
+                raise ShardError(f"{path}: shard listed in {index_path} is missing")
+            if check_hash and _sha(path) != entry["sha256"]:
+                raise ShardError(f"{path}: corrupt shard (sha256 differs from {index_path})")
+            try:
+                keys = _sample_keys(path)
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                raise ShardError(f"{path}: corrupt shard (not a readable tar: {exc})") from exc
+            if len(keys) != entry["samples"]:
+                raise ShardError(f"{path}: {len(keys)} samples, index says {entry['samples']} ({split})")
+    return index
+
+
+def _sample_keys(path: Path) -> list[str]:
+    keys = []
+    with tarfile.open(path, "r") as tf:
+        for m in tf:
+            key = m.name.split(".", 1)[0]
+            if not keys or keys[-1] != key:
+                keys.append(key)
+    return keys
+
+
+def shard_paths(root: str | Path, split: str) -> list[str]:
+    root = Path(root)
+    index = json.loads((root / INDEX_NAME).read_text())
+    if split not in index["splits"]:
+        raise ShardError(f"{root / INDEX_NAME}: no split {split!r}; have {sorted(index['splits'])}")
+    return [str(root / e["name"]) for e in index["splits"][split]["shards"]]
+
+
+_REF = re.compile(r"^ref(\d+)\.png$")
+_MASK = re.compile(r"^refmask(\d+)\.png$")
+
+
+def decode_sample(raw: dict) -> dict:
+    """Raw webdataset sample (bytes per extension) → arrays.
+
+    Returns {"key", "meta", "gt" (H, W, 3) uint8, "refs" [K × (H, W, 3)], "masks" [K × (H, W) or None],
+    "gt_emb" (D,), "ref_emb" (K, D)}. Masks stay single-channel (decoded before any RGB conversion).
+    """
+    meta = json.loads(raw["meta.json"])
+    k = meta["ref_count"]
+    refs, masks = [None] * k, [None] * k
+    for name, value in raw.items():
+        if m := _REF.match(name):
+            refs[int(m.group(1))] = np.asarray(Image.open(io.BytesIO(value)).convert("RGB"))
+        elif m := _MASK.match(name):
+            masks[int(m.group(1))] = np.asarray(Image.open(io.BytesIO(value)))  # mode L: (H, W)
+    if any(r is None for r in refs):
+        raise ShardError(f"sample {raw.get('__key__')}: meta says {k} references, some are missing")
+    return {
+        "key": raw["__key__"],
+        "meta": meta,
+        "gt": np.asarray(Image.open(io.BytesIO(raw["gt.png"])).convert("RGB")),
+        "refs": refs,
+        "masks": masks,
+        "gt_emb": np.load(io.BytesIO(raw["gt_emb.npy"])),
+        "ref_emb": np.load(io.BytesIO(raw["ref_emb.npy"])),
+    }
+
+
+def iter_raw(paths: list[str]) -> Iterator[dict]:
+    """Raw samples (extension → bytes) from tar shards in order, without webdataset's decoders."""
+    for path in paths:
+        sample: dict = {}
+        try:
+            with tarfile.open(path, "r") as tf:
+                for m in tf:
+                    if not m.isfile():
+                        continue
+                    key, ext = m.name.split(".", 1)
+                    if sample and sample["__key__"] != key:
+                        yield sample
+                        sample = {}
+                    sample["__key__"] = key
+                    sample[ext] = tf.extractfile(m).read()
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise ShardError(f"{path}: corrupt shard ({exc})") from exc
+        if sample:
+            yield sample
+
+
+def iter_samples(root: str | Path, split: str) -> Iterator[dict]:
+    """Decoded samples of a split, in shard order."""
+    for raw in iter_raw(shard_paths(root, split)):
+        yield decode_sample(raw)
