@@ -76,12 +76,16 @@ class IRBackbone(nn.Module):
     def __init__(self, cfg: IRConfig = IR50):
         super().__init__()
         if len(cfg.units) != 4 or len(cfg.widths) != 5:
-            raise ValueError(f"IRConfig needs 4 stage unit counts and 5 widths, got {cfg.units}, {cfg.widths}")
+            raise ValueError(
+                f"IRConfig needs 4 stage unit counts and 5 widths, got {cfg.units}, {cfg.widths}"
+            )
         if cfg.input_size % (16 * cfg.stem_stride):
             raise ValueError(f"input_size must be a multiple of {16 * cfg.stem_stride}, got {cfg.input_size}")
         self.cfg = cfg
         w = cfg.widths
-        self.input_layer = nn.Sequential(nn.Conv2d(3, w[0], (3, 3), cfg.stem_stride, 1, bias=False), nn.BatchNorm2d(w[0]), nn.PReLU(w[0]))
+        self.input_layer = nn.Sequential(
+            nn.Conv2d(3, w[0], (3, 3), cfg.stem_stride, 1, bias=False), nn.BatchNorm2d(w[0]), nn.PReLU(w[0])
+        )
         modules = []
         for stage, n in enumerate(cfg.units):
             cin, cout = w[stage], w[stage + 1]
@@ -129,7 +133,9 @@ def preprocess(rgb: torch.Tensor, size: int, border: float = 0.0) -> torch.Tenso
         rgb = rgb[..., bh : h - bh, bw : w - bw]
     if rgb.shape[-1] != size or rgb.shape[-2] != size:
         mode = "area" if rgb.shape[-1] > size else "bilinear"
-        rgb = F.interpolate(rgb, size=(size, size), mode=mode, **({} if mode == "area" else {"align_corners": False}))
+        rgb = F.interpolate(
+            rgb, size=(size, size), mode=mode, **({} if mode == "area" else {"align_corners": False})
+        )
     bgr = rgb.flip(1)
     return (bgr - 0.5) / 0.5
 
@@ -153,9 +159,19 @@ class AdaFaceHead(nn.Module):
     High-norm (high-quality) samples get an additive margin, low-norm ones an angular one.
     """
 
-    def __init__(self, embedding_dim: int, num_classes: int, m: float = 0.4, h: float = 0.333, s: float = 64.0, t_alpha: float = 0.01):
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_classes: int,
+        m: float = 0.4,
+        h: float = 0.333,
+        s: float = 64.0,
+        t_alpha: float = 0.01,
+    ):
         super().__init__()
-        self.kernel = nn.Parameter(torch.empty(embedding_dim, num_classes).uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5))
+        self.kernel = nn.Parameter(
+            torch.empty(embedding_dim, num_classes).uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5)
+        )
         self.m, self.h, self.s, self.t_alpha, self.eps = m, h, s, t_alpha, 1e-3
         self.register_buffer("batch_mean", torch.ones(1) * 20)
         self.register_buffer("batch_std", torch.ones(1) * 100)
@@ -194,7 +210,9 @@ def load_adaface_checkpoint(path: str | Path, cfg: IRConfig = IR50) -> IRBackbon
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"identity encoder checkpoint {path} not found (set embed.checkpoint to a local file)")
+        raise FileNotFoundError(
+            f"identity encoder checkpoint {path} not found (set embed.checkpoint to a local file)"
+        )
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -231,7 +249,19 @@ def save_encoder(model: IRBackbone, path: str | Path, name: str) -> None:
     from safetensors.torch import save_file
 
     c = model.cfg
-    meta = {"name": name, "config": json.dumps({"input_size": c.input_size, "units": list(c.units), "widths": list(c.widths), "embedding_dim": c.embedding_dim, "dropout": c.dropout, "stem_stride": c.stem_stride})}
+    meta = {
+        "name": name,
+        "config": json.dumps(
+            {
+                "input_size": c.input_size,
+                "units": list(c.units),
+                "widths": list(c.widths),
+                "embedding_dim": c.embedding_dim,
+                "dropout": c.dropout,
+                "stem_stride": c.stem_stride,
+            }
+        ),
+    }
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
 
 
@@ -250,7 +280,14 @@ def load_encoder(path: str | Path) -> tuple[IRBackbone, str]:
     if "config" not in meta:
         raise ValueError(f"{path}: no architecture metadata; was it written by save_encoder?")
     c = json.loads(meta["config"])
-    cfg = IRConfig(c["input_size"], tuple(c["units"]), tuple(c["widths"]), c["embedding_dim"], c["dropout"], c.get("stem_stride", 1))
+    cfg = IRConfig(
+        c["input_size"],
+        tuple(c["units"]),
+        tuple(c["widths"]),
+        c["embedding_dim"],
+        c["dropout"],
+        c.get("stem_stride", 1),
+    )
     model = IRBackbone(cfg)
     model.load_state_dict(load_file(str(path)))
     return model.eval(), meta.get("name", path.stem)

@@ -216,7 +216,9 @@ class TrainIdEncoderConfig:
     def validate(self, where: str) -> None:
         for arch in (self.primary, self.evaluator):
             if self.input_size % (16 * arch.stem_stride):
-                raise ConfigError(f"{where}.input_size must be a multiple of 16·stem_stride, got {self.input_size}")
+                raise ConfigError(
+                    f"{where}.input_size must be a multiple of 16·stem_stride, got {self.input_size}"
+                )
         if not 0.0 < self.holdout_fraction < 1.0:
             raise ConfigError(f"{where}.holdout_fraction must lie in (0, 1)")
 
@@ -240,9 +242,7 @@ class PairsConfig:
     link_distance: float = 0.4  # cosine distance below which two images are the same person
     min_eval_ref_distance: float = 0.1  # val/test references at least this far from the target
     identity_from: Literal["auto", "label", "graph"] = "auto"  # auto: the label when a source has one
-    split_fractions: dict[str, float] = field(
-        default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1}
-    )
+    split_fractions: dict[str, float] = field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
     max_refs: int = 9  # references kept per target (FFHQ-Ref test lists hold 2-9)
     check_released: bool = True  # ffhq_ref: rebuild the mapping from embeddings and report agreement
 

@@ -42,7 +42,9 @@ def embed_paths(model: IRBackbone, paths: list[str], cfg: EmbedConfig, progress:
     size = model.cfg.input_size
     out = []
     for i in tqdm(range(0, len(paths), cfg.batch_size), desc="embed", unit="batch", disable=not progress):
-        batch = np.stack([encoder_input(load_rgb(p)[0], size, cfg.crop_border) for p in paths[i : i + cfg.batch_size]])
+        batch = np.stack(
+            [encoder_input(load_rgb(p)[0], size, cfg.crop_border) for p in paths[i : i + cfg.batch_size]]
+        )
         x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, S, S) RGB [0, 1]
         e, n = model(preprocess(x, size))
         out.append((e * n).numpy().astype(np.float32))

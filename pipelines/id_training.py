@@ -75,7 +75,9 @@ def embed(model: IRBackbone, images: np.ndarray, batch_size: int = 256, border: 
         x = preprocess(to_tensor(images[i : i + batch_size]), model.cfg.input_size, border)
         e, n = model(x)
         out.append((e * n).numpy())
-    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, model.cfg.embedding_dim), np.float32)
+    return (
+        np.concatenate(out).astype(np.float32) if out else np.zeros((0, model.cfg.embedding_dim), np.float32)
+    )
 
 
 def train_encoder(
@@ -84,9 +86,20 @@ def train_encoder(
     """Train an IR encoder with the AdaFace loss on `data`; returns the model (eval) and per-epoch losses."""
     torch.manual_seed(arch.seed)
     g = torch.Generator().manual_seed(arch.seed)
-    model = IRBackbone(IRConfig(cfg.input_size, tuple(arch.units), tuple(arch.widths), cfg.embedding_dim, dropout=0.2, stem_stride=arch.stem_stride))
+    model = IRBackbone(
+        IRConfig(
+            cfg.input_size,
+            tuple(arch.units),
+            tuple(arch.widths),
+            cfg.embedding_dim,
+            dropout=0.2,
+            stem_stride=arch.stem_stride,
+        )
+    )
     classes, labels = np.unique(data.labels, return_inverse=True)
-    head = AdaFaceHead(cfg.embedding_dim, len(classes), m=cfg.margin, h=cfg.h, s=cfg.scale, t_alpha=cfg.t_alpha)
+    head = AdaFaceHead(
+        cfg.embedding_dim, len(classes), m=cfg.margin, h=cfg.h, s=cfg.scale, t_alpha=cfg.t_alpha
+    )
     params = list(model.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     x_all = to_tensor(data.images)
@@ -119,7 +132,9 @@ def train_encoder(
     return model.eval(), losses
 
 
-def verification(emb: np.ndarray, labels: np.ndarray, seed: int, folds: int = 10, link_cos: float = 0.6) -> dict:
+def verification(
+    emb: np.ndarray, labels: np.ndarray, seed: int, folds: int = 10, link_cos: float = 0.6
+) -> dict:
     """Face verification on all positive pairs and as many random negative pairs (balanced).
 
     Accuracy uses the LFW protocol (threshold chosen on 9 folds, measured on the 10th). Also the

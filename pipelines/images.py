@@ -46,7 +46,9 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def load_rgb(path: str | Path, alpha: str = "composite", data: bytes | None = None) -> tuple[np.ndarray, LoadInfo]:
+def load_rgb(
+    path: str | Path, alpha: str = "composite", data: bytes | None = None
+) -> tuple[np.ndarray, LoadInfo]:
     """Decode `path` fully to an (H, W, 3) uint8 RGB array with EXIF orientation applied.
 
     Conversions (each recorded in `LoadInfo.conversions`): EXIF transpose; CMYK/YCbCr/LAB → RGB;
@@ -109,7 +111,9 @@ def load_rgb(path: str | Path, alpha: str = "composite", data: bytes | None = No
         info.conversions.append(f"P->{im.mode}")
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         if alpha == "quarantine":
-            raise ImageProblem("alpha", f"{path}: has an alpha channel ({im.mode}) and ingest.alpha is 'quarantine'")
+            raise ImageProblem(
+                "alpha", f"{path}: has an alpha channel ({im.mode}) and ingest.alpha is 'quarantine'"
+            )
         rgba = im.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         im = Image.alpha_composite(white, rgba).convert("RGB")

@@ -40,7 +40,9 @@ def ingest(listing: SourceListing, cfg: IngestConfig, progress: bool = True) -> 
             continue
         sha = hashlib.sha256(data).hexdigest()
         if sha in by_bytes:
-            quarantine.append({**base, "reason": "duplicate", "detail": f"{item.path}: same bytes as {by_bytes[sha]}"})
+            quarantine.append(
+                {**base, "reason": "duplicate", "detail": f"{item.path}: same bytes as {by_bytes[sha]}"}
+            )
             continue
         try:
             arr, info = load_rgb(item.path, alpha=cfg.alpha, data=data)
@@ -50,13 +52,21 @@ def ingest(listing: SourceListing, cfg: IngestConfig, progress: bool = True) -> 
         h, w = arr.shape[:2]
         if min(h, w) < cfg.min_size:
             quarantine.append(
-                {**base, "reason": "too_small", "detail": f"{item.path}: {w}x{h} is below ingest.min_size={cfg.min_size}"}
+                {
+                    **base,
+                    "reason": "too_small",
+                    "detail": f"{item.path}: {w}x{h} is below ingest.min_size={cfg.min_size}",
+                }
             )
             continue
         psha = hashlib.sha256(arr.tobytes() + f"{h}x{w}".encode()).hexdigest()
         if psha in by_pixels:
             quarantine.append(
-                {**base, "reason": "duplicate", "detail": f"{item.path}: same pixels as {by_pixels[psha]} (other encoding)"}
+                {
+                    **base,
+                    "reason": "duplicate",
+                    "detail": f"{item.path}: same pixels as {by_pixels[psha]} (other encoding)",
+                }
             )
             continue
         by_bytes[sha] = item.image_id

@@ -154,7 +154,9 @@ def build_pairs(
     labels = np.array([r["identity"] or "" for r in manifest])
     use_label = {"auto": labelled, "label": True, "graph": False}[cfg.identity_from]
     if use_label and not labelled:
-        raise ValueError("pairs.identity_from is 'label' but the source has no identity labels (use auto or graph)")
+        raise ValueError(
+            "pairs.identity_from is 'label' but the source has no identity labels (use auto or graph)"
+        )
     identity = labels if use_label else graph_label
     metrics: dict = {"images": len(ids), "identity_from": "label" if use_label else "graph"}
     if labelled:
@@ -169,7 +171,12 @@ def build_pairs(
         split_of = {iid: by_ident[identity[i]] for i, iid in enumerate(ids)}
 
     identities = [
-        {"image_id": iid, "identity": str(identity[i]), "split": split_of[iid], "graph_identity": str(graph_label[i])}
+        {
+            "image_id": iid,
+            "identity": str(identity[i]),
+            "split": split_of[iid],
+            "graph_identity": str(graph_label[i]),
+        }
         for i, iid in enumerate(ids)
     ]
     pairs, unpaired = [], []
@@ -190,14 +197,20 @@ def build_pairs(
                 far = [j for j in cands if 1.0 - float(e[i] @ e[j]) >= cfg.min_eval_ref_distance]
                 if not far:
                     unpaired.append(
-                        {"target": iid, "split": split, "reason": f"no reference at distance >= {cfg.min_eval_ref_distance}"}
+                        {
+                            "target": iid,
+                            "split": split,
+                            "reason": f"no reference at distance >= {cfg.min_eval_ref_distance}",
+                        }
                     )
                     continue
                 cands = far
             targets.append((i, split, farthest_point_order(i, cands, e)[: cfg.max_refs]))
     for i, split, refs in targets:
         if not refs:
-            unpaired.append({"target": ids[i], "split": split, "reason": "released references not in the manifest"})
+            unpaired.append(
+                {"target": ids[i], "split": split, "reason": "released references not in the manifest"}
+            )
             continue
         pairs.append(
             {
@@ -219,10 +232,14 @@ def build_pairs(
                 s: len({p["identity"] for p in pairs if p["split"] == s}) for s in SPLITS
             },
             "refs_per_target_mean": {
-                s: round(float(np.mean([len(p["refs"]) for p in pairs if p["split"] == s])), 3) if per_split[s] else 0.0
+                s: round(float(np.mean([len(p["refs"]) for p in pairs if p["split"] == s])), 3)
+                if per_split[s]
+                else 0.0
                 for s in SPLITS
             },
-            "ref_cosine_mean": round(float(np.mean([c for p in pairs for c in p["ref_cosines"]])), 4) if pairs else math.nan,
+            "ref_cosine_mean": round(float(np.mean([c for p in pairs for c in p["ref_cosines"]])), 4)
+            if pairs
+            else math.nan,
         }
     )
     leaks = _split_leaks(identities)

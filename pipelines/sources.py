@@ -83,7 +83,9 @@ def list_source(cfg: SourceConfig) -> SourceListing:
     """List the images of the configured source (sorted, deterministic)."""
     root = Path(cfg.root)
     if not root.is_dir():
-        raise SourceError(f"source.root {cfg.root!r} is not a folder (source.kind={cfg.kind}); set source.root")
+        raise SourceError(
+            f"source.root {cfg.root!r} is not a folder (source.kind={cfg.kind}); set source.root"
+        )
     if cfg.kind == "ffhq_ref":
         listing = _list_ffhq_ref(cfg, root)
     elif cfg.kind in ("synthetic", "folder_by_identity", "celebref_hq"):
@@ -113,12 +115,18 @@ def _list_by_identity(cfg: SourceConfig, root: Path) -> SourceListing:
         if p.name.startswith(".") or _sidecar(p, root):
             continue
         if not _is_image(p, cfg):
-            problems.append({"item": str(p), "reason": "unsupported_extension", "detail": f"extension {p.suffix!r}"})
+            problems.append(
+                {"item": str(p), "reason": "unsupported_extension", "detail": f"extension {p.suffix!r}"}
+            )
             continue
         parts = Path(rel).parts
         if len(parts) < 2:
             problems.append(
-                {"item": str(p), "reason": "outside_identity_folder", "detail": "expected root/<identity>/<image>"}
+                {
+                    "item": str(p),
+                    "reason": "outside_identity_folder",
+                    "detail": "expected root/<identity>/<image>",
+                }
             )
             continue
         ident = sanitize_id(parts[0])
@@ -136,7 +144,9 @@ def _list_unlabelled(cfg: SourceConfig, root: Path) -> SourceListing:
         if p.name.startswith("."):
             continue
         if not _is_image(p, cfg):
-            problems.append({"item": str(p), "reason": "unsupported_extension", "detail": f"extension {p.suffix!r}"})
+            problems.append(
+                {"item": str(p), "reason": "unsupported_extension", "detail": f"extension {p.suffix!r}"}
+            )
             continue
         entries.append((rel, sanitize_id(Path(rel).with_suffix("").as_posix())))
     ids = _unique_ids(entries)
@@ -147,14 +157,18 @@ def _list_unlabelled(cfg: SourceConfig, root: Path) -> SourceListing:
 def _list_ffhq_ref(cfg: SourceConfig, root: Path) -> SourceListing:
     img_dir = root / cfg.images_dir
     if not img_dir.is_dir():
-        raise SourceError(f"ffhq_ref: images folder {img_dir} is missing (source.images_dir={cfg.images_dir!r})")
+        raise SourceError(
+            f"ffhq_ref: images folder {img_dir} is missing (source.images_dir={cfg.images_dir!r})"
+        )
     on_disk = {p.name: p for p in _walk(img_dir) if _is_image(p, cfg) and not p.name.startswith(".")}
     problems: list[dict] = []
     split_of: dict[str, str] = {}
     for split in SPLITS:
         lst = root / "id_based_ffhq_split" / f"{split}_image.txt"
         if not lst.is_file():
-            problems.append({"item": str(lst), "reason": "missing_split_list", "detail": f"no {split} split list"})
+            problems.append(
+                {"item": str(lst), "reason": "missing_split_list", "detail": f"no {split} split list"}
+            )
             continue
         for n, line in enumerate(lst.read_text().splitlines(), 1):
             name = line.strip()
@@ -162,7 +176,11 @@ def _list_ffhq_ref(cfg: SourceConfig, root: Path) -> SourceListing:
                 continue
             if name in split_of and split_of[name] != split:
                 problems.append(
-                    {"item": f"{lst}:{n}", "reason": "split_conflict", "detail": f"{name} also in {split_of[name]}"}
+                    {
+                        "item": f"{lst}:{n}",
+                        "reason": "split_conflict",
+                        "detail": f"{name} also in {split_of[name]}",
+                    }
                 )
                 continue
             split_of[name] = split
@@ -170,13 +188,17 @@ def _list_ffhq_ref(cfg: SourceConfig, root: Path) -> SourceListing:
     for split in SPLITS:
         csv_path = root / "reference_mapping" / f"{split}_references.csv"
         if not csv_path.is_file():
-            problems.append({"item": str(csv_path), "reason": "missing_mapping", "detail": f"no {split} mapping"})
+            problems.append(
+                {"item": str(csv_path), "reason": "missing_mapping", "detail": f"no {split} mapping"}
+            )
             continue
         with open(csv_path, newline="") as f:
             reader = csv.DictReader(f)
             need = {"gt_image", "ref_image"}
             if not need <= set(reader.fieldnames or []):
-                raise SourceError(f"{csv_path}: needs columns gt_image and ref_image, has {reader.fieldnames}")
+                raise SourceError(
+                    f"{csv_path}: needs columns gt_image and ref_image, has {reader.fieldnames}"
+                )
             for row_no, row in enumerate(reader, 2):  # row 1 is the header
                 where = f"{csv_path}:{row_no}"
                 gt = (row.get("gt_image") or "").strip()
@@ -186,20 +208,44 @@ def _list_ffhq_ref(cfg: SourceConfig, root: Path) -> SourceListing:
                         raise ValueError("not a list of file names")
                 except (ValueError, SyntaxError) as exc:
                     problems.append(
-                        {"item": where, "reason": "unparsable_ref_list", "detail": f"ref_image {row.get('ref_image')!r}: {exc}"}
+                        {
+                            "item": where,
+                            "reason": "unparsable_ref_list",
+                            "detail": f"ref_image {row.get('ref_image')!r}: {exc}",
+                        }
                     )
                     continue
                 if gt not in on_disk:
-                    problems.append({"item": where, "reason": "missing_file", "detail": f"gt_image {gt!r} not in {img_dir}"})
+                    problems.append(
+                        {
+                            "item": where,
+                            "reason": "missing_file",
+                            "detail": f"gt_image {gt!r} not in {img_dir}",
+                        }
+                    )
                     continue
                 kept = []
                 for r in refs:
                     if r in on_disk:
                         kept.append(r)
                     else:
-                        problems.append({"item": where, "reason": "missing_file", "detail": f"ref_image {r!r} not in {img_dir}"})
+                        problems.append(
+                            {
+                                "item": where,
+                                "reason": "missing_file",
+                                "detail": f"ref_image {r!r} not in {img_dir}",
+                            }
+                        )
                 lq = (row.get("lq_image") or "").strip() or None
-                mapping.append({"split": split, "gt": _stem_id(gt), "refs": [_stem_id(r) for r in kept], "lq": lq, "row": where})
+                mapping.append(
+                    {
+                        "split": split,
+                        "gt": _stem_id(gt),
+                        "refs": [_stem_id(r) for r in kept],
+                        "lq": lq,
+                        "row": where,
+                    }
+                )
     # Identities: connected components of the released gt-ref links.
     parent: dict[str, str] = {}
 
@@ -218,17 +264,27 @@ def _list_ffhq_ref(cfg: SourceConfig, root: Path) -> SourceListing:
     items, seen = [], set()
     for name in sorted(split_of):
         if name not in on_disk:
-            problems.append({"item": name, "reason": "missing_file", "detail": f"listed in {split_of[name]}_image.txt, not in {img_dir}"})
+            problems.append(
+                {
+                    "item": name,
+                    "reason": "missing_file",
+                    "detail": f"listed in {split_of[name]}_image.txt, not in {img_dir}",
+                }
+            )
             continue
         iid = _stem_id(name)
         if iid in seen:
-            problems.append({"item": name, "reason": "duplicate_name", "detail": f"image id {iid} already listed"})
+            problems.append(
+                {"item": name, "reason": "duplicate_name", "detail": f"image id {iid} already listed"}
+            )
             continue
         seen.add(iid)
         rel = on_disk[name].relative_to(root).as_posix()
         items.append(SourceItem(iid, str(on_disk[name]), rel, f"ffhqref_{find(iid)}", split_of[name]))
     for name in sorted(set(on_disk) - set(split_of)):
-        problems.append({"item": str(on_disk[name]), "reason": "not_in_split_lists", "detail": "not part of FFHQ-Ref"})
+        problems.append(
+            {"item": str(on_disk[name]), "reason": "not_in_split_lists", "detail": "not part of FFHQ-Ref"}
+        )
     return SourceListing("ffhq_ref", str(root), items, problems, mapping, labelled=True)
 
 

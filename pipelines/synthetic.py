@@ -37,11 +37,20 @@ _SKIN_TONES = np.array(
     dtype=np.float64,
 )
 _HAIR_COLOURS = np.array(
-    [[30, 22, 18], [70, 45, 28], [120, 80, 45], [190, 150, 90], [150, 60, 30], [140, 140, 140], [230, 220, 200]],
+    [
+        [30, 22, 18],
+        [70, 45, 28],
+        [120, 80, 45],
+        [190, 150, 90],
+        [150, 60, 30],
+        [140, 140, 140],
+        [230, 220, 200],
+    ],
     dtype=np.float64,
 )
 _IRIS_COLOURS = np.array(
-    [[70, 45, 25], [110, 75, 40], [60, 110, 160], [80, 140, 90], [130, 130, 120], [40, 30, 25]], dtype=np.float64
+    [[70, 45, 25], [110, 75, 40], [60, 110, 160], [80, 140, 90], [130, 130, 120], [40, 30, 25]],
+    dtype=np.float64,
 )
 _LIP_COLOURS = {  # per image (make-up); "natural" is derived from the skin tone
     "red": (190, 30, 45),
@@ -142,7 +151,13 @@ def sample_identity(seed: int, pool: str, index: int) -> Identity:
     for _ in range(n_moles):
         ang = rng.uniform(0, 2 * math.pi)
         r = rng.uniform(0.25, 0.75)
-        moles.append((round(r * math.cos(ang) * 0.8, 4), round(r * math.sin(ang) * 0.9, 4), round(rng.uniform(0.035, 0.06), 4)))
+        moles.append(
+            (
+                round(r * math.cos(ang) * 0.8, 4),
+                round(r * math.sin(ang) * 0.9, 4),
+                round(rng.uniform(0.035, 0.06), 4),
+            )
+        )
     freckles: list[tuple[float, float]] = []
     if rng.uniform() < 0.35:
         for _ in range(int(rng.integers(12, 28))):
@@ -200,7 +215,9 @@ def sample_state(seed: int, pool: str, identity_index: int, image_index: int) ->
 
 
 def face_spec(seed: int, pool: str, identity_index: int, image_index: int) -> FaceSpec:
-    return FaceSpec(sample_identity(seed, pool, identity_index), sample_state(seed, pool, identity_index, image_index))
+    return FaceSpec(
+        sample_identity(seed, pool, identity_index), sample_state(seed, pool, identity_index, image_index)
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,21 +288,33 @@ class _Geometry:
             self.eye_centres.append((ex, ey))
             if st.eyes_open:
                 eye = np.maximum(eye, _cover(_ellipse_sdf(x, y, ex, ey, ew, 0.065), self.px))
-                iris = np.maximum(iris, _cover(_ellipse_sdf(x, y, ex, ey, 0.055 * self._foreshorten(side), 0.055), self.px))
+                iris = np.maximum(
+                    iris, _cover(_ellipse_sdf(x, y, ex, ey, 0.055 * self._foreshorten(side), 0.055), self.px)
+                )
                 pupil = np.maximum(pupil, _cover(_ellipse_sdf(x, y, ex, ey, 0.022, 0.022), self.px))
             else:
-                lid = np.maximum(lid, _cover(_segment_sdf(x, y, ex - ew, ey + 0.01, ex + ew, ey + 0.01, 0.014), self.px))
+                lid = np.maximum(
+                    lid, _cover(_segment_sdf(x, y, ex - ew, ey + 0.01, ex + ew, ey + 0.01, 0.014), self.px)
+                )
             bx0 = ex - side * 0.02
             bl = ident.brow_length * self._foreshorten(side)
             t = np.clip((x - bx0) / bl, -1.0, 1.0)
             by = ey - 0.13 - ident.brow_arch * (1 - t**2) + side * ident.brow_tilt * 0.2 * t
             bsdf = np.maximum(np.abs(y - by) - ident.brow_thickness / 2, np.abs(x - bx0) - bl)
             brow = np.maximum(brow, _cover(bsdf, self.px))
-        self.eye, self.iris, self.pupil, self.lid, self.brow = eye * self.face, iris * eye, pupil * eye, lid, brow
+        self.eye, self.iris, self.pupil, self.lid, self.brow = (
+            eye * self.face,
+            iris * eye,
+            pupil * eye,
+            lid,
+            brow,
+        )
         # Footprint of the eye region (either state), for conflict masks.
         self.eye_region = np.zeros_like(x)
         for ex, ey in self.eye_centres:
-            self.eye_region = np.maximum(self.eye_region, _cover(_ellipse_sdf(x, y, ex, ey, 0.17, 0.1), self.px))
+            self.eye_region = np.maximum(
+                self.eye_region, _cover(_ellipse_sdf(x, y, ex, ey, 0.17, 0.1), self.px)
+            )
 
         # Nose (depth 1.0): tip, nostrils and a ridge.
         nx = self._project(0.0, 1.0)
@@ -295,11 +324,16 @@ class _Geometry:
         nostril = np.zeros_like(x)
         for side in (-1.0, 1.0):
             nostril = np.maximum(
-                nostril, _cover(_ellipse_sdf(x, y, nx + side * nw * 0.55 * self.cy, ny + 0.025, 0.028, 0.016), self.px)
+                nostril,
+                _cover(
+                    _ellipse_sdf(x, y, nx + side * nw * 0.55 * self.cy, ny + 0.025, 0.028, 0.016), self.px
+                ),
             )
         self.nostril = nostril
         ridge_x = self._project(0.0, 0.8)
-        self.ridge = _cover(_segment_sdf(x, y, ridge_x, ident.eye_height + 0.05, nx, ny - 0.06, 0.012), self.px)
+        self.ridge = _cover(
+            _segment_sdf(x, y, ridge_x, ident.eye_height + 0.05, nx, ny - 0.06, 0.012), self.px
+        )
         self.nose_y = ny
 
         # Mouth (depth 0.7).
@@ -319,7 +353,9 @@ class _Geometry:
             curve = my + 0.05 * (1 - t**2) - 0.02
             band = np.maximum(np.abs(y - curve) - 0.04 * (1 - 0.6 * t**2), np.abs(x - mx) - mw * 1.1)
             lips = _cover(band, self.px)
-            inner = _cover(np.maximum(np.abs(y - curve) - 0.02 * (1 - 0.8 * t**2), np.abs(x - mx) - mw), self.px)
+            inner = _cover(
+                np.maximum(np.abs(y - curve) - 0.02 * (1 - 0.8 * t**2), np.abs(x - mx) - mw), self.px
+            )
             teeth = inner * _cover(y - curve, self.px)
         self.lips, self.mouth_inner, self.teeth = lips * self.face, inner * self.face, teeth * self.face
 
@@ -346,15 +382,21 @@ class _Geometry:
         # Fine identity marks (on skin only).
         marks = np.zeros_like(x)
         for mxx, myy, mr in ident.moles:
-            marks = np.maximum(marks, _cover(_ellipse_sdf(x, y, self._project(mxx, 0.6), myy, mr * self.cy, mr), self.px))
+            marks = np.maximum(
+                marks, _cover(_ellipse_sdf(x, y, self._project(mxx, 0.6), myy, mr * self.cy, mr), self.px)
+            )
         self.moles = marks
         fr = np.zeros_like(x)
         for fxx, fyy in ident.freckles:
-            fr = np.maximum(fr, 0.6 * _cover(_ellipse_sdf(x, y, self._project(fxx, 0.7), fyy, 0.018, 0.018), self.px))
+            fr = np.maximum(
+                fr, 0.6 * _cover(_ellipse_sdf(x, y, self._project(fxx, 0.7), fyy, 0.018, 0.018), self.px)
+            )
         self.freckles = fr
         if ident.scar is not None:
             x0, y0, x1, y1 = ident.scar
-            self.scar = _cover(_segment_sdf(x, y, self._project(x0, 0.6), y0, self._project(x1, 0.6), y1, 0.012), self.px)
+            self.scar = _cover(
+                _segment_sdf(x, y, self._project(x0, 0.6), y0, self._project(x1, 0.6), y1, 0.012), self.px
+            )
         else:
             self.scar = np.zeros_like(x)
 
@@ -410,7 +452,9 @@ def render(spec: FaceSpec, render_size: int = 128, image_size: int = 64) -> np.n
     gx, gy = np.meshgrid(c, c)
     c0, c1, ang = st.background
     t = np.clip(0.5 + 0.5 * (gx * math.cos(ang) + gy * math.sin(ang)), 0, 1)[..., None]
-    img = ((1 - t) * np.asarray(c0, np.float32) + t * np.asarray(c1, np.float32)).astype(np.float32)  # (S, S, 3)
+    img = ((1 - t) * np.asarray(c0, np.float32) + t * np.asarray(c1, np.float32)).astype(
+        np.float32
+    )  # (S, S, 3)
 
     skin = np.asarray(ident.skin)
     hair = np.asarray(ident.hair)
@@ -500,9 +544,12 @@ def conflict_type_masks(target: FaceSpec, reference: FaceSpec, size: int) -> dic
     """Per conflict type, the boolean footprint in the reference's grid (for per-type accuracy)."""
     out = {}
     for kind in conflict_kinds(target, reference):
-        out[kind] = conflict_mask(
-            FaceSpec(target.identity, _only(reference.state, target.state, kind)), reference, size
-        ) == MASK_CONFLICT
+        out[kind] = (
+            conflict_mask(
+                FaceSpec(target.identity, _only(reference.state, target.state, kind)), reference, size
+            )
+            == MASK_CONFLICT
+        )
     return out
 
 
@@ -510,7 +557,12 @@ def _only(ref_state: State, tgt_state: State, kind: str) -> State:
     """The reference's state with only `kind` taken from the target (isolates one conflict type)."""
     d = asdict(ref_state)
     src = asdict(tgt_state)
-    keys = {"mouth": ("expression", "lip"), "eyes": ("eyes_open",), "glasses": ("glasses",), "beard": ("beard",)}[kind]
+    keys = {
+        "mouth": ("expression", "lip"),
+        "eyes": ("eyes_open",),
+        "glasses": ("glasses",),
+        "beard": ("beard",),
+    }[kind]
     for k in keys:
         d[k] = src[k]
     d["glasses_colour"] = tuple(d["glasses_colour"])
@@ -540,7 +592,9 @@ def _dilate(m: np.ndarray, r: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 
 
-def images_per_identity(seed: int, pool: str, n_identities: int, lo: int, hi: int, singleton_fraction: float) -> list[int]:
+def images_per_identity(
+    seed: int, pool: str, n_identities: int, lo: int, hi: int, singleton_fraction: float
+) -> list[int]:
     """How many photographs each person of a pool has (deterministic)."""
     rng = _rng(seed, POOLS[pool], 0xC0FFEE)
     counts = rng.integers(lo, hi + 1, n_identities)

@@ -37,7 +37,9 @@ def load_params(path: str | Path, *sections: str) -> dict[str, Any]:
 
 
 def setup_logging() -> None:
-    logging.basicConfig(level=os.environ.get("REFFACE_LOG", "INFO"), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("REFFACE_LOG", "INFO"), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
 
 
 def progress_enabled() -> bool:

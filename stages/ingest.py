@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> None:
     write_jsonl(out / "manifest.jsonl", result.manifest)
     write_jsonl(out / "quarantine.jsonl", result.quarantine)
     write_jsonl(out / "mapping.jsonl", listing.mapping or [])
-    write_json(out / "source.json", {"source": as_dict(src), "labelled": listing.labelled, "ingest": as_dict(cfg)})
+    write_json(
+        out / "source.json", {"source": as_dict(src), "labelled": listing.labelled, "ingest": as_dict(cfg)}
+    )
     write_json(args.metrics, result.metrics)
     for q in result.quarantine[:20]:
         print(f"  quarantined [{q['reason']}] {q['detail']}")

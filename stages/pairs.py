@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> None:
     if meta["image_ids"] != [r["image_id"] for r in manifest]:
         raise SystemExit(f"error: {embd} does not match {ing / 'manifest.jsonl'}; re-run `dvc repro embed`")
     try:
-        identities, pairs, unpaired, metrics = build_pairs(manifest, emb, cfg, source["labelled"], mapping or None)
+        identities, pairs, unpaired, metrics = build_pairs(
+            manifest, emb, cfg, source["labelled"], mapping or None
+        )
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from exc
     metrics["encoder"] = meta["encoder"]
@@ -54,7 +56,9 @@ def main(argv: list[str] | None = None) -> None:
         if agree
         else ""
     )
-    print(f"pairs: targets {metrics['targets']}, unpaired {metrics['unpaired']}, identities from {metrics['identity_from']}{extra}")
+    print(
+        f"pairs: targets {metrics['targets']}, unpaired {metrics['unpaired']}, identities from {metrics['identity_from']}{extra}"
+    )
 
 
 if __name__ == "__main__":

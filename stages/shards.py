@@ -19,7 +19,15 @@ from tqdm import tqdm
 from pipelines.config import ShardsConfig, as_dict
 from pipelines.images import load_rgb, png_bytes, resize
 from pipelines.io import read_json, read_jsonl, write_json
-from pipelines.shards import FORMAT_VERSION, INDEX_NAME, decode_sample, iter_raw, npy_bytes, validate_shards, write_split
+from pipelines.shards import (
+    FORMAT_VERSION,
+    INDEX_NAME,
+    decode_sample,
+    iter_raw,
+    npy_bytes,
+    validate_shards,
+    write_split,
+)
 from pipelines.synthetic import FaceSpec, conflict_kinds, conflict_mask
 from pipelines.viz import mask_overlay, save_grid
 from stages._common import load_params, parser, progress_enabled, setup_logging
@@ -43,10 +51,15 @@ class _Images:
 def _specs(source: dict, manifest: dict[str, dict]) -> dict[str, FaceSpec] | None:
     if source["source"]["kind"] != "synthetic":
         return None
-    states = {r["relpath"]: FaceSpec.from_json(r["spec"]) for r in read_jsonl(Path(source["source"]["root"]) / "states.jsonl")}
+    states = {
+        r["relpath"]: FaceSpec.from_json(r["spec"])
+        for r in read_jsonl(Path(source["source"]["root"]) / "states.jsonl")
+    }
     missing = [iid for iid, r in manifest.items() if r["relpath"] not in states]
     if missing:
-        raise SystemExit(f"error: states.jsonl of the synthetic source lacks {missing[:3]}...; re-run `dvc repro synthesize`")
+        raise SystemExit(
+            f"error: states.jsonl of the synthetic source lacks {missing[:3]}...; re-run `dvc repro synthesize`"
+        )
     return {iid: states[r["relpath"]] for iid, r in manifest.items()}
 
 
@@ -110,7 +123,12 @@ def main(argv: list[str] | None = None) -> None:
             bar.update(1)
             yield s
 
-    index = {"format_version": FORMAT_VERSION, "config": as_dict(cfg), "encoder": emb_meta["encoder"], "splits": {}}
+    index = {
+        "format_version": FORMAT_VERSION,
+        "config": as_dict(cfg),
+        "encoder": emb_meta["encoder"],
+        "splits": {},
+    }
     for split in SPLITS:
         entries = write_split(out, split, samples(split), cfg.samples_per_shard)
         index["splits"][split] = {"samples": sum(e["samples"] for e in entries), "shards": entries}
@@ -120,12 +138,21 @@ def main(argv: list[str] | None = None) -> None:
 
     # Preview: target | references | references with their conflict masks.
     rows, labels = [], []
-    raws = list(iter_raw([str(out / e["name"]) for e in index["splits"]["test"]["shards"][:1] or index["splits"]["train"]["shards"][:1]]))
+    raws = list(
+        iter_raw(
+            [
+                str(out / e["name"])
+                for e in index["splits"]["test"]["shards"][:1] or index["splits"]["train"]["shards"][:1]
+            ]
+        )
+    )
     for raw in raws[: cfg.preview_samples]:
         smp = decode_sample(raw)
         k = min(len(smp["refs"]), 4)
         row = [smp["gt"], *smp["refs"][:k], *[None] * (4 - k)]
-        row += [mask_overlay(r, m) if m is not None else None for r, m in zip(smp["refs"][:k], smp["masks"][:k])]
+        row += [
+            mask_overlay(r, m) if m is not None else None for r, m in zip(smp["refs"][:k], smp["masks"][:k])
+        ]
         rows.append(row)
         labels.append(smp["key"][:12])
     if rows:
@@ -145,7 +172,9 @@ def main(argv: list[str] | None = None) -> None:
         "conflict_pairs": dict(sorted(conflict_counts.items())),
     }
     write_json(args.metrics, metrics)
-    print(f"shards: {metrics['samples']} samples in {sum(metrics['shards'].values())} shards ({metrics['bytes'] / 1e6:.1f} MB), masks {metrics['masks']}")
+    print(
+        f"shards: {metrics['samples']} samples in {sum(metrics['shards'].values())} shards ({metrics['bytes'] / 1e6:.1f} MB), masks {metrics['masks']}"
+    )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from pipelines.config import SynthesizeConfig
@@ -47,7 +46,9 @@ def write_pool(cfg: SynthesizeConfig, pool: str, out: Path, counts: list[int], w
     states = []
     with ProcessPoolExecutor(workers, initializer=_init, initargs=(cfg,)) as ex:
         it = ex.map(_render_one, jobs, chunksize=32)
-        for pool_, i, j, data, spec in tqdm(it, total=len(jobs), desc=f"render {pool}", unit="img", disable=not progress_enabled()):
+        for pool_, i, j, data, spec in tqdm(
+            it, total=len(jobs), desc=f"render {pool}", unit="img", disable=not progress_enabled()
+        ):
             rel = f"{identity_name(pool_, i)}/{image_name(pool_, i, j)}.png"
             write_bytes(out / rel, data)
             states.append({"relpath": rel, "identity": identity_name(pool_, i), "spec": spec})
@@ -64,14 +65,21 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     cfg: SynthesizeConfig = load_params(args.params, "synthesize")["synthesize"]
     lo, hi = cfg.album_images_per_identity
-    album_counts = images_per_identity(cfg.seed, "album", cfg.album_identities, lo, hi, cfg.album_singleton_fraction)
+    album_counts = images_per_identity(
+        cfg.seed, "album", cfg.album_identities, lo, hi, cfg.album_singleton_fraction
+    )
     enc_counts = [cfg.encoder_images_per_identity] * cfg.encoder_identities
     n_album = write_pool(cfg, "album", Path(args.album), album_counts)
     n_enc = write_pool(cfg, "encoder", Path(args.encoder_pool), enc_counts)
     # A grid for a person: rows are identities, columns their photos (states vary, traits do not).
     rows = []
     for i in range(cfg.grid_identities):
-        rows.append([render(face_spec(cfg.seed, "album", i, j), cfg.render_size, cfg.render_size) for j in range(cfg.grid_images)])
+        rows.append(
+            [
+                render(face_spec(cfg.seed, "album", i, j), cfg.render_size, cfg.render_size)
+                for j in range(cfg.grid_images)
+            ]
+        )
     save_grid(
         args.grid,
         rows,

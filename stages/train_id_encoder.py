@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.id_encoder import save_encoder
 from pipelines.id_training import embed, load_pool, split_identities, train_encoder, verification
 from pipelines.io import read_jsonl, write_bytes, write_json
-from models.id_encoder import save_encoder
 from stages._common import load_params, parser, progress_enabled, setup_logging
 
 

@@ -1,0 +1,104 @@
+import numpy as np
+
+from pipelines.synthetic import (
+    MASK_CONFLICT,
+    MASK_IGNORE,
+    FaceSpec,
+    State,
+    conflict_kinds,
+    conflict_mask,
+    conflict_type_masks,
+    face_spec,
+    render,
+    sample_identity,
+)
+
+
+def _with(state: State, **kw) -> State:
+    d = {**state.__dict__, **kw}
+    return State(**d)
+
+
+def test_same_seed_gives_identical_bytes_and_other_seeds_differ():
+    a = render(face_spec(7, "album", 3, 1), 128, 64)
+    b = render(face_spec(7, "album", 3, 1), 128, 64)
+    c = render(face_spec(8, "album", 3, 1), 128, 64)
+    assert a.dtype == np.uint8 and a.shape == (64, 64, 3)
+    assert a.tobytes() == b.tobytes()
+    assert np.abs(a.astype(int) - c).mean() > 5
+
+
+def test_identity_traits_are_fixed_and_states_vary():
+    s = [face_spec(7, "album", 5, j) for j in range(6)]
+    assert all(x.identity == s[0].identity for x in s)
+    assert len({(x.state.yaw, x.state.expression, x.state.glasses) for x in s}) > 1
+    assert sample_identity(7, "album", 5) != sample_identity(7, "album", 6)
+    assert sample_identity(7, "album", 5) != sample_identity(7, "encoder", 5)  # pools are disjoint
+
+
+def test_resolution_is_configurable():
+    assert render(face_spec(1, "album", 0, 0), 96, 48).shape == (48, 48, 3)
+    assert render(face_spec(1, "album", 0, 0), 128, 128).shape == (128, 128, 3)
+
+
+def test_spec_json_round_trip_renders_identically():
+    spec = face_spec(7, "album", 2, 3)
+    again = FaceSpec.from_json(spec.to_json())
+    assert again == spec
+    assert render(again).tobytes() == render(spec).tobytes()
+
+
+def test_mask_contract_and_no_conflict_for_identical_state():
+    spec = face_spec(7, "album", 1, 0)
+    m = conflict_mask(spec, spec, 64)
+    assert m.dtype == np.uint8 and m.shape == (64, 64)
+    assert set(np.unique(m)) == {0, MASK_IGNORE}
+    assert conflict_kinds(spec, spec) == []
+    # corners are background: ignore
+    assert m[0, 0] == MASK_IGNORE and m[-1, -1] == MASK_IGNORE
+
+
+def test_each_state_difference_marks_its_own_region():
+    ref = face_spec(7, "album", 1, 0)
+    ref = FaceSpec(
+        ref.identity,
+        _with(ref.state, glasses=False, beard=False, eyes_open=True, expression="closed", lip="natural"),
+    )
+    cases = {
+        "glasses": _with(ref.state, glasses=True),
+        "eyes": _with(ref.state, eyes_open=False),
+        "mouth": _with(ref.state, expression="open"),
+        "beard": _with(ref.state, beard=True),
+    }
+    g = ref  # reference geometry for region checks
+    for kind, tstate in cases.items():
+        target = FaceSpec(ref.identity, tstate)
+        assert conflict_kinds(target, ref) == [kind]
+        m = conflict_mask(target, ref, 64)
+        conflict = m == MASK_CONFLICT
+        assert conflict.sum() > 10, kind
+        ys, xs = np.nonzero(conflict)
+        cy = ys.mean() / 64
+        if kind in ("glasses", "eyes"):
+            assert cy < 0.5, (kind, cy)  # upper face
+        else:
+            assert cy > 0.5, (kind, cy)  # lower face
+    # The union of types equals the mask of a pair that differs in all of them.
+    all_t = FaceSpec(
+        ref.identity, _with(ref.state, glasses=True, eyes_open=False, expression="open", beard=True)
+    )
+    per = conflict_type_masks(all_t, g, 64)
+    assert set(per) == {"mouth", "eyes", "glasses", "beard"}
+    union = np.any(np.stack(list(per.values())), 0)
+    assert np.array_equal(union, conflict_mask(all_t, g, 64) == MASK_CONFLICT)
+
+
+def test_mask_lives_in_the_reference_grid():
+    ref = face_spec(7, "album", 2, 0)
+    left = FaceSpec(ref.identity, _with(ref.state, shift_x=-0.07, glasses=True))
+    right = FaceSpec(ref.identity, _with(ref.state, shift_x=0.07, glasses=True))
+    target = FaceSpec(ref.identity, _with(ref.state, glasses=False))
+    ml, mr = conflict_mask(target, left, 64), conflict_mask(target, right, 64)
+    xl = np.nonzero(ml == 1)[1].mean()
+    xr = np.nonzero(mr == 1)[1].mean()
+    assert xr - xl > 3  # moves with the reference, not with the target
