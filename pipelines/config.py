@@ -270,6 +270,50 @@ class ShardsConfig:
             raise ConfigError(f"{where}.max_refs must be at least 1")
 
 
+@dataclass(frozen=True)
+class DegradeConfig:
+    """`degrade`: the online degradation stream that feeds training."""
+
+    preset: str = "iconface_mixed"
+    seed: int = 0
+    batch_size: int = 8
+    max_in_flight: int = 4  # outstanding Ray tasks (memory bound = max_in_flight x batch)
+    num_cpus: int = 2  # local Ray only; with RAY_ADDRESS the cluster's resources are used
+    shuffle: bool = True
+
+    def validate(self, where: str) -> None:
+        from pipelines.degradations import PRESETS
+
+        if self.preset not in PRESETS:
+            raise ConfigError(f"{where}.preset: unknown preset {self.preset!r}; valid: {', '.join(PRESETS)}")
+        if self.batch_size < 1 or self.max_in_flight < 1 or self.num_cpus < 1:
+            raise ConfigError(f"{where}: batch_size, max_in_flight and num_cpus must be at least 1")
+
+
+@dataclass(frozen=True)
+class EvalSetsConfig:
+    """`eval_sets`: frozen degraded test sets (seed + index per sample)."""
+
+    seed: int = 42
+    sets: dict[str, str] = field(
+        default_factory=lambda: {"moderate": "refldm_moderate", "severe": "refldm_severe"}
+    )  # set name -> preset
+    split: str = "test"
+    samples_per_shard: int = 128
+    grid_samples: int = 6
+
+    def validate(self, where: str) -> None:
+        from pipelines.degradations import PRESETS
+
+        for name, preset in self.sets.items():
+            if preset not in PRESETS:
+                raise ConfigError(
+                    f"{where}.sets.{name}: unknown preset {preset!r}; valid: {', '.join(PRESETS)}"
+                )
+            if not name.replace("_", "").isalnum():
+                raise ConfigError(f"{where}.sets: set name {name!r} must be letters, digits and _")
+
+
 SECTIONS: dict[str, type] = {
     "synthesize": SynthesizeConfig,
     "source": SourceConfig,
@@ -278,6 +322,8 @@ SECTIONS: dict[str, type] = {
     "embed": EmbedConfig,
     "pairs": PairsConfig,
     "shards": ShardsConfig,
+    "degrade": DegradeConfig,
+    "eval_sets": EvalSetsConfig,
 }
 
 
