@@ -107,7 +107,18 @@ def sinc_kernel(size: int, omega_c: float) -> np.ndarray:
 
 
 def filter2d(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    """Convolve every channel with `kernel` (reflect-101 borders, as BasicSR's filter2D)."""
+    """Convolve every channel with `kernel` (reflect-101 borders, as BasicSR's filter2D).
+
+    A separable kernel (rank 1: isotropic or axis-aligned Gaussians, most of the classic face recipe's
+    41×41 blurs) runs as two 1-D passes, O(k) instead of O(k²) per pixel; the result equals the 2-D
+    convolution up to float rounding.
+    """
+    if kernel.shape[0] >= 7:
+        u, sv, vt = np.linalg.svd(kernel.astype(np.float64))
+        if sv[1] <= 1e-7 * sv[0]:
+            col = (u[:, 0] * math.sqrt(sv[0])).astype(np.float32)
+            row = (vt[0] * math.sqrt(sv[0])).astype(np.float32)
+            return cv2.sepFilter2D(img, -1, row, col, borderType=cv2.BORDER_REFLECT_101)
     return cv2.filter2D(img, -1, kernel, borderType=cv2.BORDER_REFLECT_101)
 
 
@@ -138,8 +149,9 @@ def poisson_noise(img: np.ndarray, scale: float, gray: bool, rng: np.random.Gene
     """BasicSR's Poisson noise: quantise to v = 2^⌈log2(#levels)⌉ levels, draw Poisson(img·v)/v, and add
     `scale` times the difference. `gray` draws it on the luminance only."""
     src = img.mean(axis=2, keepdims=True) if gray else img
-    q = np.clip(np.round(src * 255.0), 0, 255) / 255.0
-    levels = len(np.unique(q))
+    q8 = np.clip(np.round(src * 255.0), 0, 255).astype(np.uint8)
+    levels = int(np.count_nonzero(np.bincount(q8.ravel(), minlength=256)))  # = len(np.unique), O(n)
+    q = q8.astype(np.float32) / 255.0
     v = 2 ** math.ceil(math.log2(max(levels, 2)))
     noisy = rng.poisson(q * v).astype(np.float32) / v
     return np.clip(img + (noisy - q).astype(np.float32) * scale, 0.0, 1.0)

@@ -164,10 +164,8 @@ def degrade_chunk_local(chunk: Chunk, preset: str, seed: int, epoch: int) -> dic
         batch[k] = np.stack(batch[k]) if batch[k] else np.zeros((0,), np.uint8)
     batch["errors"] = errors
     batch["pid"] = os.getpid()
-    try:
-        batch["node"] = ray.get_runtime_context().get_node_id()
-    except Exception:  # not inside Ray
-        batch["node"] = None
+    # (get_runtime_context would start Ray when called outside it: check first)
+    batch["node"] = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     return batch
 
 

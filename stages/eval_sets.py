@@ -38,6 +38,27 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
 
 
+def _degraded(
+    raws: list[dict], name: str, preset_name: str, seed: int, values: list, grid: list, n_grid: int
+):
+    """Samples of one evaluation set: sample i degraded with default_rng(seed + i)."""
+    preset = get_preset(preset_name)
+    for i, raw in enumerate(tqdm(raws, desc=f"eval_sets {name}", disable=not progress_enabled())):
+        gt = decode_sample(raw)["gt"]
+        lq, params = preset(gt, np.random.default_rng(seed + i))
+        values.append(psnr(lq, gt))
+        if i < n_grid:
+            grid.append(lq)
+        meta = json.loads(raw["meta.json"])
+        meta.update(
+            {"eval_set": name, "preset": preset_name, "index": i, "seed": seed + i, "degradation": params}
+        )
+        s = {k: v for k, v in raw.items() if k != "meta.json"}
+        s["lq.png"] = png_bytes(lq)
+        s["meta.json"] = json.dumps(meta, sort_keys=True).encode()
+        yield s
+
+
 def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__)
     for a in ("--shards", "--out", "--metrics"):
@@ -57,32 +78,10 @@ def main(argv: list[str] | None = None) -> None:
     metrics: dict = {"samples": len(raws), "sets": {}}
     grid_cols: dict[str, list] = {}
     for name, preset_name in cfg.sets.items():
-        preset = get_preset(preset_name)
-        values = []
-
-        def samples():
-            for i, raw in enumerate(tqdm(raws, desc=f"eval_sets {name}", disable=not progress_enabled())):
-                gt = decode_sample(raw)["gt"]
-                lq, params = preset(gt, np.random.default_rng(cfg.seed + i))
-                values.append(psnr(lq, gt))
-                if i < cfg.grid_samples:
-                    grid_cols.setdefault(name, []).append(lq)
-                meta = json.loads(raw["meta.json"])
-                meta.update(
-                    {
-                        "eval_set": name,
-                        "preset": preset_name,
-                        "index": i,
-                        "seed": cfg.seed + i,
-                        "degradation": params,
-                    }
-                )
-                s = {k: v for k, v in raw.items() if k != "meta.json"}
-                s["lq.png"] = png_bytes(lq)
-                s["meta.json"] = json.dumps(meta, sort_keys=True).encode()
-                yield s
-
-        entries = write_split(out, name, samples(), cfg.samples_per_shard)
+        values: list[float] = []
+        grid_cols[name] = []
+        samples = _degraded(raws, name, preset_name, cfg.seed, values, grid_cols[name], cfg.grid_samples)
+        entries = write_split(out, name, samples, cfg.samples_per_shard)
         index["splits"][name] = {
             "samples": sum(e["samples"] for e in entries),
             "shards": entries,

@@ -36,3 +36,36 @@ def rgb(seed: int, size: int = 64) -> Image.Image:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+def make_shards(
+    root: Path, n: int, refs: int = 2, per_shard: int = 64, corrupt_key: str | None = None
+) -> list[str]:
+    """Write `n` train samples (target + `refs` references + masks + embeddings) as shards under root.
+
+    With `corrupt_key`, that sample's gt.png holds garbage bytes (a sample that fails to decode).
+    """
+    import json as _json
+
+    from pipelines.images import png_bytes
+    from pipelines.shards import npy_bytes, write_split
+    from pipelines.synthetic import conflict_mask, face_spec, render
+
+    pngs = [png_bytes(render(face_spec(3, "album", i, j), 128, 32)) for i in range(8) for j in range(4)]
+    spec0, spec1 = face_spec(3, "album", 0, 0), face_spec(3, "album", 0, 1)
+    mask = png_bytes(conflict_mask(spec0, spec1, 32))
+
+    def samples():
+        for i in range(n):
+            key = f"s{i:05d}"
+            s = {"__key__": key, "gt.png": b"garbage" if key == corrupt_key else pngs[i % len(pngs)]}
+            for k in range(refs):
+                s[f"ref{k}.png"] = pngs[(i + k + 1) % len(pngs)]
+                s[f"refmask{k}.png"] = mask
+            s["meta.json"] = _json.dumps({"ref_count": refs, "target": key}).encode()
+            s["gt_emb.npy"] = npy_bytes(np.full(4, i, np.float32))
+            s["ref_emb.npy"] = npy_bytes(np.ones((refs, 4), np.float32))
+            yield s
+
+    entries = write_split(Path(root), "train", samples(), per_shard)
+    return [str(Path(root) / e["name"]) for e in entries]

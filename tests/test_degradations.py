@@ -1,0 +1,173 @@
+"""Hand-written operators against their formulas; presets: determinism, ranges, logged parameters."""
+
+import math
+
+import numpy as np
+import pytest
+from conftest import rgb
+from scipy import special
+
+from pipelines import degradations as D
+
+
+def test_isotropic_gaussian_matches_the_formula():
+    k = D.isotropic_gaussian_kernel(21, 2.0)
+    x, y = np.meshgrid(np.arange(21) - 10, np.arange(21) - 10)
+    want = np.exp(-(x**2 + y**2) / (2 * 2.0**2))
+    assert k.shape == (21, 21) and k.dtype == np.float32
+    assert k.sum() == pytest.approx(1.0, abs=1e-6)
+    assert np.allclose(k, want / want.sum(), atol=1e-7)
+    assert np.allclose(k, k.T) and np.allclose(k, k[::-1, ::-1])
+
+
+def test_anisotropic_gaussian_rotation_and_axes():
+    k0 = D.anisotropic_gaussian_kernel(21, 4.0, 1.0, 0.0)
+    # wider along x: the centre row holds more mass than the centre column
+    assert k0[10].sum() > 3 * k0[:, 10].sum()
+    k90 = D.anisotropic_gaussian_kernel(21, 4.0, 1.0, math.pi / 2)
+    assert np.allclose(k90, k0.T, atol=1e-7)
+    # covariance of the kernel equals R diag(sx², sy²) Rᵀ (up to truncation)
+    th = 0.6
+    k = D.anisotropic_gaussian_kernel(41, 3.0, 1.5, th).astype(np.float64)
+    x, y = np.meshgrid(np.arange(41) - 20, np.arange(41) - 20)
+    cov = np.array([[(k * x * x).sum(), (k * x * y).sum()], [(k * x * y).sum(), (k * y * y).sum()]])
+    r = np.array([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]])
+    assert np.allclose(cov, r @ np.diag([9.0, 2.25]) @ r.T, atol=0.02)
+
+
+def test_generalized_gaussian_and_plateau_formulas():
+    x, y = np.meshgrid(np.arange(15) - 7, np.arange(15) - 7)
+    q = (x / 2.0) ** 2 + (y / 3.0) ** 2
+    g = D.generalized_gaussian_kernel(15, 2.0, 3.0, 0.0, 1.7)
+    want = np.exp(-0.5 * q**1.7)
+    assert np.allclose(g, want / want.sum(), atol=1e-7)
+    assert np.allclose(
+        D.generalized_gaussian_kernel(15, 2.0, 3.0, 0.0, 1.0),
+        D.anisotropic_gaussian_kernel(15, 2.0, 3.0, 0.0),
+    )
+    p = D.plateau_kernel(15, 2.0, 3.0, 0.0, 1.5)
+    want = 1 / (1 + q**1.5)
+    assert np.allclose(p, want / want.sum(), atol=1e-7)
+    # heavier tail than the Gaussian of the same σ
+    assert (
+        p[0, 0] / p[7, 7]
+        > D.anisotropic_gaussian_kernel(15, 2.0, 3.0, 0.0)[0, 0]
+        / D.anisotropic_gaussian_kernel(15, 2.0, 3.0, 0.0)[7, 7]
+    )
+
+
+def test_sinc_kernel_formula():
+    w = math.pi / 2
+    k = D.sinc_kernel(21, w).astype(np.float64)
+    x, y = np.meshgrid(np.arange(21) - 10, np.arange(21) - 10)
+    r = np.hypot(x, y)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        want = w * special.j1(w * r) / (2 * math.pi * r)
+    want[10, 10] = w**2 / (4 * math.pi)
+    assert np.allclose(k, want / want.sum(), atol=1e-7)
+    assert k.sum() == pytest.approx(1.0, abs=1e-6) and (k < 0).any()  # ringing lobes
+
+
+def test_kernel_sizes_must_be_odd():
+    with pytest.raises(ValueError, match="odd"):
+        D.isotropic_gaussian_kernel(4, 1.0)
+
+
+def test_gaussian_noise_statistics():
+    rng = np.random.default_rng(0)
+    img = np.full((128, 128, 3), 0.5, np.float32)
+    n = D.gaussian_noise(img, 10.0, False, rng) - img
+    assert n.std() == pytest.approx(10 / 255, rel=0.03) and abs(n.mean()) < 1e-3
+    g = D.gaussian_noise(img, 10.0, True, rng) - img
+    assert np.allclose(g[..., 0], g[..., 1]) and np.allclose(g[..., 1], g[..., 2])
+
+
+def test_poisson_noise_scales_with_intensity():
+    rng = np.random.default_rng(0)
+    dark = D.poisson_noise(np.full((128, 128, 3), 0.1, np.float32), 1.0, False, rng) - 0.1
+    bright = D.poisson_noise(np.full((128, 128, 3), 0.8, np.float32), 1.0, False, rng) - 0.8
+    assert bright.std() > dark.std() > 0  # variance ∝ intensity (Poisson)
+    assert np.allclose(D.poisson_noise(np.full((8, 8, 3), 0.3, np.float32), 0.0, False, rng), 0.3)
+    gray = D.poisson_noise(np.full((32, 32, 3), 0.5, np.float32), 1.0, True, rng)
+    assert np.allclose(gray[..., 0], gray[..., 2])
+
+
+def test_resize_and_jpeg():
+    img = np.asarray(rgb(1), np.float32) / 255
+    small = D.resize(img, 16, 16, "area")
+    assert small.shape == (16, 16, 3) and np.allclose(small.mean(), img.mean(), atol=0.01)
+    with pytest.raises(ValueError, match="unknown resize mode"):
+        D.resize(img, 8, 8, "nearest-ish")
+    hi, lo = D.jpeg(img, 95), D.jpeg(img, 10)
+    assert np.abs(hi - img).mean() < np.abs(lo - img).mean()
+
+
+@pytest.mark.parametrize("name", sorted(D.PRESETS))
+def test_presets_are_deterministic_per_seed_key_epoch(name):
+    img = np.asarray(rgb(2))
+    a = D.degrade(img, name, 1, "sample_a", 0)
+    b = D.degrade(img, name, 1, "sample_a", 0)
+    assert a.image.dtype == np.uint8 and a.image.shape == img.shape
+    assert a.image.tobytes() == b.image.tobytes() and a.params == b.params
+    others = [
+        D.degrade(img, name, 1, "sample_a", 1),
+        D.degrade(img, name, 1, "sample_b", 0),
+        D.degrade(img, name, 2, "sample_a", 0),
+    ]
+    assert all(o.image.tobytes() != a.image.tobytes() for o in others)
+    assert a.params["preset"] == name
+
+
+def test_refldm_ranges_are_respected():
+    img = np.asarray(rgb(3))
+    for i in range(50):
+        p = D.degrade(img, "refldm_severe", 0, f"k{i}", 0).params
+        assert (
+            8 <= p["sigma"] <= 16
+            and 8 <= p["down"] <= 32
+            and 0 <= p["noise"] <= 20
+            and 30 <= p["jpeg"] <= 100
+        )
+        p = D.degrade(img, "refldm_moderate", 0, f"k{i}", 0).params
+        assert (
+            0 <= p["sigma"] <= 8 and 1 <= p["down"] <= 8 and 0 <= p["noise"] <= 15 and 60 <= p["jpeg"] <= 100
+        )
+
+
+def test_severe_destroys_more_than_moderate():
+    img = np.asarray(rgb(4))
+    err = {
+        n: np.mean(
+            [np.abs(D.degrade(img, n, 0, f"k{i}", 0).image.astype(float) - img).mean() for i in range(20)]
+        )
+        for n in ("refldm_moderate", "refldm_severe")
+    }
+    assert err["refldm_severe"] > err["refldm_moderate"]
+
+
+def test_iconface_strength_buckets():
+    rng = np.random.default_rng(0)
+    s = np.array([D.draw_strength(rng) for _ in range(20000)])
+    assert s.min() >= 0 and s.max() <= 16
+    frac = [((s >= 0) & (s <= 3)).mean(), ((s >= 4) & (s <= 8)).mean(), ((s >= 9) & (s <= 16)).mean()]
+    assert np.allclose(frac, [0.5, 0.3, 0.2], atol=0.015)
+    p = D.degrade(np.asarray(rgb(5)), "iconface_mixed", 0, "k", 0).params
+    assert p["chain"]["preset"] in ("realesrgan", "bsrgan") and 0 <= p["strength"] <= 16
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="valid: realesrgan"):
+        D.get_preset("gfpgan")
+
+
+def test_separable_fast_path_equals_the_2d_convolution():
+    import cv2
+
+    img = np.asarray(rgb(6), np.float32) / 255
+    for k in (D.isotropic_gaussian_kernel(21, 3.0), D.anisotropic_gaussian_kernel(15, 3.0, 1.0, 0.0)):
+        want = cv2.filter2D(img, -1, k, borderType=cv2.BORDER_REFLECT_101)
+        assert np.allclose(D.filter2d(img, k), want, atol=1e-5)
+    rotated = D.anisotropic_gaussian_kernel(15, 3.0, 1.0, 0.7)  # not separable: the 2-D path
+    assert np.array_equal(
+        D.filter2d(img, rotated), cv2.filter2D(img, -1, rotated, borderType=cv2.BORDER_REFLECT_101)
+    )
