@@ -18,6 +18,7 @@ from conftest import REPO
 
 pytestmark = pytest.mark.slow
 
+STAGES = ("synthesize", "ingest", "train_id_encoder", "embed", "pairs", "shards", "eval_sets")
 SMALL = {
     "synthesize": {
         "album_identities": 30,
@@ -62,7 +63,7 @@ def project(tmp_path_factory):
 
 def test_repro_builds_every_output(project):
     root, env, first = project
-    for stage in ("synthesize", "ingest", "train_id_encoder", "embed", "pairs", "shards"):
+    for stage in STAGES:
         assert f"Running stage '{stage}'" in first
     for path in (
         "data/synthetic/grid.png",
@@ -111,3 +112,9 @@ def test_one_param_reruns_only_its_dependents_and_shards_rebuild_identically(pro
     _run([sys.executable, "-m", "dvc", "repro", "-f", "-s", "shards"], root, env)
     after = json.loads((root / "data/shards/index.json").read_text())
     assert after == before
+    # evaluation sets are frozen: rebuilding them gives the same bytes
+    _run([sys.executable, "-m", "dvc", "repro"], root, env)
+    sets_before = json.loads((root / "data/eval_sets/index.json").read_text())
+    _run([sys.executable, "-m", "dvc", "repro", "-f", "-s", "eval_sets"], root, env)
+    assert json.loads((root / "data/eval_sets/index.json").read_text()) == sets_before
+    assert sets_before["splits"]["severe"]["samples"] == sets_before["splits"]["moderate"]["samples"] > 0
