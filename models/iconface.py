@@ -1,0 +1,441 @@
+"""IConFace around diffusers' `Flux2Transformer2DModel` (shared/papers/001_..., supplement).
+
+The transformer is imported, never forked. `IConFace.forward` re-implements only the short top-level
+loop of `Flux2Transformer2DModel.forward` — embedders, modulation, the stock blocks called as they
+are, output layers — so that IConFace's parts can sit around the blocks:
+
+* **Token packing** (supplement, "Token packing and RoPE"): the hybrid concat sequence
+  x_in = [x_scene; x_deg; x_ref] (paper eq. 2) with four-axis ids (t, h, w, l): scene t = 0, degraded
+  t = 2, reference r at t = 10 + r, text (0, 0, 0, l). Without references the reference segment is
+  removed (no placeholders).
+* **Mixed reference counts** are handled by *masking*: the batch is padded to its largest reference
+  count and the padded references' keys are masked in every attention. Masked keys contribute exactly
+  nothing, so each sample's scene output equals its unpadded forward (tests check it), while one
+  batch keeps one static shape — simpler and faster than regrouping a batch by count.
+* **Global identity pathway** (eqs. 3–5): e_r = z_r/‖z_r‖, q_r = ‖z_r‖, w = softmax(log q / T),
+  e_ref = Norm(Σ w_r e_r); without references the degraded image's own embedding (weak conditioning).
+  h_id = φ_global(e_id); Δ_dbl, Δ_sgl = ψ_dbl(h_id), ψ_sgl(h_id) are added to the IMAGE modulation of
+  the double blocks and, per token with zero rows on text, to the single blocks' modulation.
+* **Degraded structure pathway** (eqs. 6–7): a low-rank input residual s_deg·W_in(x_deg) on the scene
+  tokens; two learned-query poolers to the memory (base route on x_deg, detail route on
+  x_deg − smooth(x_deg), smooth = 3×3 box average over the token grid with replicate borders); after
+  every block a low-rank cross-attention from the scene tokens to the memory, h' = h + γ_ℓ·Attn(…),
+  with γ_ℓ initialised to zero.
+
+Every addition is zero-initialised (ψ's, W_in's up-projection, the gates), so at initialisation the
+output equals the stock diffusers forward exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from diffusers import Flux2Transformer2DModel
+from torch import nn
+
+Variant = Literal["concat", "+struct", "+id", "single_route", "full"]
+VARIANTS: dict[str, dict[str, bool]] = {
+    # Paper Table 3, cumulative: concat only; + input residual; + identity modulation; + one memory
+    # route with block-wise cross-attention; full = two routes (base + detail).
+    "concat": {"residual": False, "identity": False, "memory": False, "two_routes": False},
+    "+struct": {"residual": True, "identity": False, "memory": False, "two_routes": False},
+    "+id": {"residual": True, "identity": True, "memory": False, "two_routes": False},
+    "single_route": {"residual": True, "identity": True, "memory": True, "two_routes": False},
+    "full": {"residual": True, "identity": True, "memory": True, "two_routes": True},
+}
+
+T_SCENE, T_DEG, T_REF0 = 0, 2, 10
+
+
+# ==================================================================================================
+# Backbone configs
+# ==================================================================================================
+
+BACKBONES: dict[str, dict] = {
+    # FACTS.md: a tiny model that builds and trains on CPU (head dim 16 = sum of axes_dims_rope).
+    "tiny": dict(
+        patch_size=1,
+        in_channels=48,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=96,
+        timestep_guidance_channels=256,
+        mlp_ratio=3.0,
+        axes_dims_rope=(4, 4, 4, 4),
+        rope_theta=2000,
+        guidance_embeds=False,
+    ),
+    # FLUX.2-klein-base-4B (3,875,544,576 parameters).
+    "klein_base_4b": dict(
+        patch_size=1,
+        in_channels=128,
+        num_layers=5,
+        num_single_layers=20,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=7680,
+        timestep_guidance_channels=256,
+        mlp_ratio=3.0,
+        axes_dims_rope=(32, 32, 32, 32),
+        rope_theta=2000,
+        guidance_embeds=False,
+    ),
+}
+
+
+def build_backbone(name: str, weights: str | None = None, **overrides) -> Flux2Transformer2DModel:
+    """The transformer from a named config (random init) or from a local diffusers folder `weights`."""
+    if weights:
+        from pathlib import Path
+
+        if not Path(weights).exists():
+            raise FileNotFoundError(
+                f"backbone weights {weights} not found (a local diffusers transformer folder)"
+            )
+        return Flux2Transformer2DModel.from_pretrained(weights, local_files_only=True)
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(BACKBONES)}")
+    return Flux2Transformer2DModel(**{**BACKBONES[name], **overrides})
+
+
+# ==================================================================================================
+# Token packing
+# ==================================================================================================
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) → (B, H·W, C), row-major."""
+    return latents.flatten(2).transpose(1, 2)
+
+
+def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, H·W, C) → (B, C, H, W)."""
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
+
+
+def grid_ids(t: int, h: int, w: int, device=None) -> torch.Tensor:
+    """Ids (H·W, 4) = (t, y, x, 0) for one latent grid."""
+    ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    return torch.stack([torch.full_like(ys, t), ys, xs, torch.zeros_like(ys)], -1).reshape(-1, 4)
+
+
+def text_ids(length: int, device=None) -> torch.Tensor:
+    """Ids (L, 4) = (0, 0, 0, l)."""
+    ids = torch.zeros(length, 4, dtype=torch.long, device=device)
+    ids[:, 3] = torch.arange(length, device=device)
+    return ids
+
+
+# ==================================================================================================
+# Identity pathway (eqs. 3–5)
+# ==================================================================================================
+
+
+def aggregate_identity(
+    z_refs: torch.Tensor, ref_mask: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """e_ref = Norm(Σ_r w_r e_r), w = softmax(log q_r / T) over valid references (eqs. 3–4).
+
+    z_refs (B, R, D) raw embeddings, ref_mask (B, R) bool. Rows without any valid reference return
+    zeros (the caller substitutes the degraded-image fallback). With T = 1, w_r = q_r / Σ q.
+    """
+    q = z_refs.norm(dim=-1).clamp_min(1e-12)  # (B, R)
+    e = z_refs / q.unsqueeze(-1)  # (B, R, D)
+    logits = torch.where(ref_mask, q.log() / temperature, torch.full_like(q, -torch.inf))
+    w = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # (B, R); all-masked rows → 0
+    return F.normalize((w.unsqueeze(-1) * e).sum(1), dim=-1) * ref_mask.any(1, keepdim=True)
+
+
+def identity_anchor(
+    z_refs: torch.Tensor, ref_mask: torch.Tensor, z_deg: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """e_id: the reference anchor, or the normalised degraded-image embedding where no reference exists."""
+    e_ref = aggregate_identity(z_refs, ref_mask, temperature) if z_refs.shape[1] else torch.zeros_like(z_deg)
+    has = (
+        ref_mask.any(1, keepdim=True)
+        if ref_mask.shape[1]
+        else torch.zeros_like(z_deg[:, :1], dtype=torch.bool)
+    )
+    return torch.where(has, e_ref, F.normalize(z_deg, dim=-1))
+
+
+class IdentityPathway(nn.Module):
+    """φ_global, ψ_dbl, ψ_sgl (eq. 5): e_id (B, 512) → Δ_dbl (B, 6D), Δ_sgl (B, 3D); ψ's start at zero."""
+
+    def __init__(self, id_dim: int, dim: int):
+        super().__init__()
+        self.phi_global = nn.Sequential(nn.Linear(id_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.psi_dbl = nn.Linear(dim, 6 * dim)
+        self.psi_sgl = nn.Linear(dim, 3 * dim)
+        for m in (self.psi_dbl, self.psi_sgl):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, e_id: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.phi_global(e_id)  # (B, D)
+        return self.psi_dbl(F.silu(h)), self.psi_sgl(F.silu(h))
+
+
+# ==================================================================================================
+# Degraded structure pathway (eqs. 6–7)
+# ==================================================================================================
+
+
+class LowRankResidual(nn.Module):
+    """s_deg · W_in(x_deg) with W_in = up ∘ down of rank r; `up` starts at zero (eq. 6)."""
+
+    def __init__(self, channels: int, rank: int, s_deg: float):
+        super().__init__()
+        self.down = nn.Linear(channels, rank, bias=False)
+        self.up = nn.Linear(rank, channels, bias=False)
+        nn.init.zeros_(self.up.weight)
+        self.s_deg = s_deg
+
+    def forward(self, x_deg: torch.Tensor) -> torch.Tensor:
+        return self.s_deg * self.up(self.down(x_deg))  # (B, L, C)
+
+
+def smooth_tokens(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """3×3 box average over the token grid (replicate borders): (B, H·W, D) → (B, H·W, D)."""
+    g = unpack(x, h, w)  # (B, D, H, W)
+    g = F.avg_pool2d(F.pad(g, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    return pack(g)
+
+
+class QueryPooler(nn.Module):
+    """Learned-query attention pooling: (B, L, D) → (B, M, D), M learned queries."""
+
+    def __init__(self, dim: int, n_queries: int, heads: int):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(n_queries, dim) * dim**-0.5)
+        self.norm = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kv = self.norm(x)
+        q = self.queries.unsqueeze(0).expand(x.shape[0], -1, -1)
+        return self.attn(q, kv, kv, need_weights=False)[0]  # (B, M, D)
+
+
+class MemoryCrossAttention(nn.Module):
+    """h + γ·Attn(Q h, K M, V M) with rank-r projections and γ = 0 at start (eq. 7, last line)."""
+
+    def __init__(self, dim: int, rank: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.q = nn.Linear(dim, rank, bias=False)
+        self.k = nn.Linear(dim, rank, bias=False)
+        self.v = nn.Linear(dim, rank, bias=False)
+        self.out = nn.Linear(rank, dim, bias=False)
+        self.gate = nn.Parameter(torch.zeros(()))
+
+    def forward(self, h: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        q = self.q(self.norm(h)).unsqueeze(1)  # (B, 1, L, r)
+        k, v = self.k(memory).unsqueeze(1), self.v(memory).unsqueeze(1)  # (B, 1, M, r)
+        a = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # (B, L, r)
+        return h + self.gate * self.out(a)
+
+
+# ==================================================================================================
+# The model
+# ==================================================================================================
+
+
+@dataclass(frozen=True)
+class IConFaceConfig:
+    variant: Variant = "full"
+    id_dim: int = 512
+    temperature: float = 1.0  # T in eq. 4
+    s_deg: float = 1.0  # eq. 6
+    residual_rank: int = 16
+    memory_tokens: int = 256  # in total; split evenly between the two routes in `full`
+    memory_heads: int = 4
+    xattn_rank: int = 16
+    max_refs: int = 3
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown IConFace variant {self.variant!r}; valid: {', '.join(VARIANTS)}")
+
+
+@dataclass
+class Conditioning:
+    """Everything but the noisy scene: the model's inputs for one batch.
+
+    deg (B, C, H, W) latents of the degraded image; refs (B, R, C, H, W) latents of up to R references
+    with ref_mask (B, R) bool (R may be 0); z_refs (B, R, 512) and z_deg (B, 512) raw identity
+    embeddings; text (B, L, joint_dim) the cached prompt embedding.
+    """
+
+    deg: torch.Tensor
+    refs: torch.Tensor
+    ref_mask: torch.Tensor
+    z_refs: torch.Tensor
+    z_deg: torch.Tensor
+    text: torch.Tensor
+
+
+class IConFace(nn.Module):
+    """IConFace: the transformer (frozen but for LoRA) plus the identity and structure pathways."""
+
+    def __init__(self, transformer: Flux2Transformer2DModel, cfg: IConFaceConfig = IConFaceConfig()):
+        super().__init__()
+        self.transformer = transformer
+        self.cfg = cfg
+        self.parts = VARIANTS[cfg.variant]
+        dim = transformer.inner_dim
+        channels = transformer.config.in_channels
+        n_blocks = len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
+        self.residual = (
+            LowRankResidual(channels, cfg.residual_rank, cfg.s_deg) if self.parts["residual"] else None
+        )
+        self.identity = IdentityPathway(cfg.id_dim, dim) if self.parts["identity"] else None
+        if self.parts["memory"]:
+            if self.parts["two_routes"]:
+                self.pool_base = QueryPooler(dim, cfg.memory_tokens // 2, cfg.memory_heads)
+                self.pool_detail = QueryPooler(
+                    dim, cfg.memory_tokens - cfg.memory_tokens // 2, cfg.memory_heads
+                )
+            else:
+                self.pool_base = QueryPooler(dim, cfg.memory_tokens, cfg.memory_heads)
+                self.pool_detail = None
+            self.xattn = nn.ModuleList(MemoryCrossAttention(dim, cfg.xattn_rank) for _ in range(n_blocks))
+        else:
+            self.pool_base = self.pool_detail = None
+            self.xattn = None
+
+    def pathway_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters that are ours (not LoRA): pathways, poolers, cross-attentions."""
+        return [p for n, p in self.named_parameters() if not n.startswith("transformer.")]
+
+    def forward(
+        self, scene: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, use_text: bool = True
+    ) -> torch.Tensor:
+        """Velocity û (B, C, H, W) for the noisy scene latents `scene` (B, C, H, W) at noise level σ (B,).
+
+        `use_text=False` replaces the prompt by zeros of the same length (the empty-prompt branch of
+        classifier-free guidance uses the cached empty-prompt embedding instead: pass it as cond.text).
+        """
+        tr = self.transformer
+        b, c, h, w = scene.shape
+        dev = scene.device
+        n_img = h * w
+        r = cond.refs.shape[1] if cond.refs.ndim == 5 and cond.ref_mask.any() else 0
+
+        # ---- token packing (eq. 2): [scene; deg; refs], ids per segment -----------------------------
+        x_scene = pack(scene)  # (B, HW, C)
+        x_deg = pack(cond.deg)  # (B, HW, C)
+        if self.residual is not None:
+            x_scene = x_scene + self.residual(x_deg)  # eq. 6
+        segs = [x_scene, x_deg]
+        ids = [grid_ids(T_SCENE, h, w, dev), grid_ids(T_DEG, h, w, dev)]
+        for i in range(r):
+            segs.append(pack(cond.refs[:, i]))
+            ids.append(grid_ids(T_REF0 + i, h, w, dev))
+        x = torch.cat(segs, 1)  # (B, L_img, C)
+        img_ids = torch.cat(ids, 0)  # (L_img, 4)
+        txt = cond.text if use_text else torch.zeros_like(cond.text)
+        n_txt = txt.shape[1]
+
+        # Key mask for padded references: (B, 1, 1, L_txt + L_img), True = attend.
+        attn_kwargs = None
+        if r and not bool(cond.ref_mask[:, :r].all()):
+            keep = torch.ones(b, n_txt + x.shape[1], dtype=torch.bool, device=dev)
+            for i in range(r):
+                s = n_txt + (2 + i) * n_img
+                keep[:, s : s + n_img] = cond.ref_mask[:, i : i + 1]
+            attn_kwargs = {"attention_mask": keep[:, None, None, :]}
+
+        # ---- stock embedders and modulation (as Flux2Transformer2DModel.forward) ---------------------
+        timestep = sigma.to(x.dtype) * 1000
+        temb = tr.time_guidance_embed(timestep, None)  # (B, D)
+        mod_img = tr.double_stream_modulation_img(temb)  # (B, 6D)
+        mod_txt = tr.double_stream_modulation_txt(temb)  # (B, 6D)
+        mod_single = tr.single_stream_modulation(temb)  # (B, 3D)
+        if self.identity is not None:
+            e_id = identity_anchor(
+                cond.z_refs[:, :r] if r else cond.z_refs[:, :0],
+                cond.ref_mask[:, :r],
+                cond.z_deg,
+                self.cfg.temperature,
+            )
+            d_dbl, d_sgl = self.identity(e_id)  # (B, 6D), (B, 3D)
+            mod_img = mod_img + d_dbl  # image stream only
+            is_img = torch.zeros(1, n_txt + x.shape[1], 1, dtype=x.dtype, device=dev)
+            is_img[:, n_txt:] = 1
+            mod_single = (
+                mod_single.unsqueeze(1) + d_sgl.unsqueeze(1) * is_img
+            )  # (B, L, 3D), zero rows on text
+
+        hs = tr.x_embedder(x)  # (B, L_img, D)
+        ehs = tr.context_embedder(txt)  # (B, L_txt, D)
+        img_rot = tr.pos_embed(img_ids)
+        txt_rot = tr.pos_embed(text_ids(n_txt, dev))
+        rotary = (torch.cat([txt_rot[0], img_rot[0]], 0), torch.cat([txt_rot[1], img_rot[1]], 0))
+
+        memory = None
+        if self.pool_base is not None:
+            deg_h = hs[:, n_img : 2 * n_img]  # the degraded tokens in hidden space
+            memory = self.pool_base(deg_h)  # (B, M_b, D)
+            if self.pool_detail is not None:
+                memory = torch.cat([memory, self.pool_detail(deg_h - smooth_tokens(deg_h, h, w))], 1)  # eq. 7
+
+        # ---- blocks --------------------------------------------------------------------------------
+        k = 0
+        for block in tr.transformer_blocks:
+            ehs, hs = self._run(block, hs, ehs, mod_img, mod_txt, rotary, attn_kwargs)
+            if memory is not None:
+                hs = torch.cat([self.xattn[k](hs[:, :n_img], memory), hs[:, n_img:]], 1)
+            k += 1
+        hs = torch.cat([ehs, hs], 1)  # (B, L_txt + L_img, D)
+        for block in tr.single_transformer_blocks:
+            hs = self._run_single(block, hs, mod_single, rotary, attn_kwargs)
+            if memory is not None:
+                s = n_txt
+                hs = torch.cat(
+                    [hs[:, :s], self.xattn[k](hs[:, s : s + n_img], memory), hs[:, s + n_img :]], 1
+                )
+            k += 1
+        hs = hs[:, n_txt : n_txt + n_img]  # scene tokens only
+        out = tr.proj_out(tr.norm_out(hs, temb))  # (B, HW, C)
+        return unpack(out, h, w)
+
+    def _run(self, block, hs, ehs, mod_img, mod_txt, rotary, attn_kwargs):
+        if torch.is_grad_enabled() and self.transformer.gradient_checkpointing:
+            return self.transformer._gradient_checkpointing_func(
+                block, hs, ehs, mod_img, mod_txt, rotary, attn_kwargs
+            )
+        return block(hs, ehs, mod_img, mod_txt, rotary, attn_kwargs)
+
+    def _run_single(self, block, hs, mod, rotary, attn_kwargs):
+        if torch.is_grad_enabled() and self.transformer.gradient_checkpointing:
+            return self.transformer._gradient_checkpointing_func(block, hs, None, mod, rotary, attn_kwargs)
+        return block(hs, None, mod, rotary, attn_kwargs)
+
+
+def stock_forward(
+    tr: Flux2Transformer2DModel, scene: torch.Tensor, sigma: torch.Tensor, cond: Conditioning
+) -> torch.Tensor:
+    """The unmodified diffusers forward on IConFace's token layout (for equivalence tests)."""
+    b, c, h, w = scene.shape
+    r = cond.refs.shape[1] if cond.refs.ndim == 5 and cond.ref_mask.any() else 0
+    segs = [pack(scene), pack(cond.deg)] + [pack(cond.refs[:, i]) for i in range(r)]
+    ids = [grid_ids(T_SCENE, h, w), grid_ids(T_DEG, h, w)] + [grid_ids(T_REF0 + i, h, w) for i in range(r)]
+    out = tr(
+        hidden_states=torch.cat(segs, 1),
+        encoder_hidden_states=cond.text,
+        timestep=sigma,
+        img_ids=torch.cat(ids, 0),
+        txt_ids=text_ids(cond.text.shape[1]),
+        return_dict=False,
+    )[0]
+    return unpack(out[:, : h * w], h, w)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

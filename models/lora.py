@@ -1,0 +1,72 @@
+"""LoRA on the transformer's image-stream attention and MLP projections (peft), in diffusers' format.
+
+Targets (FACTS.md): in double blocks the image stream's `attn.to_q/to_k/to_v/to_out.0` and
+`ff.linear_in/linear_out` (never the bare `attn.to_out`, a ModuleList that peft refuses; the text
+stream's `add_*_proj`/`to_add_out`/`ff_context` stay frozen); in single blocks, which carry text and
+image in one sequence, the fused `attn.to_qkv_mlp_proj` and `attn.to_out`. Saved with
+`Flux2KleinPipeline.save_lora_weights` (keys `transformer.<module>.lora_{A,B}.weight`), so diffusers'
+`load_lora_weights` / `load_lora_adapter` read it; our pathway weights go to a separate safetensors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+PATHWAYS_FILE = "iconface_pathways.safetensors"
+TARGET_MODULES = (
+    r"(transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0)|ff\.(linear_in|linear_out))"
+    r"|single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out))"
+)
+
+
+def add_lora(transformer, rank: int = 16, alpha: float | None = None) -> None:
+    """Freeze the transformer and add a rank-`rank` adapter (B = 0: the output is unchanged)."""
+    from peft import LoraConfig
+
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+    transformer.requires_grad_(False)
+    transformer.add_adapter(
+        LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=TARGET_MODULES, init_lora_weights=True)
+    )
+
+
+def lora_parameters(transformer) -> list[torch.nn.Parameter]:
+    return [p for n, p in transformer.named_parameters() if "lora_" in n]
+
+
+def save_trainable(model, out_dir: str | Path) -> None:
+    """LoRA in diffusers' format plus IConFace's pathway weights (safetensors)."""
+    from diffusers import Flux2KleinPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if lora_parameters(model.transformer):
+        Flux2KleinPipeline.save_lora_weights(
+            str(out), transformer_lora_layers=get_peft_model_state_dict(model.transformer)
+        )
+    pathways = {
+        n: p.detach().contiguous() for n, p in model.named_parameters() if not n.startswith("transformer.")
+    }
+    if pathways:
+        save_file(pathways, str(out / PATHWAYS_FILE), metadata={"variant": model.cfg.variant})
+
+
+def load_trainable(model, in_dir: str | Path) -> None:
+    """Load what `save_trainable` wrote into a freshly built model (LoRA is added here)."""
+    d = Path(in_dir)
+    if (d / LORA_FILE).is_file():
+        model.transformer.load_lora_adapter(str(d / LORA_FILE), prefix="transformer", adapter_name="default")
+    if (d / PATHWAYS_FILE).is_file():
+        state = load_file(str(d / PATHWAYS_FILE))
+        missing = set(state) ^ {n for n, _ in model.named_parameters() if not n.startswith("transformer.")}
+        if missing:
+            raise ValueError(
+                f"{d / PATHWAYS_FILE}: pathway weights do not match variant {model.cfg.variant!r}: {sorted(missing)[:5]}"
+            )
+        model.load_state_dict(state, strict=False)

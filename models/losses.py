@@ -1,0 +1,108 @@
+"""IConFace's training maths as small pure functions (paper eqs. 1, 8–11; supplement eq. 1).
+
+L = α_fm·L_fm + λ_id·ω(σ)·[(1 − λ*)·L_ref-id + λ*·L_hard]
+with α_fm = 0.75, λ_id = 0.30, λ* = λ_h·(1 − cos(e_ref, e_gt)), λ_h = 0.25, ω(σ) = max(1 − σ, ω_min)²,
+ω_min = 0.25, w(σ) = 1 inside L_fm. The identity terms are zero for samples without references.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    alpha_fm: float = 0.75
+    lambda_id: float = 0.30
+    lambda_h: float = 0.25
+    omega_min: float = 0.25
+
+
+def sample_sigma(
+    n: int, scheme: str = "uniform", generator: torch.Generator | None = None, **kw
+) -> torch.Tensor:
+    """σ ∈ (0, 1) for training: `uniform` (the supplement), `logit_normal` (SD3; kw mean, std)."""
+    if scheme == "uniform":
+        return torch.rand(n, generator=generator)
+    if scheme == "logit_normal":
+        return torch.sigmoid(torch.randn(n, generator=generator) * kw.get("std", 1.0) + kw.get("mean", 0.0))
+    raise ValueError(f"unknown sigma scheme {scheme!r}; valid: uniform, logit_normal")
+
+
+def add_noise(z0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """z_σ = (1 − σ) z0 + σ ε (eq. 1); σ (B,) broadcast over (B, C, H, W)."""
+    s = sigma.view(-1, *([1] * (z0.ndim - 1)))
+    return (1 - s) * z0 + s * noise
+
+
+def velocity_target(z0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """u* = ε − z0 (eq. 1)."""
+    return noise - z0
+
+
+def predicted_clean(z_sigma: torch.Tensor, u_hat: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """ẑ0 = z_σ − σ û."""
+    return z_sigma - sigma.view(-1, *([1] * (z_sigma.ndim - 1))) * u_hat
+
+
+def flow_matching_loss(u_hat: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L_fm per sample (B,): mean squared error, w(σ) = 1 (eq. 8)."""
+    return ((u_hat - target) ** 2).flatten(1).mean(1)
+
+
+def omega(sigma: torch.Tensor, omega_min: float = 0.25) -> torch.Tensor:
+    """ω(σ) = max(1 − σ, ω_min)²."""
+    return torch.clamp(1 - sigma, min=omega_min) ** 2
+
+
+def lambda_star(e_ref: torch.Tensor, e_gt: torch.Tensor, lambda_h: float = 0.25) -> torch.Tensor:
+    """λ* = λ_h (1 − cos(e_ref, e_gt)) per sample (B,), no gradient (both are targets)."""
+    return lambda_h * (1 - F.cosine_similarity(e_ref.detach(), e_gt.detach(), dim=-1))
+
+
+def identity_terms(
+    e_out: torch.Tensor, e_ref: torch.Tensor, e_gt: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L_ref-id = 1 − cos(A(Î), sg(e_ref)) (eq. 9), L_hard = 1 − cos(A(Î), sg(e_gt)) (eq. 10), per sample."""
+    return (
+        1 - F.cosine_similarity(e_out, e_ref.detach(), dim=-1),
+        1 - F.cosine_similarity(e_out, e_gt.detach(), dim=-1),
+    )
+
+
+def iconface_loss(
+    u_hat: torch.Tensor,
+    target: torch.Tensor,
+    sigma: torch.Tensor,
+    e_out: torch.Tensor | None,
+    e_ref: torch.Tensor | None,
+    e_gt: torch.Tensor | None,
+    has_ref: torch.Tensor,
+    w: LossWeights = LossWeights(),
+) -> dict[str, torch.Tensor]:
+    """The total loss (supplement eq. 1) and its terms, each averaged over the batch.
+
+    `has_ref` (B,) bool: the identity loss applies only to samples with references (eq. 11 is zero
+    otherwise). `e_out` is the frozen identity encoder's embedding of the decoded ẑ0.
+    """
+    fm = flow_matching_loss(u_hat, target)  # (B,)
+    zero = torch.zeros_like(fm)
+    if e_out is None or not bool(has_ref.any()):
+        ref_id = hard = lam = zero
+    else:
+        ref_id, hard = identity_terms(e_out, e_ref, e_gt)
+        lam = lambda_star(e_ref, e_gt, w.lambda_h)
+    ident = omega(sigma, w.omega_min) * ((1 - lam) * ref_id + lam * hard) * has_ref.to(fm.dtype)  # eq. 11
+    total = w.alpha_fm * fm + w.lambda_id * ident
+    n_ref = has_ref.sum().clamp_min(1)
+    return {
+        "loss": total.mean(),
+        "fm": fm.mean(),
+        "id": ident.mean(),
+        "ref_id": (ref_id * has_ref).sum() / n_ref,
+        "hard": (hard * has_ref).sum() / n_ref,
+        "lambda_star": (lam * has_ref).sum() / n_ref,
+    }
