@@ -1,0 +1,242 @@
+"""Training IConFace with Lightning on batches from the Ray degradation stream.
+
+* `IConFaceModule` — the network is passed in; the module owns the loss (models.losses), the optimiser
+  (AdamW on LoRA + pathways), and logging of every loss term, the learning rate, throughput, the data
+  wait and the realised reference-count mix.
+* `StreamDataModule` — wraps `DegradationStream` as an iterable, step-based dataset: it runs epoch
+  after epoch of the stream and, on resume, skips exactly the batches already consumed
+  (global_step × accumulate), so nothing is repeated. Each rank reads its own share of chunks
+  (`epoch_order` gives every rank the same count: no uneven-shard hang). `num_workers=0`: a forked
+  DataLoader worker that calls Ray hangs (FACTS.md); the parallelism is in the Ray tasks.
+* `collate` — applies the reference-count schedule and turns a stream batch into model tensors.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.codecs import LatentCodec
+from models.iconface import Conditioning, IConFace, identity_anchor
+from models.id_encoder import IRBackbone, preprocess
+from models.losses import LossWeights, add_noise, iconface_loss, predicted_clean, sample_sigma, velocity_target
+from models.sampler import sample
+from pipelines.refschedule import draw_refs
+from pipelines.stream import DegradationStream
+
+
+# ==================================================================================================
+# Batches
+# ==================================================================================================
+
+
+def to_unit(images: np.ndarray) -> torch.Tensor:
+    """(B, H, W, 3) uint8 → (B, 3, H, W) float in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def collate(batch: dict, schedule: tuple[float, ...], max_refs: int, seed: int, epoch: int) -> dict:
+    """A stream batch → tensors; draws each sample's references by the schedule (distinct, no padding copies).
+
+    Returns lq, gt (B, 3, H, W) in [-1, 1]; refs (B, R, 3, H, W) with R the batch's largest drawn count
+    (zero-padded), ref_mask (B, R); z_refs (B, R, D); z_gt (B, D); wanted / got counts for logging.
+    """
+    b = len(batch["keys"])
+    draws = [draw_refs(len(batch["refs"][i]), schedule, seed, batch["keys"][i], epoch) for i in range(b)]
+    r = max((len(d.chosen) for d in draws), default=0)
+    h, w = batch["gt"].shape[1:3]
+    refs = np.zeros((b, r, h, w, 3), np.uint8)
+    mask = np.zeros((b, r), bool)
+    dim = batch["gt_emb"].shape[-1]
+    z_refs = np.zeros((b, r, dim), np.float32)
+    for i, d in enumerate(draws):
+        for j, k in enumerate(d.chosen[:max_refs]):
+            refs[i, j] = batch["refs"][i][k]
+            z_refs[i, j] = batch["ref_emb"][i][k]
+            mask[i, j] = True
+    return {
+        "keys": list(batch["keys"]),
+        "lq": to_unit(batch["lq"]),
+        "gt": to_unit(batch["gt"]),
+        "refs": to_unit(refs.reshape(b * r, h, w, 3)).reshape(b, r, 3, h, w) if r else torch.zeros(b, 0, 3, h, w),
+        "ref_mask": torch.from_numpy(mask),
+        "z_refs": torch.from_numpy(z_refs),
+        "z_gt": torch.from_numpy(np.asarray(batch["gt_emb"], np.float32)),
+        "wanted": [d.wanted for d in draws],
+        "got": [len(d.chosen) for d in draws],
+    }
+
+
+class StreamIterable(torch.utils.data.IterableDataset):
+    """Endless epochs of a DegradationStream, collated, starting after `start_batches` consumed ones."""
+
+    def __init__(self, stream: DegradationStream, schedule, max_refs: int, seed: int):
+        super().__init__()
+        self.stream, self.schedule, self.max_refs, self.seed = stream, schedule, max_refs, seed
+        self.start_batches = 0
+        self.wait_s = 0.0
+
+    def __iter__(self):
+        per_epoch = len(self.stream)
+        if per_epoch == 0:
+            raise RuntimeError("the training stream has no batch for this rank (too few samples for batch size x ranks)")
+        epoch, skip = divmod(self.start_batches, per_epoch)
+        while True:
+            it = self.stream.epoch(epoch, skip_batches=skip)
+            while True:
+                t = time.perf_counter()
+                try:
+                    raw = next(it)
+                except StopIteration:
+                    break
+                self.wait_s += time.perf_counter() - t
+                out = collate(raw, self.schedule, self.max_refs, self.seed, epoch)
+                out["epoch"] = epoch
+                yield out
+            epoch, skip = epoch + 1, 0
+
+
+class StreamDataModule(L.LightningDataModule):
+    """Training batches from the Ray degradation stream; `setup` runs on every process (rank split)."""
+
+    def __init__(self, shard_paths: list[str], preset: str, seed: int, batch_size: int, max_in_flight: int,
+                 schedule, max_refs: int, shuffle: bool = True, ray_cpus: int | None = None):
+        super().__init__()
+        self.paths, self.preset, self.seed = shard_paths, preset, seed
+        self.batch_size, self.max_in_flight, self.shuffle = batch_size, max_in_flight, shuffle
+        self.schedule, self.max_refs, self.ray_cpus = schedule, max_refs, ray_cpus
+        self.dataset: StreamIterable | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        from pipelines.stream import connect
+
+        connect(self.ray_cpus)
+        rank = self.trainer.global_rank if self.trainer else 0
+        world = self.trainer.world_size if self.trainer else 1
+        stream = DegradationStream(self.paths, self.preset, self.seed, self.batch_size, self.max_in_flight,
+                                   self.shuffle, rank=rank, world_size=world)
+        self.dataset = StreamIterable(stream, self.schedule, self.max_refs, self.seed)
+
+    def train_dataloader(self):
+        if self.trainer is not None:
+            self.dataset.start_batches = self.trainer.global_step * self.trainer.accumulate_grad_batches
+        return torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=0)
+
+
+# ==================================================================================================
+# The LightningModule
+# ==================================================================================================
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    sigma_scheme: str = "uniform"
+    seed: int = 0
+
+
+class IConFaceModule(L.LightningModule):
+    """Owns the loss, the optimiser and the logging; `net`, `codec`, `id_encoder` and `text` are given."""
+
+    def __init__(self, net: IConFace, codec: LatentCodec, id_encoder: IRBackbone, text: dict[str, torch.Tensor],
+                 optim: OptimConfig = OptimConfig(), weights: LossWeights = LossWeights()):
+        super().__init__()
+        self.net, self.codec, self.optim, self.weights = net, codec, optim, weights
+        self.id_encoder = id_encoder.eval().requires_grad_(False)
+        self.codec.requires_grad_(False)
+        self.register_buffer("text", text["prompt"], persistent=False)
+        self.register_buffer("empty_text", text["empty"], persistent=False)
+        self.mix: Counter = Counter()
+        self.shortfall = 0
+        self.samples = 0
+        self._t0 = None
+        self.history: list[dict] = []
+
+    # ---- helpers ----------------------------------------------------------------------------------
+    def identity(self, images: torch.Tensor) -> torch.Tensor:
+        """Raw identity embedding of images in [-1, 1] with the frozen encoder (differentiable in the input)."""
+        x = preprocess((images.clamp(-1, 1) + 1) / 2, self.id_encoder.cfg.input_size)
+        e, n = self.id_encoder(x)
+        return e * n
+
+    def conditioning(self, batch: dict) -> Conditioning:
+        b = batch["lq"].shape[0]
+        deg = self.codec.encode(batch["lq"])
+        r = batch["refs"].shape[1]
+        refs = self.codec.encode(batch["refs"].flatten(0, 1)).unflatten(0, (b, r)) if r else deg.new_zeros(b, 0, *deg.shape[1:])
+        with torch.no_grad():
+            z_deg = self.identity(batch["lq"])
+        return Conditioning(deg, refs, batch["ref_mask"], batch["z_refs"], z_deg, self.text.expand(b, -1, -1))
+
+    # ---- training -----------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+        b = batch["gt"].shape[0]
+        with torch.no_grad():
+            z0 = self.codec.encode(batch["gt"])
+        cond = self.conditioning(batch)
+        g = torch.Generator().manual_seed(self.optim.seed * 1_000_003 + self.global_step * 97 + batch_idx)
+        sigma = sample_sigma(b, self.optim.sigma_scheme, g).to(z0)
+        noise = torch.randn(z0.shape, generator=g).to(z0)
+        z_sigma = add_noise(z0, noise, sigma)
+        u_hat = self.net(z_sigma, sigma, cond)
+        has_ref = batch["ref_mask"].any(1)
+        e_out = e_ref = e_gt = None
+        if bool(has_ref.any()) and self.weights.lambda_id > 0:
+            img = self.codec.decode(predicted_clean(z_sigma, u_hat, sigma))  # decode ẑ0
+            e_out = F.normalize(self.identity(img), dim=-1)
+            e_ref = identity_anchor(batch["z_refs"], batch["ref_mask"], cond.z_deg)
+            e_gt = F.normalize(batch["z_gt"], dim=-1)
+        terms = iconface_loss(u_hat, velocity_target(z0, noise), sigma, e_out, e_ref, e_gt, has_ref, self.weights)
+        self.mix.update(batch["got"])
+        self.shortfall += sum(w - g_ for w, g_ in zip(batch["wanted"], batch["got"]))
+        self.samples += b
+        elapsed = time.perf_counter() - self._t0
+        logs = {f"train/{k}": v.detach() for k, v in terms.items()}
+        logs["train/samples_per_s"] = self.samples / max(elapsed, 1e-9)
+        total = sum(self.mix.values())
+        for k in range(4):
+            logs[f"train/ref_mix_{k}"] = self.mix.get(k, 0) / max(total, 1)
+        logs["train/ref_shortfall"] = float(self.shortfall)
+        opt = self.optimizers()
+        if opt is not None and not isinstance(opt, list):
+            logs["train/lr"] = opt.param_groups[0]["lr"]
+        self.log_dict(logs, on_step=True, prog_bar=False, batch_size=b)
+        self.log("loss", terms["loss"].detach(), prog_bar=True, batch_size=b)
+        self.history.append({"step": int(self.global_step), **{k: float(v) for k, v in terms.items()}})
+        return terms["loss"]
+
+    def configure_optimizers(self):
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.optim.lr, weight_decay=self.optim.weight_decay)
+
+    # ---- inference ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def restore(self, batch: dict, steps: int = 12, guidance: float = 4.0, seed: int = 42) -> torch.Tensor:
+        """Restored images (B, 3, H, W) in [-1, 1] for a collated batch (0–3 references per sample)."""
+        self.net.eval()
+        cond = self.conditioning(batch)
+        z = sample(self.net, cond, self.empty_text, tuple(cond.deg.shape), steps=steps, guidance=guidance, seed=seed)
+        self.net.train()
+        return self.codec.decode(z).clamp(-1, 1)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR (B,) of images in [-1, 1], on the 0–255 scale after rounding to 8 bits."""
+    a8 = ((a.clamp(-1, 1) + 1) * 127.5).round()
+    b8 = ((b.clamp(-1, 1) + 1) * 127.5).round()
+    mse = ((a8 - b8) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+    return 10 * torch.log10(255.0**2 / mse)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] → (B, H, W, 3) uint8."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
