@@ -70,6 +70,22 @@ BACKBONES: dict[str, dict] = {
         rope_theta=2000,
         guidance_embeds=False,
     ),
+    # The embedded default's training config: wide enough (inner dim 256) to carry 192-channel pixel
+    # tokens (8x8 patches) — a hidden size below the token size cannot pass the noise through.
+    "small": dict(
+        patch_size=1,
+        in_channels=192,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=32,
+        num_attention_heads=8,
+        joint_attention_dim=128,
+        timestep_guidance_channels=256,
+        mlp_ratio=3.0,
+        axes_dims_rope=(8, 8, 8, 8),
+        rope_theta=2000,
+        guidance_embeds=False,
+    ),
     # FLUX.2-klein-base-4B (3,875,544,576 parameters).
     "klein_base_4b": dict(
         patch_size=1,

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 PATHWAYS_FILE = "iconface_pathways.safetensors"
+BACKBONE_FILE = "backbone.safetensors"  # only when the backbone itself was trained (tiny)
 TARGET_MODULES = (
     r"(transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0)|ff\.(linear_in|linear_out))"
     r"|single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out))"
@@ -55,11 +56,20 @@ def save_trainable(model, out_dir: str | Path) -> None:
     }
     if pathways:
         save_file(pathways, str(out / PATHWAYS_FILE), metadata={"variant": model.cfg.variant})
+    base = {
+        n: p.detach().contiguous()
+        for n, p in model.transformer.named_parameters()
+        if p.requires_grad and "lora_" not in n
+    }
+    if base:
+        save_file(base, str(out / BACKBONE_FILE))
 
 
 def load_trainable(model, in_dir: str | Path) -> None:
     """Load what `save_trainable` wrote into a freshly built model (LoRA is added here)."""
     d = Path(in_dir)
+    if (d / BACKBONE_FILE).is_file():
+        model.transformer.load_state_dict(load_file(str(d / BACKBONE_FILE)), strict=False)
     if (d / LORA_FILE).is_file():
         model.transformer.load_lora_adapter(str(d / LORA_FILE), prefix="transformer", adapter_name="default")
     if (d / PATHWAYS_FILE).is_file():

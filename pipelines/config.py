@@ -318,13 +318,14 @@ class EvalSetsConfig:
 class TrainConfig:
     """`train`: IConFace training (tiny on CPU by default; klein_base_4b with weights on GPUs)."""
 
-    backbone: str = "tiny"  # tiny | klein_base_4b
+    backbone: str = "tiny"  # tiny | small | klein_base_4b
     weights: str | None = None  # local diffusers transformer folder (klein); None = random init (tiny)
     vae: str | None = None  # local AutoencoderKLFlux2 folder; None = pixel codec (embedded default)
     prompt_cache: str | None = None  # safetensors {prompt, empty} from models.prompt; None = synthetic (tiny)
     pixel_patch: int = 4
     variant: str = "full"
     lora_rank: int = 16
+    train_backbone: bool = False  # tiny: a randomly initialised backbone has no prior to keep frozen
     memory_tokens: int = 256
     max_refs: int = 3
     ref_schedule: tuple[float, ...] = (0.3, 0.3, 0.2, 0.2)
@@ -347,6 +348,7 @@ class TrainConfig:
     grid_every: int = 200
     val_samples: int = 32
     val_steps: int = 12
+    val_guidance: float = 4.0
     val_preset: str = "refldm_moderate"
     experiment: str = "refface"
 
@@ -354,15 +356,25 @@ class TrainConfig:
         from models.iconface import BACKBONES, VARIANTS
 
         if self.backbone not in BACKBONES:
-            raise ConfigError(f"{where}.backbone: unknown backbone {self.backbone!r}; valid: {', '.join(BACKBONES)}")
+            raise ConfigError(
+                f"{where}.backbone: unknown backbone {self.backbone!r}; valid: {', '.join(BACKBONES)}"
+            )
         if self.variant not in VARIANTS:
-            raise ConfigError(f"{where}.variant: unknown variant {self.variant!r}; valid: {', '.join(VARIANTS)}")
+            raise ConfigError(
+                f"{where}.variant: unknown variant {self.variant!r}; valid: {', '.join(VARIANTS)}"
+            )
         if self.lora_rank < 1:
-            raise ConfigError(f"{where}.lora_rank must be at least 1 (got {self.lora_rank}); the recipe uses 16")
+            raise ConfigError(
+                f"{where}.lora_rank must be at least 1 (got {self.lora_rank}); the recipe uses 16"
+            )
         if not 0 <= self.max_refs <= 3:
-            raise ConfigError(f"{where}.max_refs: the model accepts 0-3 references, got {self.max_refs}; set it to 3 or less")
+            raise ConfigError(
+                f"{where}.max_refs: the model accepts 0-3 references, got {self.max_refs}; set it to 3 or less"
+            )
         if len(self.ref_schedule) != self.max_refs + 1 or abs(sum(self.ref_schedule) - 1) > 1e-6:
-            raise ConfigError(f"{where}.ref_schedule needs max_refs + 1 = {self.max_refs + 1} probabilities summing to 1")
+            raise ConfigError(
+                f"{where}.ref_schedule needs max_refs + 1 = {self.max_refs + 1} probabilities summing to 1"
+            )
         world = self.devices * self.num_nodes
         if self.batch_size % world:
             raise ConfigError(
@@ -376,8 +388,12 @@ class TrainConfig:
 
                 if not Path(path).exists():
                     raise ConfigError(f"{where}.{name}: {path} does not exist; give a local path or null")
-        if self.backbone == "klein_base_4b" and (self.weights is None or self.vae is None or self.prompt_cache is None):
-            raise ConfigError(f"{where}: backbone klein_base_4b needs weights, vae and prompt_cache (local paths)")
+        if self.backbone == "klein_base_4b" and (
+            self.weights is None or self.vae is None or self.prompt_cache is None
+        ):
+            raise ConfigError(
+                f"{where}: backbone klein_base_4b needs weights, vae and prompt_cache (local paths)"
+            )
 
 
 SECTIONS: dict[str, type] = {

@@ -27,7 +27,9 @@ class RefDraw:
 
 def check_schedule(schedule: tuple[float, ...], max_refs: int) -> None:
     if len(schedule) != max_refs + 1:
-        raise ValueError(f"reference schedule has {len(schedule)} entries; needs max_refs + 1 = {max_refs + 1} (counts 0..{max_refs})")
+        raise ValueError(
+            f"reference schedule has {len(schedule)} entries; needs max_refs + 1 = {max_refs + 1} (counts 0..{max_refs})"
+        )
     if any(p < 0 for p in schedule) or abs(sum(schedule) - 1.0) > 1e-6:
         raise ValueError(f"reference schedule {schedule} must be non-negative and sum to 1")
 

@@ -204,6 +204,7 @@ class DegradationStream:
     rank: int = 0
     world_size: int = 1
     task_retries: int = 2  # driver-side resubmissions after Ray's own retries are exhausted
+    inline: bool = False  # degrade in this process, without Ray (tests of multi-process training, debugging)
     stats: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -236,7 +237,10 @@ class DegradationStream:
         attempts: dict[int, int] = {}
 
         def submit(c: Chunk) -> None:
-            pending.append((c, degrade_chunk.remote(c, self.preset, self.seed, epoch)))
+            if self.inline:
+                pending.append((c, degrade_chunk_local(c, self.preset, self.seed, epoch)))
+            else:
+                pending.append((c, degrade_chunk.remote(c, self.preset, self.seed, epoch)))
 
         while todo or pending:
             while todo and len(pending) < self.max_in_flight:
@@ -244,7 +248,7 @@ class DegradationStream:
             chunk, ref = pending.popleft()
             t = time.perf_counter()
             try:
-                batch = ray.get(ref)
+                batch = ref if self.inline else ray.get(ref)
             except (
                 ray.exceptions.RayTaskError,
                 ray.exceptions.WorkerCrashedError,

@@ -25,11 +25,17 @@ import torch.nn.functional as F
 from models.codecs import LatentCodec
 from models.iconface import Conditioning, IConFace, identity_anchor
 from models.id_encoder import IRBackbone, preprocess
-from models.losses import LossWeights, add_noise, iconface_loss, predicted_clean, sample_sigma, velocity_target
+from models.losses import (
+    LossWeights,
+    add_noise,
+    iconface_loss,
+    predicted_clean,
+    sample_sigma,
+    velocity_target,
+)
 from models.sampler import sample
 from pipelines.refschedule import draw_refs
 from pipelines.stream import DegradationStream
-
 
 # ==================================================================================================
 # Batches
@@ -38,7 +44,7 @@ from pipelines.stream import DegradationStream
 
 def to_unit(images: np.ndarray) -> torch.Tensor:
     """(B, H, W, 3) uint8 → (B, 3, H, W) float in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    return torch.from_numpy(np.array(images, dtype=np.uint8)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def collate(batch: dict, schedule: tuple[float, ...], max_refs: int, seed: int, epoch: int) -> dict:
@@ -64,7 +70,9 @@ def collate(batch: dict, schedule: tuple[float, ...], max_refs: int, seed: int, 
         "keys": list(batch["keys"]),
         "lq": to_unit(batch["lq"]),
         "gt": to_unit(batch["gt"]),
-        "refs": to_unit(refs.reshape(b * r, h, w, 3)).reshape(b, r, 3, h, w) if r else torch.zeros(b, 0, 3, h, w),
+        "refs": to_unit(refs.reshape(b * r, h, w, 3)).reshape(b, r, 3, h, w)
+        if r
+        else torch.zeros(b, 0, 3, h, w),
         "ref_mask": torch.from_numpy(mask),
         "z_refs": torch.from_numpy(z_refs),
         "z_gt": torch.from_numpy(np.asarray(batch["gt_emb"], np.float32)),
@@ -85,7 +93,9 @@ class StreamIterable(torch.utils.data.IterableDataset):
     def __iter__(self):
         per_epoch = len(self.stream)
         if per_epoch == 0:
-            raise RuntimeError("the training stream has no batch for this rank (too few samples for batch size x ranks)")
+            raise RuntimeError(
+                "the training stream has no batch for this rank (too few samples for batch size x ranks)"
+            )
         epoch, skip = divmod(self.start_batches, per_epoch)
         while True:
             it = self.stream.epoch(epoch, skip_batches=skip)
@@ -105,22 +115,43 @@ class StreamIterable(torch.utils.data.IterableDataset):
 class StreamDataModule(L.LightningDataModule):
     """Training batches from the Ray degradation stream; `setup` runs on every process (rank split)."""
 
-    def __init__(self, shard_paths: list[str], preset: str, seed: int, batch_size: int, max_in_flight: int,
-                 schedule, max_refs: int, shuffle: bool = True, ray_cpus: int | None = None):
+    def __init__(
+        self,
+        shard_paths: list[str],
+        preset: str,
+        seed: int,
+        batch_size: int,
+        max_in_flight: int,
+        schedule,
+        max_refs: int,
+        shuffle: bool = True,
+        ray_cpus: int | None = None,
+        inline: bool = False,
+    ):
         super().__init__()
         self.paths, self.preset, self.seed = shard_paths, preset, seed
         self.batch_size, self.max_in_flight, self.shuffle = batch_size, max_in_flight, shuffle
-        self.schedule, self.max_refs, self.ray_cpus = schedule, max_refs, ray_cpus
+        self.schedule, self.max_refs, self.ray_cpus, self.inline = schedule, max_refs, ray_cpus, inline
         self.dataset: StreamIterable | None = None
 
     def setup(self, stage: str | None = None) -> None:
         from pipelines.stream import connect
 
-        connect(self.ray_cpus)
+        if not self.inline:
+            connect(self.ray_cpus)
         rank = self.trainer.global_rank if self.trainer else 0
         world = self.trainer.world_size if self.trainer else 1
-        stream = DegradationStream(self.paths, self.preset, self.seed, self.batch_size, self.max_in_flight,
-                                   self.shuffle, rank=rank, world_size=world)
+        stream = DegradationStream(
+            self.paths,
+            self.preset,
+            self.seed,
+            self.batch_size,
+            self.max_in_flight,
+            self.shuffle,
+            rank=rank,
+            world_size=world,
+            inline=self.inline,
+        )
         self.dataset = StreamIterable(stream, self.schedule, self.max_refs, self.seed)
 
     def train_dataloader(self):
@@ -145,8 +176,15 @@ class OptimConfig:
 class IConFaceModule(L.LightningModule):
     """Owns the loss, the optimiser and the logging; `net`, `codec`, `id_encoder` and `text` are given."""
 
-    def __init__(self, net: IConFace, codec: LatentCodec, id_encoder: IRBackbone, text: dict[str, torch.Tensor],
-                 optim: OptimConfig = OptimConfig(), weights: LossWeights = LossWeights()):
+    def __init__(
+        self,
+        net: IConFace,
+        codec: LatentCodec,
+        id_encoder: IRBackbone,
+        text: dict[str, torch.Tensor],
+        optim: OptimConfig = OptimConfig(),
+        weights: LossWeights = LossWeights(),
+    ):
         super().__init__()
         self.net, self.codec, self.optim, self.weights = net, codec, optim, weights
         self.id_encoder = id_encoder.eval().requires_grad_(False)
@@ -158,6 +196,13 @@ class IConFaceModule(L.LightningModule):
         self.samples = 0
         self._t0 = None
         self.history: list[dict] = []
+        # Checkpoints hold the trainable weights only (the frozen backbone is rebuilt from its config
+        # or local weights), so loading is not strict about the frozen keys.
+        self.strict_loading = False
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {f"net.{n}" for n, p in self.net.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
     # ---- helpers ----------------------------------------------------------------------------------
     def identity(self, images: torch.Tensor) -> torch.Tensor:
@@ -170,7 +215,11 @@ class IConFaceModule(L.LightningModule):
         b = batch["lq"].shape[0]
         deg = self.codec.encode(batch["lq"])
         r = batch["refs"].shape[1]
-        refs = self.codec.encode(batch["refs"].flatten(0, 1)).unflatten(0, (b, r)) if r else deg.new_zeros(b, 0, *deg.shape[1:])
+        refs = (
+            self.codec.encode(batch["refs"].flatten(0, 1)).unflatten(0, (b, r))
+            if r
+            else deg.new_zeros(b, 0, *deg.shape[1:])
+        )
         with torch.no_grad():
             z_deg = self.identity(batch["lq"])
         return Conditioning(deg, refs, batch["ref_mask"], batch["z_refs"], z_deg, self.text.expand(b, -1, -1))
@@ -195,7 +244,9 @@ class IConFaceModule(L.LightningModule):
             e_out = F.normalize(self.identity(img), dim=-1)
             e_ref = identity_anchor(batch["z_refs"], batch["ref_mask"], cond.z_deg)
             e_gt = F.normalize(batch["z_gt"], dim=-1)
-        terms = iconface_loss(u_hat, velocity_target(z0, noise), sigma, e_out, e_ref, e_gt, has_ref, self.weights)
+        terms = iconface_loss(
+            u_hat, velocity_target(z0, noise), sigma, e_out, e_ref, e_gt, has_ref, self.weights
+        )
         self.mix.update(batch["got"])
         self.shortfall += sum(w - g_ for w, g_ in zip(batch["wanted"], batch["got"]))
         self.samples += b
@@ -211,7 +262,9 @@ class IConFaceModule(L.LightningModule):
             logs["train/lr"] = opt.param_groups[0]["lr"]
         self.log_dict(logs, on_step=True, prog_bar=False, batch_size=b)
         self.log("loss", terms["loss"].detach(), prog_bar=True, batch_size=b)
-        self.history.append({"step": int(self.global_step), **{k: float(v) for k, v in terms.items()}})
+        self.history.append(
+            {"step": int(self.global_step), **{k: float(v.detach()) for k, v in terms.items()}}
+        )
         return terms["loss"]
 
     def configure_optimizers(self):
@@ -224,7 +277,9 @@ class IConFaceModule(L.LightningModule):
         """Restored images (B, 3, H, W) in [-1, 1] for a collated batch (0–3 references per sample)."""
         self.net.eval()
         cond = self.conditioning(batch)
-        z = sample(self.net, cond, self.empty_text, tuple(cond.deg.shape), steps=steps, guidance=guidance, seed=seed)
+        z = sample(
+            self.net, cond, self.empty_text, tuple(cond.deg.shape), steps=steps, guidance=guidance, seed=seed
+        )
         self.net.train()
         return self.codec.decode(z).clamp(-1, 1)
 

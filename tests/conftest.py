@@ -63,9 +63,9 @@ def make_shards(
                 s[f"ref{k}.png"] = pngs[(i + k + 1) % len(pngs)]
                 s[f"refmask{k}.png"] = mask
             s["meta.json"] = _json.dumps({"ref_count": refs, "target": key}).encode()
-            s["gt_emb.npy"] = npy_bytes(np.full(4, i, np.float32))
-            s["ref_emb.npy"] = npy_bytes(np.ones((refs, 4), np.float32))
+            s["gt_emb.npy"] = npy_bytes(np.full(emb_dim, i, np.float32))
+            s["ref_emb.npy"] = npy_bytes(np.ones((refs, emb_dim), np.float32))
             yield s
 
-    entries = write_split(Path(root), "train", samples(), per_shard)
+    entries = write_split(Path(root), split, samples(), per_shard)
     return [str(Path(root) / e["name"]) for e in entries]

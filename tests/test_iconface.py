@@ -144,7 +144,7 @@ def test_lora_rank_zero_is_refused():
 
 
 def test_unknown_backbone_and_variant():
-    with pytest.raises(ValueError, match="valid: tiny, klein_base_4b"):
+    with pytest.raises(ValueError, match="valid: tiny, small, klein_base_4b"):
         build_backbone("klein_9b")
     with pytest.raises(ValueError, match="valid: concat"):
         IConFaceConfig(variant="half")

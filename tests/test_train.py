@@ -1,0 +1,181 @@
+"""Training: bad configuration fails first; collate applies the schedule; a short run tracks to MLflow;
+SIGKILL mid-run resumes from the last checkpoint in the same MLflow run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import REPO, make_shards
+
+from pipelines.config import ConfigError, TrainConfig, build
+from pipelines.training import collate
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ({"backbone": "klein_9b"}, "unknown backbone 'klein_9b'; valid: tiny, small, klein_base_4b"),
+        ({"weights": "/nonexistent/flux2"}, "train.weights: /nonexistent/flux2 does not exist"),
+        ({"lora_rank": 0}, "lora_rank must be at least 1"),
+        ({"max_refs": 4, "ref_schedule": [0.2, 0.2, 0.2, 0.2, 0.2]}, "the model accepts 0-3 references"),
+        ({"batch_size": 3, "devices": 2}, "batch_size 3 is not divisible by 2 ranks"),
+        ({"backbone": "klein_base_4b"}, "klein_base_4b needs weights, vae and prompt_cache"),
+    ],
+)
+def test_bad_configuration_fails_with_what_to_change(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        build(TrainConfig, override, "train")
+
+
+def test_collate_applies_the_schedule_without_duplicates():
+    rng = np.random.default_rng(0)
+    b, h = 64, 8
+    batch = {
+        "keys": [f"k{i}" for i in range(b)],
+        "lq": rng.integers(0, 255, (b, h, h, 3), dtype=np.uint8),
+        "gt": rng.integers(0, 255, (b, h, h, 3), dtype=np.uint8),
+        "refs": [[np.full((h, h, 3), 10 * j, np.uint8) for j in range(1 + i % 4)] for i in range(b)],
+        "ref_emb": [np.arange(1 + i % 4, dtype=np.float32)[:, None].repeat(5, 1) for i in range(b)],
+        "gt_emb": np.zeros((b, 5), np.float32),
+    }
+    out = collate(batch, (0.3, 0.3, 0.2, 0.2), 3, seed=0, epoch=0)
+    r = out["refs"].shape[1]
+    assert out["lq"].shape == (b, 3, h, h) and out["refs"].shape == (b, r, 3, h, h) and r <= 3
+    for i in range(b):
+        n = int(out["ref_mask"][i].sum())
+        assert n == out["got"][i] <= len(batch["refs"][i])
+        ids = out["z_refs"][i, :n, 0].tolist()
+        assert len(set(ids)) == n  # distinct references
+        assert not out["ref_mask"][i, n:].any() and torch.all(out["z_refs"][i, n:] == 0)
+
+
+def _project(tmp: Path) -> tuple[Path, dict]:
+    """Shards (train + val) of 32 px faces with 512-d embeddings, and two small encoders."""
+    from models.id_encoder import IRBackbone, IRConfig, save_encoder
+    from pipelines.shards import INDEX_NAME, write_split  # noqa: F401
+
+    shards = tmp / "shards"
+    idx = {"format_version": 1, "splits": {}}
+    for split, n in (("train", 96), ("val", 8), ("test", 0)):
+        paths = make_shards(shards, n, refs=3, per_shard=32, split=split, emb_dim=512) if n else []
+        idx["splits"][split] = {
+            "samples": n,
+            "shards": [
+                {
+                    "name": Path(p_).name,
+                    "samples": min(32, n - 32 * k),
+                    "bytes": Path(p_).stat().st_size,
+                    "sha256": __import__("hashlib").sha256(Path(p_).read_bytes()).hexdigest(),
+                }
+                for k, p_ in enumerate(paths)
+            ],
+        }
+    (shards / INDEX_NAME).write_text(json.dumps(idx))
+    enc = tmp / "encoders"
+    enc.mkdir()
+    torch.manual_seed(0)
+    for name in ("primary", "evaluator"):
+        save_encoder(
+            IRBackbone(IRConfig(32, (1, 1, 1, 1), (8, 8, 16, 16, 32), 512)).eval(),
+            enc / f"{name}.safetensors",
+            name,
+        )
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["embed"]["checkpoint"] = str(enc / "primary.safetensors")
+    params["train"].update(
+        {
+            "max_steps": 30,
+            "batch_size": 4,
+            "checkpoint_every": 2,
+            "log_every": 1,
+            "grid_every": 10,
+            "val_samples": 4,
+            "val_steps": 2,
+            "memory_tokens": 8,
+            "pixel_patch": 8,
+        }
+    )
+    params["degrade"].update({"batch_size": 4, "num_cpus": 1, "max_in_flight": 2})
+    return shards, params
+
+
+def _cmd(tmp, params_path):
+    return [
+        sys.executable,
+        "-m",
+        "stages.train",
+        "--params",
+        str(params_path),
+        "--shards",
+        str(tmp / "shards"),
+        "--encoders",
+        str(tmp / "encoders"),
+        "--out",
+        str(tmp / "out"),
+        "--metrics",
+        str(tmp / "m.json"),
+        "--plot",
+        str(tmp / "loss.csv"),
+    ]
+
+
+@pytest.mark.slow
+def test_train_tracks_to_mlflow_and_resumes_after_sigkill(tmp_path):
+    _, params = _project(tmp_path)
+    pp = tmp_path / "params.yaml"
+    pp.write_text(yaml.safe_dump(params))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "REFFACE_PROGRESS": "0"}
+    proc = subprocess.Popen(
+        _cmd(tmp_path, pp),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    ckpt = tmp_path / "out" / "ckpt"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        hist = ckpt / "history.csv"
+        if (ckpt / "last.ckpt").is_file() and hist.is_file() and len(hist.read_text().splitlines()) > 8:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its Ray workers, mid-run
+    proc.wait()
+    first = json.loads((ckpt / "run.json").read_text())
+    assert not first["finished"]
+    out = subprocess.run(_cmd(tmp_path, pp), cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert f"resuming MLflow run {first['run_id']}" in out.stdout
+    final = json.loads((ckpt / "run.json").read_text())
+    assert final["run_id"] == first["run_id"] and final["finished"]
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["steps"] == 30 and metrics["samples_seen_this_run"] < 30 * 4  # resumed, not restarted
+    for k in ("lq_psnr", "restored_psnr", "restored_id_sim", "data_wait_fraction", "ref_mix"):
+        assert k in metrics
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(first["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["git_commit"] and "shards_hash" in run.data.tags
+    steps = [m.step for m in client.get_metric_history(first["run_id"], "train/loss")]
+    assert max(steps) >= 28 and min(steps) <= 2
+    for term in ("train/fm", "train/id", "train/lr", "train/samples_per_s", "train/ref_mix_0"):
+        assert client.get_metric_history(first["run_id"], term), term
+    arts = [a.path for a in client.list_artifacts(first["run_id"], "grids")]
+    assert "grids/final.png" in arts and any("step_" in a for a in arts)
+    model_dir = tmp_path / "out" / "model"
+    assert (model_dir / "pytorch_lora_weights.safetensors").is_file() and (
+        model_dir / "iconface_pathways.safetensors"
+    ).is_file()
+    rows = (tmp_path / "loss.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,fm,id" and len(rows) > 20
