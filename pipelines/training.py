@@ -182,11 +182,12 @@ class IConFaceModule(L.LightningModule):
         codec: LatentCodec,
         id_encoder: IRBackbone,
         text: dict[str, torch.Tensor],
-        optim: OptimConfig = OptimConfig(),
-        weights: LossWeights = LossWeights(),
+        optim: OptimConfig | None = None,
+        weights: LossWeights | None = None,
     ):
         super().__init__()
-        self.net, self.codec, self.optim, self.weights = net, codec, optim, weights
+        self.net, self.codec = net, codec
+        self.optim, self.weights = optim or OptimConfig(), weights or LossWeights()
         self.id_encoder = id_encoder.eval().requires_grad_(False)
         self.codec.requires_grad_(False)
         self.register_buffer("text", text["prompt"], persistent=False)

@@ -39,7 +39,13 @@ def rng() -> np.random.Generator:
 
 
 def make_shards(
-    root: Path, n: int, refs: int = 2, per_shard: int = 64, corrupt_key: str | None = None
+    root: Path,
+    n: int,
+    refs: int = 2,
+    per_shard: int = 64,
+    corrupt_key: str | None = None,
+    split: str = "train",
+    emb_dim: int = 4,
 ) -> list[str]:
     """Write `n` train samples (target + `refs` references + masks + embeddings) as shards under root.
 
