@@ -18,7 +18,7 @@ from conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("synthesize", "ingest", "train_id_encoder", "embed", "pairs", "shards", "eval_sets")
+STAGES = ("synthesize", "ingest", "train_id_encoder", "embed", "pairs", "shards", "eval_sets", "train")
 SMALL = {
     "synthesize": {
         "album_identities": 30,
@@ -30,6 +30,17 @@ SMALL = {
     },
     "train_id_encoder": {"epochs": 2, "batch_size": 32},
     "shards": {"samples_per_shard": 16, "preview_samples": 2},
+    "degrade": {"batch_size": 4, "num_cpus": 1, "max_in_flight": 2},
+    "train": {
+        "max_steps": 4,
+        "batch_size": 4,
+        "checkpoint_every": 2,
+        "log_every": 1,
+        "grid_every": 0,
+        "val_samples": 2,
+        "val_steps": 2,
+        "memory_tokens": 8,
+    },
 }
 
 
