@@ -71,7 +71,20 @@ def load_trainable(model, in_dir: str | Path) -> None:
     if (d / BACKBONE_FILE).is_file():
         model.transformer.load_state_dict(load_file(str(d / BACKBONE_FILE)), strict=False)
     if (d / LORA_FILE).is_file():
-        model.transformer.load_lora_adapter(str(d / LORA_FILE), prefix="transformer", adapter_name="default")
+        if "default" in (getattr(model.transformer, "peft_config", None) or {}):
+            # The adapter exists already (built for training): load the weights into it.
+            from peft.utils import set_peft_model_state_dict
+
+            state = {k.removeprefix("transformer."): v for k, v in load_file(str(d / LORA_FILE)).items()}
+            res = set_peft_model_state_dict(model.transformer, state, adapter_name="default")
+            if getattr(res, "unexpected_keys", None):
+                raise ValueError(
+                    f"{d / LORA_FILE}: keys not in the model's adapter: {res.unexpected_keys[:5]}"
+                )
+        else:
+            model.transformer.load_lora_adapter(
+                str(d / LORA_FILE), prefix="transformer", adapter_name="default"
+            )
     if (d / PATHWAYS_FILE).is_file():
         state = load_file(str(d / PATHWAYS_FILE))
         missing = set(state) ^ {n for n, _ in model.named_parameters() if not n.startswith("transformer.")}

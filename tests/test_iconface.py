@@ -131,6 +131,10 @@ def test_lora_saved_and_reloaded_reproduces_the_output_bit_for_bit(tmp_path):
     c, scene, sigma = _cond(3), torch.randn(B, C, H, W), torch.tensor([0.5, 0.1])
     with torch.no_grad():
         assert torch.equal(m(scene, sigma, c), fresh(scene, sigma, c))
+    with_adapter = _model("full", lora=True, seed=0)  # an adapter already present (as in training)
+    load_trainable(with_adapter, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(m(scene, sigma, c), with_adapter(scene, sigma, c))
     from safetensors.torch import load_file
 
     keys = load_file(str(tmp_path / "pytorch_lora_weights.safetensors"))
