@@ -147,8 +147,8 @@ def decode_sample(raw: dict) -> dict:
     }
 
 
-def _ustar_members(data: bytes) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of the regular files in a plain USTAR archive held in memory.
+def ustar_entries(data: bytes) -> Iterator[tuple[str, int, int]]:
+    """(name, header offset, data size) of the regular files of a plain USTAR archive held in memory.
 
     Our shards are plain USTAR (no long names, no pax headers), so a direct header walk is several
     times faster than `tarfile`. Anything else raises `_NotPlain` and the caller falls back to tarfile.
@@ -166,12 +166,17 @@ def _ustar_members(data: bytes) -> Iterator[tuple[str, bytes]]:
         name = header[:100].split(b"\0", 1)[0].decode()
         prefix = header[345:500].split(b"\0", 1)[0].decode()
         size = int(header[124:136].rstrip(b" \0") or b"0", 8)
-        start = pos + 512
-        if start + size > n:
+        if pos + 512 + size > n:
             raise ShardError(f"member {name} runs past the end of the archive (truncated)")
-        yield (f"{prefix}/{name}" if prefix else name), data[start : start + size]
-        pos = start + (size + 511) // 512 * 512
+        yield (f"{prefix}/{name}" if prefix else name), pos, size
+        pos += 512 + (size + 511) // 512 * 512
     raise ShardError("archive ends without its end-of-archive blocks (truncated)")
+
+
+def _ustar_members(data: bytes) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of the regular files of a plain USTAR archive (see `ustar_entries`)."""
+    for name, pos, size in ustar_entries(data):
+        yield name, data[pos + 512 : pos + 512 + size]
 
 
 class _NotPlain(Exception):

@@ -36,7 +36,7 @@ import numpy as np
 import ray
 
 from pipelines.degradations import degrade
-from pipelines.shards import ShardError, _ustar_members, decode_sample
+from pipelines.shards import ShardError, _NotPlain, _ustar_members, decode_sample, ustar_entries
 
 log = logging.getLogger(__name__)
 
@@ -59,23 +59,19 @@ class Chunk:
 
 def sample_ranges(path: str) -> list[tuple[str, int, int]]:
     """(key, byte offset, byte length) of every sample of a plain USTAR shard, in order."""
-    data = Path(path).read_bytes()
     out: list[tuple[str, int, int]] = []
-    pos = 0
-    while pos + 512 <= len(data):
-        header = data[pos : pos + 512]
-        if header == b"\0" * 512:
-            break
-        name = header[:100].split(b"\0", 1)[0].decode()
-        size = int(header[124:136].rstrip(b" \0") or b"0", 8)
-        end = pos + 512 + (size + 511) // 512 * 512
-        key = name.split(".", 1)[0]
-        if out and out[-1][0] == key:
-            k, start, _ = out[-1]
-            out[-1] = (k, start, end - start)
-        else:
-            out.append((key, pos, end - pos))
-        pos = end
+    try:
+        for name, pos, size in ustar_entries(Path(path).read_bytes()):
+            end = pos + 512 + (size + 511) // 512 * 512
+            key = name.split(".", 1)[0]
+            if out and out[-1][0] == key:
+                out[-1] = (key, out[-1][1], end - out[-1][1])
+            else:
+                out.append((key, pos, end - pos))
+    except _NotPlain as exc:
+        raise ShardError(
+            f"{path}: not a plain USTAR shard (rewrite it with the `shards` stage to stream it)"
+        ) from exc
     return out
 
 
