@@ -131,26 +131,27 @@ def test_unlabelled_folder_has_no_identities(tmp_path):
     assert [i.image_id for i in listing.items] == ["sub_0", "sub_1", "sub_2"]
 
 
+def _run_ingest(params: Path, out: Path, metrics: Path) -> subprocess.CompletedProcess:
+    """The ingest stage as dvc runs it, in a subprocess."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "stages.ingest",
+        "--params",
+        str(params),
+        "--out",
+        str(out),
+        "--metrics",
+        str(metrics),
+    ]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+
+
 def test_ingest_stage_writes_metrics_and_survives_bad_images(tmp_path):
     root = _album(tmp_path / "album")
     params = tmp_path / "params.yaml"
     params.write_text(f"source: {{kind: celebref_hq, root: {root}}}\ningest: {{min_size: 32}}\n")
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "stages.ingest",
-            "--params",
-            str(params),
-            "--out",
-            str(tmp_path / "ing"),
-            "--metrics",
-            str(tmp_path / "m.json"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
+    out = _run_ingest(params, tmp_path / "ing", tmp_path / "m.json")
     assert out.returncode == 0, out.stderr
     assert "quarantined [empty]" in out.stdout and "zero.png" in out.stdout
     metrics = json.loads((tmp_path / "m.json").read_text())
@@ -162,21 +163,6 @@ def test_ingest_stage_writes_metrics_and_survives_bad_images(tmp_path):
 def test_bad_params_fail_before_work(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("source: {kind: flickr, root: .}\n")
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "stages.ingest",
-            "--params",
-            str(params),
-            "--out",
-            str(tmp_path / "o"),
-            "--metrics",
-            str(tmp_path / "m.json"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
+    out = _run_ingest(params, tmp_path / "o", tmp_path / "m.json")
     assert out.returncode != 0 and "source.kind: 'flickr' is not one of" in out.stderr
     assert not (tmp_path / "o").exists()
