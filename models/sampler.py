@@ -43,11 +43,18 @@ def sample(
     steps: int = 12,
     guidance: float = 4.0,
     seed: int = 42,
+    sigma_max: float = 1.0,
 ) -> torch.Tensor:
-    """Restored latents (B, C, H, W) for `cond` (see `IConFace.forward`); 0–3 references per sample."""
+    """Restored latents (B, C, H, W) for `cond` (see `IConFace.forward`); 0–3 references per sample.
+
+    sigma_max = 1 is the recipe: start from pure noise on the shifted schedule. sigma_max < 1 starts
+    from the degraded latent noised to that level, z = (1 − σ_max)·z_deg + σ_max·ε (eq. 1 with the
+    degraded latent in place of the clean one), and walks the shifted schedule rescaled to σ_max.
+    """
     g = torch.Generator().manual_seed(seed)
-    z = torch.randn(shape, generator=g).to(cond.deg)
-    sigmas = flux2_sigmas(steps, shape[-1] * shape[-2]).to(z.device)
+    noise = torch.randn(shape, generator=g).to(cond.deg)
+    sigmas = flux2_sigmas(steps, shape[-1] * shape[-2]).to(noise.device) * sigma_max
+    z = noise if sigma_max >= 1.0 else (1 - sigma_max) * cond.deg + sigma_max * noise
     uncond = replace(cond, text=empty_text.expand_as(cond.text)) if guidance != 1.0 else None
     for i in range(steps):
         s = sigmas[i].expand(shape[0])

@@ -330,6 +330,13 @@ class TrainConfig:
     max_refs: int = 3
     ref_schedule: tuple[float, ...] = (0.3, 0.3, 0.2, 0.2)
     sigma_scheme: str = "uniform"
+    # 1.0 = the recipe (generation from pure noise). Below 1: training draws σ ∈ (0, sigma_max) and
+    # sampling starts from the degraded latent noised to sigma_max (a budget setting for CPU models).
+    sigma_max: float = 1.0
+    # velocity = the recipe (û from the network). x0_residual: the network predicts the clean latent as
+    # a residual over the degraded one, ẑ0 = z_deg + f(·), û = (z_σ − ẑ0)/σ, and L_fm is taken in ẑ0
+    # space (= σ²·‖û − u*‖²): a from-scratch CPU model starts at the degraded image instead of at noise.
+    prediction: Literal["velocity", "x0_residual"] = "velocity"
     lr: float = 1e-5  # the real recipe; tiny uses its own
     weight_decay: float = 0.0
     batch_size: int = 1  # global; split evenly across ranks
@@ -362,6 +369,10 @@ class TrainConfig:
         if self.variant not in VARIANTS:
             raise ConfigError(
                 f"{where}.variant: unknown variant {self.variant!r}; valid: {', '.join(VARIANTS)}"
+            )
+        if not 0 < self.sigma_max <= 1:
+            raise ConfigError(
+                f"{where}.sigma_max must lie in (0, 1] (got {self.sigma_max}); 1.0 is the recipe"
             )
         if self.lora_rank < 1:
             raise ConfigError(
@@ -396,6 +407,67 @@ class TrainConfig:
             )
 
 
+@dataclass(frozen=True)
+class AnnotatorNoiseConfig:
+    edge_px: int = 1  # brush edges wander by up to this many pixels
+    p_miss: float = 0.1  # a small conflict region is missed with this probability
+    small_px: int = 12
+    p_stray: float = 0.15  # a stray dab of conflict lands on the face
+
+
+@dataclass(frozen=True)
+class AnnotateConfig:
+    """`annotate`: conflict-mask annotation of target–reference pairs (synthetic or Label Studio)."""
+
+    backend: Literal["synthetic", "label_studio"] = "synthetic"
+    project: str = "refface conflict masks"
+    split: str = "train"
+    pool: int = 300  # pairs to annotate (RefSTAR: 800 of ~12,000 by hand)
+    seed: int = 0
+    annotators: tuple[str, ...] = ("annotator-a@refface.local", "annotator-b@refface.local")
+    double_fraction: float = 0.3  # synthetic: share of pairs a second annotator also paints
+    noise: AnnotatorNoiseConfig = field(default_factory=AnnotatorNoiseConfig)
+    media_root: str = ".labelstudio/media"  # label_studio: the server's local-files document root
+    prediction_model: str | None = None  # label_studio: a refsel model.safetensors for pre-annotation
+
+    def validate(self, where: str) -> None:
+        if self.pool < 1:
+            raise ConfigError(f"{where}.pool must be at least 1 (got {self.pool})")
+        if len(self.project.strip()) < 3:
+            raise ConfigError(f"{where}.project: Label Studio needs a title of at least 3 characters")
+        if not self.annotators:
+            raise ConfigError(f"{where}.annotators needs at least one name")
+        if not 0 <= self.double_fraction <= 1:
+            raise ConfigError(f"{where}.double_fraction must lie in [0, 1] (got {self.double_fraction})")
+
+
+@dataclass(frozen=True)
+class RefselConfig:
+    """`refsel`: the RefSel-style conflict-mask U-Net: train on annotations, predict all pairs, review."""
+
+    seed: int = 0
+    widths: tuple[int, ...] = (16, 32, 64, 128)
+    epochs: int = 40
+    batch_size: int = 32
+    lr: float = 1e-3  # RefSTAR: AdamW, lr 1e-3, betas (0.5, 0.999)
+    betas: tuple[float, float] = (0.5, 0.999)
+    ohem_thresh: float = 0.7
+    ohem_min_kept: float = 0.25
+    preset: str = "realesrgan"  # RefSTAR degrades the ground truth with Real-ESRGAN's model
+    review_confidence: float = 0.9  # pairs below this mean confidence go back to review
+    review_max: int = 50
+    threads: int = 2
+    grid_samples: int = 6
+
+    def validate(self, where: str) -> None:
+        from pipelines.degradations import PRESETS
+
+        if self.preset not in PRESETS:
+            raise ConfigError(f"{where}.preset: unknown preset {self.preset!r}; valid: {', '.join(PRESETS)}")
+        if len(self.widths) < 2:
+            raise ConfigError(f"{where}.widths needs at least two levels")
+
+
 SECTIONS: dict[str, type] = {
     "synthesize": SynthesizeConfig,
     "source": SourceConfig,
@@ -406,6 +478,8 @@ SECTIONS: dict[str, type] = {
     "shards": ShardsConfig,
     "degrade": DegradeConfig,
     "eval_sets": EvalSetsConfig,
+    "annotate": AnnotateConfig,
+    "refsel": RefselConfig,
     "train": TrainConfig,
 }
 

@@ -29,7 +29,6 @@ from models.losses import (
     LossWeights,
     add_noise,
     iconface_loss,
-    predicted_clean,
     sample_sigma,
     velocity_target,
 )
@@ -171,6 +170,8 @@ class OptimConfig:
     weight_decay: float = 0.0
     sigma_scheme: str = "uniform"
     seed: int = 0
+    sigma_max: float = 1.0  # σ ∈ (0, sigma_max) in training; sampling starts there (see models.sampler)
+    prediction: str = "velocity"  # velocity (the recipe) | x0_residual (see TrainConfig.prediction)
 
 
 class IConFaceModule(L.LightningModule):
@@ -225,6 +226,17 @@ class IConFaceModule(L.LightningModule):
             z_deg = self.identity(batch["lq"])
         return Conditioning(deg, refs, batch["ref_mask"], batch["z_refs"], z_deg, self.text.expand(b, -1, -1))
 
+    def predict(
+        self, z: torch.Tensor, sigma: torch.Tensor, cond: Conditioning
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(û, ẑ0) under the configured parameterisation; û is what the sampler integrates."""
+        out = self.net(z, sigma, cond)
+        s = sigma.view(-1, *([1] * (z.ndim - 1)))
+        if self.optim.prediction == "x0_residual":
+            x0 = cond.deg + out
+            return (z - x0) / s.clamp_min(1e-4), x0
+        return out, z - s * out
+
     # ---- training -----------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if self._t0 is None:
@@ -234,20 +246,22 @@ class IConFaceModule(L.LightningModule):
             z0 = self.codec.encode(batch["gt"])
         cond = self.conditioning(batch)
         g = torch.Generator().manual_seed(self.optim.seed * 1_000_003 + self.global_step * 97 + batch_idx)
-        sigma = sample_sigma(b, self.optim.sigma_scheme, g).to(z0)
+        sigma = sample_sigma(b, self.optim.sigma_scheme, g).to(z0) * self.optim.sigma_max
         noise = torch.randn(z0.shape, generator=g).to(z0)
         z_sigma = add_noise(z0, noise, sigma)
-        u_hat = self.net(z_sigma, sigma, cond)
+        u_hat, x0_hat = self.predict(z_sigma, sigma, cond)
         has_ref = batch["ref_mask"].any(1)
         e_out = e_ref = e_gt = None
         if bool(has_ref.any()) and self.weights.lambda_id > 0:
-            img = self.codec.decode(predicted_clean(z_sigma, u_hat, sigma))  # decode ẑ0
+            img = self.codec.decode(x0_hat)  # decode ẑ0
             e_out = F.normalize(self.identity(img), dim=-1)
             e_ref = identity_anchor(batch["z_refs"], batch["ref_mask"], cond.z_deg)
             e_gt = F.normalize(batch["z_gt"], dim=-1)
-        terms = iconface_loss(
-            u_hat, velocity_target(z0, noise), sigma, e_out, e_ref, e_gt, has_ref, self.weights
-        )
+        target = velocity_target(z0, noise)
+        if self.optim.prediction == "x0_residual":  # L_fm in ẑ0 space: σ·(û − u*) = z0 − ẑ0
+            s = sigma.view(-1, *([1] * (z0.ndim - 1)))
+            u_hat, target = s * u_hat, s * target
+        terms = iconface_loss(u_hat, target, sigma, e_out, e_ref, e_gt, has_ref, self.weights)
         self.mix.update(batch["got"])
         self.shortfall += sum(w - g_ for w, g_ in zip(batch["wanted"], batch["got"]))
         self.samples += b
@@ -279,7 +293,14 @@ class IConFaceModule(L.LightningModule):
         self.net.eval()
         cond = self.conditioning(batch)
         z = sample(
-            self.net, cond, self.empty_text, tuple(cond.deg.shape), steps=steps, guidance=guidance, seed=seed
+            lambda z_, s_, c_: self.predict(z_, s_, c_)[0],
+            cond,
+            self.empty_text,
+            tuple(cond.deg.shape),
+            steps=steps,
+            guidance=guidance,
+            seed=seed,
+            sigma_max=self.optim.sigma_max,
         )
         self.net.train()
         return self.codec.decode(z).clamp(-1, 1)

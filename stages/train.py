@@ -293,7 +293,11 @@ def main(argv: list[str] | None = None) -> None:
         dcfg.num_cpus,
     )
     module = IConFaceModule(
-        net, codec, id_encoder, text, OptimConfig(cfg.lr, cfg.weight_decay, cfg.sigma_scheme, cfg.seed)
+        net,
+        codec,
+        id_encoder,
+        text,
+        OptimConfig(cfg.lr, cfg.weight_decay, cfg.sigma_scheme, cfg.seed, cfg.sigma_max, cfg.prediction),
     )
     val = validation_batch(args.shards, cfg, cfg.max_refs)
     history_file = ckpt_dir / "history.csv"

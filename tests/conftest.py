@@ -75,3 +75,55 @@ def make_shards(
 
     entries = write_split(Path(root), split, samples(), per_shard)
     return [str(Path(root) / e["name"]) for e in entries]
+
+
+def make_pair_shards(
+    root: Path, identities: tuple[int, int, int] = (6, 2, 3), images: int = 4, size: int = 32, seed: int = 3
+) -> Path:
+    """Shards by the contract (index.json, meta with refs, synthetic ground-truth masks, conflict types)
+    for identities split (train, val, test): each image of an identity is a target, the others its refs."""
+    import json as _json
+
+    from pipelines.images import png_bytes
+    from pipelines.shards import FORMAT_VERSION, INDEX_NAME, npy_bytes, write_split
+    from pipelines.synthetic import conflict_kinds, conflict_mask, face_spec, render
+
+    root = Path(root)
+    index = {
+        "format_version": FORMAT_VERSION,
+        "config": {"samples_per_shard": 16, "resolution": size},
+        "encoder": "test",
+        "splits": {},
+    }
+    start = 0
+    for split, n_id in zip(("train", "val", "test"), identities):
+
+        def samples(lo=start, n_id=n_id, split=split):
+            for i in range(lo, lo + n_id):
+                specs = [face_spec(seed, "album", i, j) for j in range(images)]
+                pngs = [png_bytes(render(s, 2 * size, size)) for s in specs]
+                for t in range(images):
+                    refs = [j for j in range(images) if j != t]
+                    key = f"id{i:03d}img{t}"
+                    s = {"__key__": key, "gt.png": pngs[t]}
+                    for k, j in enumerate(refs):
+                        s[f"ref{k}.png"] = pngs[j]
+                        s[f"refmask{k}.png"] = png_bytes(conflict_mask(specs[t], specs[j], size))
+                    meta = {
+                        "target": key,
+                        "refs": [f"id{i:03d}img{j}" for j in refs],
+                        "ref_count": len(refs),
+                        "split": split,
+                        "mask_provenance": ["synthetic"] * len(refs),
+                        "conflict_types": [conflict_kinds(specs[t], specs[j]) for j in refs],
+                    }
+                    s["meta.json"] = _json.dumps(meta, sort_keys=True).encode()
+                    s["gt_emb.npy"] = npy_bytes(np.full(4, i, np.float32))
+                    s["ref_emb.npy"] = npy_bytes(np.ones((len(refs), 4), np.float32))
+                    yield s
+
+        entries = write_split(root, split, samples(), 16)
+        index["splits"][split] = {"samples": sum(e["samples"] for e in entries), "shards": entries}
+        start += n_id
+    (root / INDEX_NAME).write_text(_json.dumps(index, indent=2, sort_keys=True))
+    return root
