@@ -468,6 +468,51 @@ class RefselConfig:
             raise ConfigError(f"{where}.widths needs at least two levels")
 
 
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """`evaluate`: the trained model in both modes on every evaluation set."""
+
+    samples: int = 48  # per set (0 = all)
+    modes: tuple[int, ...] = (0, 1, 2, 3)  # reference counts
+    steps: int = 12
+    guidance: float = 1.0
+    seed: int = 42
+    batch_size: int = 16
+    copy_tau: float = 12.0
+    grid_samples: int = 4
+    threads: int = 2
+    weights: dict[str, str | None] = field(default_factory=dict)  # lpips/musiq/clipiqa/maniqa/fid: local paths
+
+    def validate(self, where: str) -> None:
+        from pipelines.evaluation import NO_WEIGHT_METRICS
+
+        bad = [m for m in self.modes if not 0 <= m <= 3]
+        if bad or not self.modes:
+            raise ConfigError(f"{where}.modes: reference counts must lie in 0..3, got {list(self.modes)}")
+        unknown = sorted(set(self.weights) - set(NO_WEIGHT_METRICS))
+        if unknown:
+            raise ConfigError(f"{where}.weights: unknown metric(s) {unknown}; valid: {', '.join(NO_WEIGHT_METRICS)}")
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    """`register`: MLflow pyfunc model, registry version, alias challenger, promotion gate to champion."""
+
+    model_name: str = "refface"
+    experiment: str = "refface"
+    primary: str = "severe/1 reference/ref_id_evaluator"  # set/row/metric of metrics/evaluate.json
+    min_gain: float = 0.0
+    guards: dict[str, float] = field(default_factory=dict)  # set/row/metric -> allowed regression
+
+    def validate(self, where: str) -> None:
+        for name in (self.primary, *self.guards):
+            if name.count("/") != 2:
+                raise ConfigError(f"{where}: metric name {name!r} must look like 'set/row/metric'")
+        bad = {k: v for k, v in self.guards.items() if v < 0}
+        if bad:
+            raise ConfigError(f"{where}.guards: margins must be >= 0, got {bad}")
+
+
 SECTIONS: dict[str, type] = {
     "synthesize": SynthesizeConfig,
     "source": SourceConfig,
@@ -481,6 +526,8 @@ SECTIONS: dict[str, type] = {
     "annotate": AnnotateConfig,
     "refsel": RefselConfig,
     "train": TrainConfig,
+    "evaluate": EvaluateConfig,
+    "register": RegisterConfig,
 }
 
 

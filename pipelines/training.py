@@ -22,9 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.codecs import LatentCodec
-from models.iconface import Conditioning, IConFace, identity_anchor
+from models.codecs import Flux2VAECodec, LatentCodec, PixelCodec
+from models.iconface import Conditioning, IConFace, IConFaceConfig, build_backbone, identity_anchor
 from models.id_encoder import IRBackbone, preprocess
+from models.lora import add_lora
 from models.losses import (
     LossWeights,
     add_noise,
@@ -32,6 +33,7 @@ from models.losses import (
     sample_sigma,
     velocity_target,
 )
+from models.prompt import load_prompt_cache, synthetic_prompt
 from models.sampler import sample
 from pipelines.refschedule import draw_refs
 from pipelines.stream import DegradationStream
@@ -317,3 +319,36 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """(B, 3, H, W) in [-1, 1] → (B, H, W, 3) uint8."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def build_network(cfg, z_dim: int) -> tuple[IConFace, object, dict]:
+    """(IConFace with LoRA, latent codec, prompt embeddings) from the config; fails before any work."""
+    torch.manual_seed(cfg.seed)  # the frozen tiny backbone is rebuilt identically on resume
+    codec = Flux2VAECodec.from_path(cfg.vae) if cfg.vae else PixelCodec(cfg.pixel_patch)
+    # A randomly initialised tiny backbone takes whatever channels the codec gives.
+    overrides = (
+        {"in_channels": codec.channels} if cfg.weights is None and cfg.backbone in ("tiny", "small") else {}
+    )
+    tr = build_backbone(cfg.backbone, cfg.weights, **overrides)
+    if codec.channels != tr.config.in_channels:
+        raise ValueError(
+            f"the latent codec gives {codec.channels} channels but backbone {cfg.backbone} takes "
+            f"{tr.config.in_channels}; set train.pixel_patch (3·patch² channels) or train.vae"
+        )
+    add_lora(tr, cfg.lora_rank)
+    if cfg.train_backbone:
+        tr.requires_grad_(True)
+    if cfg.gradient_checkpointing:
+        tr.enable_gradient_checkpointing()
+    net = IConFace(
+        tr,
+        IConFaceConfig(
+            variant=cfg.variant, id_dim=z_dim, memory_tokens=cfg.memory_tokens, max_refs=cfg.max_refs
+        ),
+    )
+    text = (
+        load_prompt_cache(cfg.prompt_cache)
+        if cfg.prompt_cache
+        else synthetic_prompt(8, tr.config.joint_attention_dim, seed=0)
+    )
+    return net, codec, text

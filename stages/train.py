@@ -27,55 +27,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.codecs import Flux2VAECodec, PixelCodec
-from models.iconface import IConFace, IConFaceConfig, build_backbone
-from models.lora import add_lora, save_trainable
-from models.prompt import load_prompt_cache, synthetic_prompt
+from models.lora import save_trainable
 from pipelines.config import TrainConfig, as_dict
 from pipelines.degradations import get_preset
 from pipelines.embedding import load_identity_encoder
 from pipelines.io import write_bytes, write_json
 from pipelines.shards import iter_samples, shard_paths, validate_shards
-from pipelines.training import IConFaceModule, OptimConfig, StreamDataModule, psnr, to_uint8, to_unit
+from pipelines.training import (
+    IConFaceModule,
+    OptimConfig,
+    StreamDataModule,
+    build_network,
+    psnr,
+    to_uint8,
+    to_unit,
+)
 from pipelines.viz import grid_image
 from stages._common import load_params, parser, progress_enabled, setup_logging
 
 # ==================================================================================================
 # Building
 # ==================================================================================================
-
-
-def build_network(cfg: TrainConfig, z_dim: int) -> tuple[IConFace, object, dict]:
-    """(IConFace with LoRA, latent codec, prompt embeddings) from the config; fails before any work."""
-    torch.manual_seed(cfg.seed)  # the frozen tiny backbone is rebuilt identically on resume
-    codec = Flux2VAECodec.from_path(cfg.vae) if cfg.vae else PixelCodec(cfg.pixel_patch)
-    # A randomly initialised tiny backbone takes whatever channels the codec gives.
-    overrides = (
-        {"in_channels": codec.channels} if cfg.weights is None and cfg.backbone in ("tiny", "small") else {}
-    )
-    tr = build_backbone(cfg.backbone, cfg.weights, **overrides)
-    if codec.channels != tr.config.in_channels:
-        raise SystemExit(
-            f"error: the latent codec gives {codec.channels} channels but backbone {cfg.backbone} takes "
-            f"{tr.config.in_channels}; set train.pixel_patch (3·patch² channels) or train.vae"
-        )
-    add_lora(tr, cfg.lora_rank)
-    if cfg.train_backbone:
-        tr.requires_grad_(True)
-    if cfg.gradient_checkpointing:
-        tr.enable_gradient_checkpointing()
-    net = IConFace(
-        tr,
-        IConFaceConfig(
-            variant=cfg.variant, id_dim=z_dim, memory_tokens=cfg.memory_tokens, max_refs=cfg.max_refs
-        ),
-    )
-    text = (
-        load_prompt_cache(cfg.prompt_cache)
-        if cfg.prompt_cache
-        else synthetic_prompt(8, tr.config.joint_attention_dim, seed=0)
-    )
-    return net, codec, text
 
 
 def validation_batch(shards: str, cfg: TrainConfig, max_refs: int) -> dict:
@@ -238,7 +210,10 @@ def main(argv: list[str] | None = None) -> None:
         if (Path(args.encoders) / "evaluator.safetensors").is_file()
         else id_encoder
     )
-    net, codec, text = build_network(cfg, id_encoder.cfg.embedding_dim)
+    try:
+        net, codec, text = build_network(cfg, id_encoder.cfg.embedding_dim)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from exc
 
     import lightning as L
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint

@@ -1,0 +1,180 @@
+"""A trained IConFace as a self-contained restorer: the bundle format and batch restoration.
+
+A bundle is a folder that rebuilds the network from the trainable weights and the configured backbone:
+
+    bundle.json      format, resolution, sampler settings, encoder kind
+    train.json       the `train` params section the weights were trained with
+    model/           trainable weights (LoRA in diffusers' format, pathways, backbone when trained), safetensors
+    encoder.safetensors   the primary identity encoder (embeds the references and the degraded input)
+    prompt.safetensors    the cached prompt embedding (klein) when train.prompt_cache is set
+
+The frozen klein backbone and the VAE are NOT copied (several GB): `train.json` keeps their local paths.
+Used by the evaluate stage, the MLflow pyfunc model and `refface restore`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models.lora import load_trainable
+from pipelines.config import TrainConfig, as_dict, build
+from pipelines.embedding import load_identity_encoder
+from pipelines.training import IConFaceModule, OptimConfig, build_network, to_uint8, to_unit
+
+BUNDLE_FORMAT = 1
+MIN_SIDE = 32
+
+
+class InputError(ValueError):
+    """Bad input to the restorer; the message names the image and what is wrong."""
+
+
+def write_bundle(
+    out: str | Path,
+    cfg: TrainConfig,
+    trainable_dir: str | Path,
+    encoder_kind: str,
+    encoder_path: str | Path,
+    resolution: int,
+    steps: int = 12,
+    guidance: float = 1.0,
+    seed: int = 42,
+) -> Path:
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    (out / "model").mkdir(parents=True)
+    for f in sorted(Path(trainable_dir).glob("*.safetensors")):
+        shutil.copyfile(f, out / "model" / f.name)
+    shutil.copyfile(encoder_path, out / "encoder.safetensors")
+    train = as_dict(cfg)
+    if cfg.prompt_cache:
+        shutil.copyfile(cfg.prompt_cache, out / "prompt.safetensors")
+        train["prompt_cache"] = "prompt.safetensors"
+    (out / "train.json").write_text(json.dumps(train, indent=2, sort_keys=True))
+    meta = {
+        "format": BUNDLE_FORMAT,
+        "resolution": resolution,
+        "max_refs": cfg.max_refs,
+        "encoder": encoder_kind,
+        "sampler": {"steps": steps, "guidance": guidance, "seed": seed},
+    }
+    (out / "bundle.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return out
+
+
+def check_image(img, name: str) -> np.ndarray:
+    """An (H, W, 3) uint8 RGB array from a path or an array, or an InputError naming `name`."""
+    if isinstance(img, str | Path):
+        path = Path(img)
+        if not path.is_file():
+            raise InputError(f"{name}: {path} does not exist")
+        try:
+            with Image.open(path) as im:
+                im.load()
+                mode = im.mode
+                arr = np.asarray(im.convert("RGB")) if mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr") else None
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise InputError(f"{name}: {path} is not a readable image ({exc})") from exc
+        if arr is None:
+            raise InputError(f"{name}: {path} is a {mode} (grayscale) image; the model restores colour photos")
+        img = arr
+    arr = np.asarray(img)
+    if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 1):
+        raise InputError(f"{name}: a grayscale image; the model restores colour (RGB) photos")
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+        raise InputError(f"{name}: expected an RGB image (H, W, 3) uint8, got {arr.shape} {arr.dtype}")
+    if min(arr.shape[:2]) < MIN_SIDE:
+        raise InputError(f"{name}: {arr.shape[1]}x{arr.shape[0]} is too small (at least {MIN_SIDE} px a side)")
+    return arr
+
+
+class Restorer:
+    """Restores degraded faces with 0–max_refs references; images in and out are uint8 RGB."""
+
+    def __init__(self, bundle: str | Path, threads: int | None = None):
+        bundle = Path(bundle)
+        meta_file = bundle / "bundle.json"
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{bundle} is not a refface model bundle (no bundle.json)")
+        self.meta = json.loads(meta_file.read_text())
+        if self.meta.get("format") != BUNDLE_FORMAT:
+            raise ValueError(f"{bundle}: bundle format {self.meta.get('format')} is not {BUNDLE_FORMAT}")
+        train = json.loads((bundle / "train.json").read_text())
+        if train.get("prompt_cache") and not Path(train["prompt_cache"]).is_absolute():
+            train["prompt_cache"] = str(bundle / train["prompt_cache"])
+        self.cfg = build(TrainConfig, train, "train")
+        if threads:
+            torch.set_num_threads(threads)
+        self.encoder, _, _ = load_identity_encoder(self.meta["encoder"], str(bundle / "encoder.safetensors"))
+        net, codec, text = build_network(replace(self.cfg, train_backbone=False), self.encoder.cfg.embedding_dim)
+        load_trainable(net, bundle / "model")
+        self.module = IConFaceModule(
+            net,
+            codec,
+            self.encoder,
+            text,
+            OptimConfig(sigma_max=self.cfg.sigma_max, prediction=self.cfg.prediction),
+        ).eval()
+        self.resolution = int(self.meta["resolution"])
+        self.max_refs = int(self.meta["max_refs"])
+
+    def _fit(self, img: np.ndarray) -> np.ndarray:
+        if img.shape[:2] == (self.resolution, self.resolution):
+            return img
+        return np.asarray(Image.fromarray(img).resize((self.resolution, self.resolution), Image.Resampling.BICUBIC))
+
+    @torch.no_grad()
+    def restore_batch(
+        self,
+        lq: list[np.ndarray],
+        refs: list[list[np.ndarray]],
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int | None = None,
+    ) -> np.ndarray:
+        """(B, R, R, 3) uint8 restorations at the model's resolution R; refs[i] holds 0–max_refs images."""
+        if len(lq) != len(refs):
+            raise InputError(f"{len(lq)} degraded images but {len(refs)} reference lists")
+        for i, r in enumerate(refs):
+            if len(r) > self.max_refs:
+                raise InputError(f"image {i}: {len(r)} references; the model accepts at most {self.max_refs}")
+        s = self.meta["sampler"]
+        res = self.resolution
+        b, k = len(lq), max((len(r) for r in refs), default=0)
+        ref_arr = np.zeros((b, k, res, res, 3), np.uint8)
+        mask = np.zeros((b, k), bool)
+        for i, rs in enumerate(refs):
+            for j, r in enumerate(rs):
+                ref_arr[i, j], mask[i, j] = self._fit(r), True
+        lq_t = to_unit(np.stack([self._fit(x) for x in lq]))
+        ref_t = to_unit(ref_arr.reshape(b * k, res, res, 3)).reshape(b, k, 3, res, res)
+        z_refs = (
+            self.module.identity(ref_t.flatten(0, 1)).unflatten(0, (b, k))
+            if k
+            else torch.zeros(b, 0, self.encoder.cfg.embedding_dim)
+        )
+        batch = {"lq": lq_t, "refs": ref_t, "ref_mask": torch.from_numpy(mask), "z_refs": z_refs}
+        out = self.module.restore(
+            batch,
+            steps=steps or s["steps"],
+            guidance=s["guidance"] if guidance is None else guidance,
+            seed=s["seed"] if seed is None else seed,
+        )
+        return to_uint8(out)
+
+    def restore(self, lq, refs=(), **kw) -> np.ndarray:
+        """One image: `lq` and `refs` as paths or uint8 arrays; returns (R, R, 3) uint8."""
+        refs = list(refs)
+        if len(refs) > self.max_refs:
+            raise InputError(f"{len(refs)} references given; the model accepts at most {self.max_refs}")
+        a = check_image(lq, "degraded image")
+        rs = [check_image(r, f"reference {i + 1}") for i, r in enumerate(refs)]
+        return self.restore_batch([a], [rs], **kw)[0]

@@ -1,0 +1,366 @@
+"""Evaluation metrics, the evaluate stage, registration with the promotion gate, `refface restore`
+through the registry and the same model served by `mlflow models serve` on loopback."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from pipelines.evaluation import copy_score, psnr_u8, ssim_u8
+from pipelines.registry import Gate, decide, decode_image
+from pipelines.restorer import InputError, check_image
+from tests.conftest import make_pair_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_psnr_ssim_by_their_definitions():
+    r = np.random.default_rng(0)
+    a = r.integers(0, 256, (2, 24, 24, 3), dtype=np.uint8)
+    assert np.allclose(ssim_u8(a, a), 1.0) and np.isinf(psnr_u8(a, a)).sum() == 0
+    b = np.clip(a.astype(int) + 10, 0, 255).astype(np.uint8)
+    mse = ((a.astype(float) - b) ** 2).reshape(2, -1).mean(1)
+    np.testing.assert_allclose(psnr_u8(a, b), 10 * np.log10(255**2 / mse))
+    # A constant shift keeps structure: SSIM high; noise destroys it.
+    noisy = np.clip(a.astype(int) + r.normal(0, 60, a.shape), 0, 255).astype(np.uint8)
+    assert ssim_u8(a, b).mean() > 0.9 > ssim_u8(a, noisy).mean()
+
+
+def test_copy_score_extremes():
+    tgt = np.zeros((8, 8, 3), np.uint8)
+    ref = np.full((8, 8, 3), 200, np.uint8)
+    mask = np.zeros((8, 8), np.uint8)
+    mask[2:6, 2:6] = 1
+    assert copy_score(tgt, tgt, ref, mask) == 0.0
+    assert copy_score(ref, tgt, ref, mask) == 1.0
+    half = tgt.copy()
+    half[2:4, 2:6] = 200
+    assert copy_score(half, tgt, ref, mask) == 0.5
+    assert copy_score(tgt, tgt, tgt, mask) is None  # reference and target do not differ there
+
+
+def test_gate_rules():
+    g = Gate("s/1 reference/ref_id", 0.0, {"s/1 reference/psnr": 0.3, "s/1 reference/copy_score": 0.05})
+    champ = {"s/1 reference/ref_id": 0.5, "s/1 reference/psnr": 20.0, "s/1 reference/copy_score": 0.2}
+    assert decide(champ, None, g)[0]
+    assert decide({**champ, "s/1 reference/ref_id": 0.6, "s/1 reference/psnr": 19.8}, champ, g)[0]
+    ok, why = decide({**champ, "s/1 reference/ref_id": 0.6, "s/1 reference/psnr": 19.5}, champ, g)
+    assert not ok and any("regresses by 0.5000 > 0.3" in w for w in why)
+    ok, why = decide({**champ, "s/1 reference/ref_id": 0.6, "s/1 reference/copy_score": 0.3}, champ, g)
+    assert not ok and any("copy_score" in w and "regresses" in w for w in why)  # lower is better
+    assert not decide({**champ, "s/1 reference/ref_id": 0.49}, champ, g)[0]
+
+
+def test_bad_inputs_name_what_is_wrong(tmp_path):
+    with pytest.raises(InputError, match="grayscale"):
+        check_image(np.zeros((64, 64), np.uint8), "lq")
+    with pytest.raises(InputError, match="too small"):
+        check_image(np.zeros((16, 16, 3), np.uint8), "lq")
+    (tmp_path / "x.png").write_bytes(b"not an image")
+    with pytest.raises(InputError, match="not a readable image"):
+        check_image(tmp_path / "x.png", "lq")
+    with pytest.raises(InputError, match="does not exist"):
+        check_image(tmp_path / "y.png", "lq")
+    with pytest.raises(InputError, match="not a base64-encoded image"):
+        decode_image("%%%", "row 0 lq")
+    buf = io.BytesIO()
+    Image.new("L", (64, 64)).save(buf, format="PNG")
+    with pytest.raises(InputError, match="grayscale"):
+        decode_image(base64.b64encode(buf.getvalue()).decode(), "row 0 lq")
+
+
+# ---- end to end -------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tiny_model(out: Path, seed: int, params: dict) -> None:
+    from models.lora import save_trainable
+    from pipelines.config import TrainConfig, build
+    from pipelines.training import build_network
+
+    cfg = build(TrainConfig, {**params["train"], "seed": seed}, "train")
+    net, _, _ = build_network(cfg, 512)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 1e-3)
+    save_trainable(net, out)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    from models.id_encoder import IRBackbone, IRConfig, save_encoder
+
+    tmp = tmp_path_factory.mktemp("eval")
+    shards = make_pair_shards(tmp / "shards", identities=(2, 1, 2))
+    enc = tmp / "encoders"
+    enc.mkdir()
+    torch.manual_seed(0)
+    for name in ("primary", "evaluator"):
+        save_encoder(
+            IRBackbone(IRConfig(32, (1, 1, 1, 1), (8, 8, 16, 16, 32), 512)).eval(),
+            enc / f"{name}.safetensors",
+            name,
+        )
+    params = {
+        "embed": {"encoder": "small_ir", "checkpoint": str(enc / "primary.safetensors")},
+        "shards": {"resolution": 32},
+        "train": {
+            "backbone": "tiny",
+            "pixel_patch": 4,
+            "memory_tokens": 8,
+            "train_backbone": True,
+            "prediction": "x0_residual",
+        },
+        "evaluate": {"samples": 0, "steps": 2, "batch_size": 8, "grid_samples": 2},
+        "register": {"model_name": "refface-test", "experiment": "refface-test"},
+    }
+    pp = tmp / "params.yaml"
+    pp.write_text(yaml.safe_dump(params))
+    env = {**os.environ, "REFFACE_PROGRESS": "0", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"}
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stages.eval_sets",
+            "--params",
+            str(pp),
+            "--shards",
+            str(shards),
+            "--out",
+            str(tmp / "eval_sets"),
+            "--metrics",
+            str(tmp / "es.json"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    _tiny_model(tmp / "model", 0, params)
+    return tmp, pp, params, env
+
+
+def _run(env, cwd, *args, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _evaluate(tmp, pp, env, model: Path, tag: str):
+    r = _run(
+        env,
+        ROOT,
+        "stages.evaluate",
+        "--params",
+        str(pp),
+        "--eval-sets",
+        str(tmp / "eval_sets"),
+        "--model",
+        str(model),
+        "--encoders",
+        str(tmp / "encoders"),
+        "--out",
+        str(tmp / f"ev_{tag}"),
+        "--metrics",
+        str(tmp / f"ev_{tag}.json"),
+        "--report",
+        str(tmp / f"ev_{tag}.md"),
+        "--plot",
+        str(tmp / f"ev_{tag}.csv"),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads((tmp / f"ev_{tag}.json").read_text())
+
+
+def _register(tmp, pp, env, tag: str, metrics: Path):
+    r = _run(
+        env,
+        tmp,
+        "stages.register",
+        "--params",
+        str(pp),
+        "--evaluate",
+        str(tmp / f"ev_{tag}"),
+        "--metrics-in",
+        str(metrics),
+        "--report",
+        str(tmp / f"promo_{tag}.md"),
+        "--metrics",
+        str(tmp / f"reg_{tag}.json"),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads((tmp / f"reg_{tag}.json").read_text())
+
+
+@pytest.mark.slow
+def test_evaluate_register_gate_restore_and_serve(project):
+    tmp, pp, params, env = project
+    m = _evaluate(tmp, pp, env, tmp / "model", "a")
+    for name in ("moderate", "severe"):
+        rows = m["sets"][name]
+        assert set(rows) == {"degraded input", "no reference", "1 reference", "2 references", "3 references"}
+        assert rows["no reference"]["n"] == 8 and rows["3 references"]["n"] == 8
+        assert rows["1 reference"]["copy_pairs"] > 0 and 0 <= rows["1 reference"]["copy_score"] <= 1
+        assert -1 <= rows["1 reference"]["ref_id_evaluator"] <= 1 and rows["degraded input"]["psnr"] > 10
+    assert set(m["not_computed"]) == {"lpips", "musiq", "clipiqa", "maniqa", "fid"}
+    report = (tmp / "ev_a.md").read_text()
+    assert "| degraded input |" in report and "## severe" in report and "lpips: no local weights" in report
+    assert (tmp / "ev_a" / "grid_severe.png").is_file()
+
+    # First model: champion. A worse one: challenger only. A better one: champion.
+    assert _register(tmp, pp, env, "a", tmp / "ev_a.json")["decision"] == "promoted"
+    _tiny_model(tmp / "model_b", 1, params)
+    mb = _evaluate(tmp, pp, env, tmp / "model_b", "b")
+    worse = json.loads(json.dumps(mb))
+    worse["sets"]["severe"]["1 reference"]["ref_id_evaluator"] = (
+        m["sets"]["severe"]["1 reference"]["ref_id_evaluator"] - 0.1
+    )
+    (tmp / "worse.json").write_text(json.dumps(worse))
+    rb = _register(tmp, pp, env, "b", tmp / "worse.json")
+    assert rb["decision"] == "rejected" and rb["version"] == 2
+    assert "REJECTED" in (tmp / "promo_b.md").read_text() and "primary" in (tmp / "promo_b.md").read_text()
+    better = json.loads(json.dumps(m))
+    better["sets"]["severe"]["1 reference"]["ref_id_evaluator"] += 0.1
+    shutil.copytree(tmp / "ev_a", tmp / "ev_c")
+    _tiny_model(tmp / "ev_c" / "bundle" / "model", 2, params)  # a third set of weights
+    (tmp / "better.json").write_text(json.dumps(better))
+    assert _register(tmp, pp, env, "c", tmp / "better.json") == {
+        **json.loads((tmp / "reg_c.json").read_text()),
+        "decision": "promoted",
+        "version": 3,
+    }
+
+    from mlflow import MlflowClient
+
+    os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
+    try:
+        c = MlflowClient(env["MLFLOW_TRACKING_URI"])
+        assert str(c.get_model_version_by_alias("refface-test", "champion").version) == "3"
+        assert str(c.get_model_version_by_alias("refface-test", "challenger").version) == "3"
+        assert c.get_model_version("refface-test", "2").tags["gate_decision"] == "rejected"
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+    # refface restore through the registry, with and without references.
+    sample = next(
+        iter(__import__("pipelines.refsel", fromlist=["iter_pairs"]).iter_pairs(tmp / "shards", "test"))
+    )
+    Image.fromarray(sample.gt).save(tmp / "lq.png")
+    Image.fromarray(sample.ref).save(tmp / "ref.png")
+    for refs in ([], ["--ref", str(tmp / "ref.png")]):
+        r = _run(
+            env,
+            tmp,
+            "stages.cli",
+            "restore",
+            str(tmp / "lq.png"),
+            *refs,
+            "--out",
+            str(tmp / "out.png"),
+            "--model",
+            "models:/refface-test@champion",
+            "--side-by-side",
+            str(tmp / "sbs.png"),
+        )
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert Image.open(tmp / "out.png").size == (32, 32) and Image.open(tmp / "sbs.png").size[0] > 64
+    r = _run(
+        env,
+        tmp,
+        "stages.cli",
+        "restore",
+        str(tmp / "lq.png"),
+        "--out",
+        str(tmp / "o.png"),
+        "--model",
+        "models:/refface-test@nobody",
+    )
+    assert r.returncode == 2 and "alias nobody not found" in r.stderr
+    r = _run(
+        env,
+        tmp,
+        "stages.cli",
+        "restore",
+        str(tmp / "lq.png"),
+        *["--ref", str(tmp / "ref.png")] * 4,
+        "--out",
+        str(tmp / "o.png"),
+    )
+    assert r.returncode == 2 and "at most 3" in r.stderr
+
+    # The same model served over HTTP on loopback.
+    port = _free_port()
+    serve_env = {**env, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            "models:/refface-test@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        cwd=tmp,
+        env=serve_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    import httpx
+
+    try:
+        for _ in range(240):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ping", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            time.sleep(0.5)
+        lq, ref = (base64.b64encode((tmp / n).read_bytes()).decode() for n in ("lq.png", "ref.png"))
+        body = {"dataframe_split": {"columns": ["lq", "ref1"], "data": [[lq, ref], [lq, ""]]}}
+        resp = httpx.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=120)
+        assert resp.status_code == 200, resp.text[-2000:]
+        preds = resp.json()["predictions"]
+        assert len(preds) == 2
+        img = Image.open(io.BytesIO(base64.b64decode(preds[0]["restored"])))
+        assert img.size == (32, 32) and img.mode == "RGB"
+        bad = httpx.post(
+            f"http://127.0.0.1:{port}/invocations",
+            json={"dataframe_split": {"columns": ["lq"], "data": [["%%%"]]}},
+            timeout=60,
+        )
+        assert bad.status_code >= 400 and "not a base64-encoded image" in bad.text
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
