@@ -327,6 +327,9 @@ class TrainConfig:
     lora_rank: int = 16
     train_backbone: bool = False  # tiny: a randomly initialised backbone has no prior to keep frozen
     memory_tokens: int = 256
+    temperature: float = 1.0  # T of the reference aggregation (eq. 4)
+    lambda_id: float = 0.30  # supplement eq. 1
+    lambda_h: float = 0.25
     max_refs: int = 3
     ref_schedule: tuple[float, ...] = (0.3, 0.3, 0.2, 0.2)
     sigma_scheme: str = "uniform"
@@ -481,7 +484,9 @@ class EvaluateConfig:
     copy_tau: float = 12.0
     grid_samples: int = 4
     threads: int = 2
-    weights: dict[str, str | None] = field(default_factory=dict)  # lpips/musiq/clipiqa/maniqa/fid: local paths
+    weights: dict[str, str | None] = field(
+        default_factory=dict
+    )  # lpips/musiq/clipiqa/maniqa/fid: local paths
 
     def validate(self, where: str) -> None:
         from pipelines.evaluation import NO_WEIGHT_METRICS
@@ -491,7 +496,9 @@ class EvaluateConfig:
             raise ConfigError(f"{where}.modes: reference counts must lie in 0..3, got {list(self.modes)}")
         unknown = sorted(set(self.weights) - set(NO_WEIGHT_METRICS))
         if unknown:
-            raise ConfigError(f"{where}.weights: unknown metric(s) {unknown}; valid: {', '.join(NO_WEIGHT_METRICS)}")
+            raise ConfigError(
+                f"{where}.weights: unknown metric(s) {unknown}; valid: {', '.join(NO_WEIGHT_METRICS)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -513,6 +520,64 @@ class RegisterConfig:
             raise ConfigError(f"{where}.guards: margins must be >= 0, got {bad}")
 
 
+@dataclass(frozen=True)
+class AblateConfig:
+    """`ablate`: the variants of paper Table 3 under one short budget."""
+
+    variants: tuple[str, ...] = ("concat", "+struct", "+id", "single_route", "full")
+    steps: int = 40
+    batch_size: int = 8
+    val_samples: int = 16
+    val_steps: int = 2
+    seed: int = 0
+
+    def validate(self, where: str) -> None:
+        from models.iconface import VARIANTS
+
+        bad = [v for v in self.variants if v not in VARIANTS]
+        if bad or not self.variants:
+            raise ConfigError(f"{where}.variants: unknown {bad}; valid: {', '.join(VARIANTS)}")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """`tune`: an Optuna study of short train+evaluate trials (nested MLflow runs)."""
+
+    study_name: str = "refface-tune"
+    storage: str = "sqlite:///data/tune/optuna.db"  # any SQLAlchemy URL for a shared study
+    n_trials: int = 4
+    steps: int = 30
+    report_every: int = 10
+    val_samples: int = 8
+    val_steps: int = 2
+    batch_size: int = 8
+    seed: int = 0
+    pruner_startup_trials: int = 2
+    parallel: int = 1  # >1: trials run as Ray tasks (local Ray or the cluster in RAY_ADDRESS)
+    space: dict[str, tuple[Any, ...]] = field(
+        default_factory=lambda: {
+            "lr": ("log", 1e-4, 2e-3),
+            "lambda_id": ("float", 0.1, 0.6),
+            "lambda_h": ("float", 0.0, 0.5),
+            "temperature": ("float", 0.5, 2.0),
+            "lora_rank": ("int", 4, 16),
+            "memory_tokens": ("choice", 16, 32, 64),
+        }
+    )
+
+    def validate(self, where: str) -> None:
+        from dataclasses import fields as _fields
+
+        tunable = {f.name for f in _fields(TrainConfig)}
+        for name, spec in self.space.items():
+            if name not in tunable:
+                raise ConfigError(f"{where}.space.{name}: not a train parameter")
+            if not spec or spec[0] not in ("log", "float", "int", "choice"):
+                raise ConfigError(f"{where}.space.{name}: first item must be log, float, int or choice")
+            if spec[0] != "choice" and len(spec) != 3:
+                raise ConfigError(f"{where}.space.{name}: [{spec[0]}, low, high] expected")
+
+
 SECTIONS: dict[str, type] = {
     "synthesize": SynthesizeConfig,
     "source": SourceConfig,
@@ -528,6 +593,8 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "evaluate": EvaluateConfig,
     "register": RegisterConfig,
+    "ablate": AblateConfig,
+    "tune": TuneConfig,
 }
 
 

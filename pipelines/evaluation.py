@@ -66,7 +66,9 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
     return (F.normalize(a, dim=-1) * F.normalize(b, dim=-1)).sum(-1).numpy()
 
 
-def copy_score(out: np.ndarray, target: np.ndarray, ref: np.ndarray, mask: np.ndarray, tau: float = 12.0) -> float | None:
+def copy_score(
+    out: np.ndarray, target: np.ndarray, ref: np.ndarray, mask: np.ndarray, tau: float = 12.0
+) -> float | None:
     """Copy score of one output (see the module docstring); None when the pair has no usable conflict pixel."""
     diff = np.abs(ref.astype(np.float32) - target.astype(np.float32)).mean(-1)
     region = (mask == 1) & (diff > tau)

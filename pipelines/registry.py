@@ -104,7 +104,9 @@ def flatten(metrics: dict) -> dict[str, float]:
     return out
 
 
-def decide(challenger: dict[str, float], champion: dict[str, float] | None, gate: Gate) -> tuple[bool, list[str]]:
+def decide(
+    challenger: dict[str, float], champion: dict[str, float] | None, gate: Gate
+) -> tuple[bool, list[str]]:
     """(promote?, reasons) comparing flattened metrics."""
     if champion is None:
         return True, ["no champion yet: the first model becomes champion"]

@@ -84,7 +84,9 @@ def check_image(img, name: str) -> np.ndarray:
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise InputError(f"{name}: {path} is not a readable image ({exc})") from exc
         if arr is None:
-            raise InputError(f"{name}: {path} is a {mode} (grayscale) image; the model restores colour photos")
+            raise InputError(
+                f"{name}: {path} is a {mode} (grayscale) image; the model restores colour photos"
+            )
         img = arr
     arr = np.asarray(img)
     if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 1):
@@ -92,7 +94,9 @@ def check_image(img, name: str) -> np.ndarray:
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
         raise InputError(f"{name}: expected an RGB image (H, W, 3) uint8, got {arr.shape} {arr.dtype}")
     if min(arr.shape[:2]) < MIN_SIDE:
-        raise InputError(f"{name}: {arr.shape[1]}x{arr.shape[0]} is too small (at least {MIN_SIDE} px a side)")
+        raise InputError(
+            f"{name}: {arr.shape[1]}x{arr.shape[0]} is too small (at least {MIN_SIDE} px a side)"
+        )
     return arr
 
 
@@ -114,7 +118,9 @@ class Restorer:
         if threads:
             torch.set_num_threads(threads)
         self.encoder, _, _ = load_identity_encoder(self.meta["encoder"], str(bundle / "encoder.safetensors"))
-        net, codec, text = build_network(replace(self.cfg, train_backbone=False), self.encoder.cfg.embedding_dim)
+        net, codec, text = build_network(
+            replace(self.cfg, train_backbone=False), self.encoder.cfg.embedding_dim
+        )
         load_trainable(net, bundle / "model")
         self.module = IConFaceModule(
             net,
@@ -129,7 +135,9 @@ class Restorer:
     def _fit(self, img: np.ndarray) -> np.ndarray:
         if img.shape[:2] == (self.resolution, self.resolution):
             return img
-        return np.asarray(Image.fromarray(img).resize((self.resolution, self.resolution), Image.Resampling.BICUBIC))
+        return np.asarray(
+            Image.fromarray(img).resize((self.resolution, self.resolution), Image.Resampling.BICUBIC)
+        )
 
     @torch.no_grad()
     def restore_batch(

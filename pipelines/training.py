@@ -35,7 +35,9 @@ from models.losses import (
 )
 from models.prompt import load_prompt_cache, synthetic_prompt
 from models.sampler import sample
+from pipelines.degradations import get_preset
 from pipelines.refschedule import draw_refs
+from pipelines.shards import iter_samples
 from pipelines.stream import DegradationStream
 
 # ==================================================================================================
@@ -343,7 +345,11 @@ def build_network(cfg, z_dim: int) -> tuple[IConFace, object, dict]:
     net = IConFace(
         tr,
         IConFaceConfig(
-            variant=cfg.variant, id_dim=z_dim, memory_tokens=cfg.memory_tokens, max_refs=cfg.max_refs
+            variant=cfg.variant,
+            id_dim=z_dim,
+            memory_tokens=cfg.memory_tokens,
+            max_refs=cfg.max_refs,
+            temperature=cfg.temperature,
         ),
     )
     text = (
@@ -352,3 +358,76 @@ def build_network(cfg, z_dim: int) -> tuple[IConFace, object, dict]:
         else synthetic_prompt(8, tr.config.joint_attention_dim, seed=0)
     )
     return net, codec, text
+
+
+def validation_batch(shards: str, cfg, max_refs: int) -> dict:
+    """The first `val_samples` val targets, degraded once with `val_preset` (seed 42 + index), with
+    their first protocol references (up to max_refs)."""
+    samples = []
+    for i, s in enumerate(iter_samples(shards, "val")):
+        if i >= cfg.val_samples:
+            break
+        lq, _ = get_preset(cfg.val_preset)(s["gt"], np.random.default_rng(42 + i))
+        samples.append((s, lq))
+    if not samples:
+        raise ValueError(f"{shards} has no val samples to validate on")
+    b = len(samples)
+    h, w = samples[0][0]["gt"].shape[:2]
+    r = max_refs
+    refs = np.zeros((b, r, h, w, 3), np.uint8)
+    mask = np.zeros((b, r), bool)
+    z_refs = np.zeros((b, r, samples[0][0]["gt_emb"].shape[-1]), np.float32)
+    for i, (s, _) in enumerate(samples):
+        for j in range(min(r, len(s["refs"]))):
+            refs[i, j], z_refs[i, j], mask[i, j] = s["refs"][j], s["ref_emb"][j], True
+    return {
+        "keys": [s["key"] for s, _ in samples],
+        "lq": to_unit(np.stack([lq for _, lq in samples])),
+        "gt": to_unit(np.stack([s["gt"] for s, _ in samples])),
+        "refs": to_unit(refs.reshape(b * r, h, w, 3)).reshape(b, r, 3, h, w),
+        "ref_mask": torch.from_numpy(mask),
+        "z_refs": torch.from_numpy(z_refs),
+        "z_gt": torch.from_numpy(np.stack([s["gt_emb"] for s, _ in samples]).astype(np.float32)),
+    }
+
+
+def no_refs(batch: dict) -> dict:
+    b, _, c, h, w = batch["refs"].shape
+    return {
+        **batch,
+        "refs": torch.zeros(b, 0, c, h, w),
+        "ref_mask": torch.zeros(b, 0, dtype=torch.bool),
+        "z_refs": torch.zeros(b, 0, batch["z_refs"].shape[-1]),
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    module: IConFaceModule, batch: dict, evaluator, steps: int, guidance: float = 4.0
+) -> tuple[dict, dict]:
+    """PSNR and identity similarity (evaluator encoder, cosine to the target) of the degraded input and of
+    the restoration with references and without."""
+
+    def idsim(x: torch.Tensor) -> torch.Tensor:
+        from models.id_encoder import preprocess
+
+        e = evaluator(preprocess((x + 1) / 2, evaluator.cfg.input_size))[0]
+        g = evaluator(preprocess((batch["gt"] + 1) / 2, evaluator.cfg.input_size))[0]
+        return (e * g).sum(-1)
+
+    out_ref = module.restore(batch, steps=steps, guidance=guidance)
+    out_none = module.restore(no_refs(batch), steps=steps, guidance=guidance)
+    m = {
+        "lq_psnr": psnr(batch["lq"], batch["gt"]).mean().item(),
+        "restored_psnr": psnr(out_ref, batch["gt"]).mean().item(),
+        "restored_noref_psnr": psnr(out_none, batch["gt"]).mean().item(),
+        "lq_id_sim": idsim(batch["lq"]).mean().item(),
+        "restored_id_sim": idsim(out_ref).mean().item(),
+        "restored_noref_id_sim": idsim(out_none).mean().item(),
+    }
+    return {k: round(v, 4) for k, v in m.items()}, {"ref": out_ref, "none": out_none}
+
+
+def loss_weights(cfg) -> LossWeights:
+    """The loss weights of a `train` config (α_fm and ω_min stay at the supplement's values)."""
+    return LossWeights(lambda_id=cfg.lambda_id, lambda_h=cfg.lambda_h)

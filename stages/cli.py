@@ -71,17 +71,25 @@ def restore_main(args: argparse.Namespace) -> None:
             col_labels=["degraded", *[f"ref{i + 1}" for i in range(len(refs))], "restored"],
             cell=128,
         )
-    print(f"refface: restored {args.lq} with {len(refs)} reference(s) -> {args.out} ({out.shape[1]}x{out.shape[0]})")
+    print(
+        f"refface: restored {args.lq} with {len(refs)} reference(s) -> {args.out} ({out.shape[1]}x{out.shape[0]})"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="refface", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="refface", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("restore", help="restore a degraded face photo with 0-3 references")
     r.add_argument("lq", help="the degraded photo")
-    r.add_argument("--ref", action="append", default=[], help="a reference photo of the same person (up to 3)")
+    r.add_argument(
+        "--ref", action="append", default=[], help="a reference photo of the same person (up to 3)"
+    )
     r.add_argument("--out", required=True, help="where to write the restored image (PNG)")
-    r.add_argument("--model", default=DEFAULT_MODEL, help=f"MLflow model URI or bundle folder (default {DEFAULT_MODEL})")
+    r.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"MLflow model URI or bundle folder (default {DEFAULT_MODEL})"
+    )
     r.add_argument("--side-by-side", help="also write degraded | references | restored to this PNG")
     r.add_argument("--steps", type=int, default=None, help="sampling steps (default: the bundle's)")
     r.add_argument("--seed", type=int, default=None, help="sampling seed (default: the bundle's)")

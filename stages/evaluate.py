@@ -56,13 +56,16 @@ def row_metrics(outs, samples, prim, evaluator, tau) -> dict:
         "ssim": float(ssim_u8(outs, gt).mean()),
         "gt_id": float(cosine(e_out_e, embed(evaluator, gt)).mean()),
         "ref_id_primary": float(cosine(e_out_p[has_ref], embed(prim, ref0)).mean()) if has_ref else None,
-        "ref_id_evaluator": float(cosine(e_out_e[has_ref], embed(evaluator, ref0)).mean()) if has_ref else None,
+        "ref_id_evaluator": float(cosine(e_out_e[has_ref], embed(evaluator, ref0)).mean())
+        if has_ref
+        else None,
     }
     copies = [
         c
         for i in has_ref
         if samples[i]["masks"][0] is not None
-        and (c := copy_score(outs[i], samples[i]["gt"], samples[i]["refs"][0], samples[i]["masks"][0], tau)) is not None
+        and (c := copy_score(outs[i], samples[i]["gt"], samples[i]["refs"][0], samples[i]["masks"][0], tau))
+        is not None
     ]
     m["copy_score"] = float(np.mean(copies)) if copies else None
     m["copy_pairs"] = len(copies)
@@ -79,7 +82,12 @@ def markdown(results: dict, not_computed: dict, model: str) -> str:
         "instead of the target (lower is better; pairs with conflict masks only)."
     )
     for name, rows in results.items():
-        lines += ["", f"## {name}", "", "| row | n | PSNR ↑ | SSIM ↑ | Ref-ID (primary) ↑ | Ref-ID (evaluator) ↑ | GT-ID ↑ | copy ↓ (pairs) |"]
+        lines += [
+            "",
+            f"## {name}",
+            "",
+            "| row | n | PSNR ↑ | SSIM ↑ | Ref-ID (primary) ↑ | Ref-ID (evaluator) ↑ | GT-ID ↑ | copy ↓ (pairs) |",
+        ]
         lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
         for row, m in rows.items():
 
@@ -140,7 +148,11 @@ def main(argv: list[str] | None = None) -> None:
         samples = load_set(args.eval_sets, name, cfg.samples)
         if not samples:
             raise SystemExit(f"error: evaluation set {name} in {args.eval_sets} is empty")
-        rows = {"degraded input": row_metrics(np.stack([s["lq"] for s in samples]), samples, prim, evaluator, cfg.copy_tau)}
+        rows = {
+            "degraded input": row_metrics(
+                np.stack([s["lq"] for s in samples]), samples, prim, evaluator, cfg.copy_tau
+            )
+        }
         outputs = {}
         for k in cfg.modes:
             subset = [s for s in samples if len(s["refs"]) >= k]
@@ -149,7 +161,9 @@ def main(argv: list[str] | None = None) -> None:
             restored = []
             for i in range(0, len(subset), cfg.batch_size):
                 chunk = subset[i : i + cfg.batch_size]
-                restored.append(restorer.restore_batch([s["lq"] for s in chunk], [s["refs"][:k] for s in chunk]))
+                restored.append(
+                    restorer.restore_batch([s["lq"] for s in chunk], [s["refs"][:k] for s in chunk])
+                )
             outs = np.concatenate(restored)
             label = "no reference" if k == 0 else f"{k} reference{'s' if k > 1 else ''}"
             # Copy score and Ref-ID are taken against the first reference even in the blind mode.
@@ -160,9 +174,16 @@ def main(argv: list[str] | None = None) -> None:
         for row, m in rows.items():
             plot_rows.append({"set": name, "row": row, **{c: m[c] for c in COLUMNS}})
         # Grid: degraded | refs | output per mode | target
-        show = [s for s in samples if len(s["refs"]) >= max(cfg.modes)][: cfg.grid_samples] or samples[: cfg.grid_samples]
+        show = [s for s in samples if len(s["refs"]) >= max(cfg.modes)][: cfg.grid_samples] or samples[
+            : cfg.grid_samples
+        ]
         grid = [
-            [s["lq"], *(s["refs"][:3] + [None] * (3 - len(s["refs"][:3]))), *(outputs.get(k, {}).get(s["key"]) for k in cfg.modes), s["gt"]]
+            [
+                s["lq"],
+                *(s["refs"][:3] + [None] * (3 - len(s["refs"][:3]))),
+                *(outputs.get(k, {}).get(s["key"]) for k in cfg.modes),
+                s["gt"],
+            ]
             for s in show
         ]
         save_grid(
@@ -173,7 +194,11 @@ def main(argv: list[str] | None = None) -> None:
             cell=96,
         )
     bar.close()
-    metrics = {"sets": results, "not_computed": not_computed, "config": {"steps": cfg.steps, "guidance": cfg.guidance, "samples": cfg.samples}}
+    metrics = {
+        "sets": results,
+        "not_computed": not_computed,
+        "config": {"steps": cfg.steps, "guidance": cfg.guidance, "samples": cfg.samples},
+    }
     write_json(args.metrics, metrics)
     write_bytes(args.report, markdown(results, not_computed, "data/train/model").encode())
     Path(args.plot).parent.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,9 @@ def example_input(resolution: int):
 
     imgs = [render(face_spec(11, "album", 0, j), 2 * resolution, resolution) for j in range(2)]
     lq = np.asarray(imgs[0][::2, ::2].repeat(2, 0).repeat(2, 1))  # a blocky stand-in for a degraded face
-    return pd.DataFrame({"lq": [encode_image(lq)], "ref1": [encode_image(imgs[1])], "ref2": [""], "ref3": [""]})
+    return pd.DataFrame(
+        {"lq": [encode_image(lq)], "ref1": [encode_image(imgs[1])], "ref2": [""], "ref3": [""]}
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -89,7 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     resolution = json.loads((bundle / "bundle.json").read_text())["resolution"]
     mlflow.set_experiment(cfg.experiment)
     with mlflow.start_run(run_name="register") as run:
-        mlflow.log_params({"model_name": name, "bundle_sha": sha, "primary": gate.primary, "min_gain": gate.min_gain})
+        mlflow.log_params(
+            {"model_name": name, "bundle_sha": sha, "primary": gate.primary, "min_gain": gate.min_gain}
+        )
         mlflow.log_metrics({k.replace(" ", "_"): v for k, v in flat.items()})
         mlflow.log_dict(evaluation, "evaluation.json")
         if existing is None:
@@ -156,7 +160,13 @@ def main(argv: list[str] | None = None) -> None:
     write_bytes(args.report, "\n".join(lines).encode())
     write_json(
         args.metrics,
-        {"model_name": name, "version": int(version), "decision": decision, "primary": flat[gate.primary], "uri": uri},
+        {
+            "model_name": name,
+            "version": int(version),
+            "decision": decision,
+            "primary": flat[gate.primary],
+            "uri": uri,
+        },
     )
     print(f"register: {name} v{version} {decision} ({reasons[0]})")
     del mv

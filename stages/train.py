@@ -28,19 +28,19 @@ import numpy as np
 import torch
 
 from models.lora import save_trainable
-from pipelines.config import TrainConfig, as_dict
-from pipelines.degradations import get_preset
+from pipelines.config import as_dict
 from pipelines.embedding import load_identity_encoder
 from pipelines.io import write_bytes, write_json
-from pipelines.shards import iter_samples, shard_paths, validate_shards
+from pipelines.shards import shard_paths, validate_shards
 from pipelines.training import (
     IConFaceModule,
     OptimConfig,
     StreamDataModule,
     build_network,
-    psnr,
+    evaluate,
+    loss_weights,
     to_uint8,
-    to_unit,
+    validation_batch,
 )
 from pipelines.viz import grid_image
 from stages._common import load_params, parser, progress_enabled, setup_logging
@@ -48,74 +48,6 @@ from stages._common import load_params, parser, progress_enabled, setup_logging
 # ==================================================================================================
 # Building
 # ==================================================================================================
-
-
-def validation_batch(shards: str, cfg: TrainConfig, max_refs: int) -> dict:
-    """The first `val_samples` val targets, degraded once with `val_preset` (seed 42 + index), with
-    their first protocol references (up to max_refs)."""
-    samples = []
-    for i, s in enumerate(iter_samples(shards, "val")):
-        if i >= cfg.val_samples:
-            break
-        lq, _ = get_preset(cfg.val_preset)(s["gt"], np.random.default_rng(42 + i))
-        samples.append((s, lq))
-    if not samples:
-        raise SystemExit(f"error: {shards} has no val samples to validate on")
-    b = len(samples)
-    h, w = samples[0][0]["gt"].shape[:2]
-    r = max_refs
-    refs = np.zeros((b, r, h, w, 3), np.uint8)
-    mask = np.zeros((b, r), bool)
-    z_refs = np.zeros((b, r, samples[0][0]["gt_emb"].shape[-1]), np.float32)
-    for i, (s, _) in enumerate(samples):
-        for j in range(min(r, len(s["refs"]))):
-            refs[i, j], z_refs[i, j], mask[i, j] = s["refs"][j], s["ref_emb"][j], True
-    return {
-        "keys": [s["key"] for s, _ in samples],
-        "lq": to_unit(np.stack([lq for _, lq in samples])),
-        "gt": to_unit(np.stack([s["gt"] for s, _ in samples])),
-        "refs": to_unit(refs.reshape(b * r, h, w, 3)).reshape(b, r, 3, h, w),
-        "ref_mask": torch.from_numpy(mask),
-        "z_refs": torch.from_numpy(z_refs),
-        "z_gt": torch.from_numpy(np.stack([s["gt_emb"] for s, _ in samples]).astype(np.float32)),
-    }
-
-
-def no_refs(batch: dict) -> dict:
-    b, _, c, h, w = batch["refs"].shape
-    return {
-        **batch,
-        "refs": torch.zeros(b, 0, c, h, w),
-        "ref_mask": torch.zeros(b, 0, dtype=torch.bool),
-        "z_refs": torch.zeros(b, 0, batch["z_refs"].shape[-1]),
-    }
-
-
-@torch.no_grad()
-def evaluate(
-    module: IConFaceModule, batch: dict, evaluator, steps: int, guidance: float = 4.0
-) -> tuple[dict, dict]:
-    """PSNR and identity similarity (evaluator encoder, cosine to the target) of the degraded input and of
-    the restoration with references and without."""
-
-    def idsim(x: torch.Tensor) -> torch.Tensor:
-        from models.id_encoder import preprocess
-
-        e = evaluator(preprocess((x + 1) / 2, evaluator.cfg.input_size))[0]
-        g = evaluator(preprocess((batch["gt"] + 1) / 2, evaluator.cfg.input_size))[0]
-        return (e * g).sum(-1)
-
-    out_ref = module.restore(batch, steps=steps, guidance=guidance)
-    out_none = module.restore(no_refs(batch), steps=steps, guidance=guidance)
-    m = {
-        "lq_psnr": psnr(batch["lq"], batch["gt"]).mean().item(),
-        "restored_psnr": psnr(out_ref, batch["gt"]).mean().item(),
-        "restored_noref_psnr": psnr(out_none, batch["gt"]).mean().item(),
-        "lq_id_sim": idsim(batch["lq"]).mean().item(),
-        "restored_id_sim": idsim(out_ref).mean().item(),
-        "restored_noref_id_sim": idsim(out_none).mean().item(),
-    }
-    return {k: round(v, 4) for k, v in m.items()}, {"ref": out_ref, "none": out_none}
 
 
 def sample_grid(batch: dict, outputs: dict, n: int = 4) -> np.ndarray:
@@ -273,8 +205,12 @@ def main(argv: list[str] | None = None) -> None:
         id_encoder,
         text,
         OptimConfig(cfg.lr, cfg.weight_decay, cfg.sigma_scheme, cfg.seed, cfg.sigma_max, cfg.prediction),
+        loss_weights(cfg),
     )
-    val = validation_batch(args.shards, cfg, cfg.max_refs)
+    try:
+        val = validation_batch(args.shards, cfg, cfg.max_refs)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from exc
     history_file = ckpt_dir / "history.csv"
 
     class Track(Callback):

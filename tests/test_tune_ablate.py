@@ -1,0 +1,104 @@
+"""The Optuna `tune` stage (nested MLflow runs, RDB storage, resumable, parallel trials on Ray) and the
+`ablate` stage (one table of the paper's variants), on tiny shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.test_train import _project
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _run(tmp: Path, params: dict, *args: str) -> subprocess.CompletedProcess:
+    pp = tmp / "params.yaml"
+    pp.write_text(yaml.safe_dump(params))
+    env = {**os.environ, "REFFACE_PROGRESS": "0", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"}
+    return subprocess.run(
+        [sys.executable, "-m", *args[:1], "--params", str(pp), *args[1:]],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def test_tune_study_nested_runs_resume_and_ray(tmp_path):
+    shards, params = _project(tmp_path)
+    params["tune"] = {
+        "storage": f"sqlite:///{tmp_path / 'optuna.db'}",
+        "n_trials": 3,
+        "steps": 4,
+        "report_every": 2,
+        "val_samples": 4,
+        "batch_size": 4,
+        "parallel": 2,
+        "space": {"lr": ["log", 1e-4, 1e-3], "memory_tokens": ["choice", 4, 8]},
+    }
+    args = (
+        "stages.tune",
+        "--shards",
+        str(shards),
+        "--encoders",
+        str(tmp_path / "encoders"),
+        "--out",
+        str(tmp_path / "tune"),
+        "--metrics",
+        str(tmp_path / "t.json"),
+    )
+    r = _run(tmp_path, params, *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((tmp_path / "t.json").read_text())
+    assert m["trials"] == 3 and m["complete"] + m["pruned"] == 3 and m["complete"] >= 1
+    best = yaml.safe_load((tmp_path / "tune" / "best_params.yaml").read_text())
+    assert set(best["train"]) == {"lr", "memory_tokens"} and 1e-4 <= best["train"]["lr"] <= 1e-3
+    assert (tmp_path / "tune" / "history.png").is_file()
+    # More trials continue the same study (RDB storage): only the missing one runs.
+    params["tune"] |= {"n_trials": 4, "parallel": 1}
+    r = _run(tmp_path, params, *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "t.json").read_text())["trials"] == 4
+
+    from mlflow import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = c.get_experiment_by_name(params["train"]["experiment"])
+    runs = c.search_runs([exp.experiment_id])
+    parents = [x for x in runs if x.info.run_name == "tune"]
+    children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") in {p.info.run_id for p in parents}]
+    assert len(parents) == 2 and len(children) == 4
+    assert all("lr" in x.data.params for x in children)
+    assert {x.info.status for x in children} <= {"FINISHED", "KILLED"}
+
+
+def test_ablate_table(tmp_path):
+    shards, params = _project(tmp_path)
+    params["ablate"] = {"variants": ["concat", "full"], "steps": 3, "batch_size": 4, "val_samples": 4}
+    r = _run(
+        tmp_path,
+        params,
+        "stages.ablate",
+        "--shards",
+        str(shards),
+        "--encoders",
+        str(tmp_path / "encoders"),
+        "--report",
+        str(tmp_path / "ablation.md"),
+        "--metrics",
+        str(tmp_path / "a.json"),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((tmp_path / "a.json").read_text())
+    assert list(m) == ["concat", "full"]
+    assert m["full"]["trainable_parameters"] > m["concat"]["trainable_parameters"]
+    table = (tmp_path / "ablation.md").read_text()
+    assert "| concat |" in table and "| full |" in table and "Table 3" in table
