@@ -31,7 +31,7 @@ format: setup
 	ruff check --fix . && ruff format .
 
 bench: setup
-	python benchmarks/bench_synthetic.py && python benchmarks/bench_shards.py && python benchmarks/bench_degradations.py && python benchmarks/bench_model.py && python benchmarks/bench_train.py
+	python benchmarks/bench_synthetic.py && python benchmarks/bench_shards.py && python benchmarks/bench_degradations.py && python benchmarks/bench_model.py && python benchmarks/bench_train.py && python benchmarks/bench_annotation.py
 
 clean-data:
 	rm -rf data metrics plots

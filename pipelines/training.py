@@ -337,6 +337,12 @@ def build_network(cfg, z_dim: int) -> tuple[IConFace, object, dict]:
             f"the latent codec gives {codec.channels} channels but backbone {cfg.backbone} takes "
             f"{tr.config.in_channels}; set train.pixel_patch (3·patch² channels) or train.vae"
         )
+    if cfg.weights is None and cfg.prediction == "x0_residual":
+        # A random backbone predicting a residual starts at the degraded image exactly (DiT's
+        # zero-initialised output layer): no steps are spent undoing a random initial residual.
+        torch.nn.init.zeros_(tr.proj_out.weight)
+        if tr.proj_out.bias is not None:
+            torch.nn.init.zeros_(tr.proj_out.bias)
     add_lora(tr, cfg.lora_rank)
     if cfg.train_backbone:
         tr.requires_grad_(True)
