@@ -18,7 +18,22 @@ from conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("synthesize", "ingest", "train_id_encoder", "embed", "pairs", "shards", "eval_sets", "train")
+STAGES = (
+    "synthesize",
+    "ingest",
+    "train_id_encoder",
+    "embed",
+    "pairs",
+    "shards",
+    "annotate",
+    "refsel",
+    "eval_sets",
+    "train",
+    "evaluate",
+    "ablate",
+    "register",
+    "tune",
+)
 SMALL = {
     "synthesize": {
         "album_identities": 30,
@@ -41,6 +56,11 @@ SMALL = {
         "val_steps": 2,
         "memory_tokens": 8,
     },
+    "annotate": {"pool": 20},
+    "refsel": {"epochs": 3, "widths": [8, 16, 32], "review_max": 3},
+    "evaluate": {"samples": 4, "steps": 2, "batch_size": 4, "grid_samples": 2},
+    "ablate": {"variants": ["concat", "full"], "steps": 2, "batch_size": 4, "val_samples": 2},
+    "tune": {"n_trials": 2, "steps": 2, "report_every": 1, "val_samples": 2, "batch_size": 4},
 }
 
 
@@ -87,6 +107,12 @@ def test_repro_builds_every_output(project):
         "data/shards/preview.png",
         "metrics/ingest.json",
         "metrics/pairs.json",
+        "data/annotate/annotations.jsonl",
+        "data/refsel/report.md",
+        "data/refsel/shards/index.json",
+        "reports/evaluation.md",
+        "reports/ablation.md",
+        "reports/promotion.md",
     ):
         assert (root / path).is_file(), path
     index = json.loads((root / "data/shards/index.json").read_text())
@@ -95,6 +121,10 @@ def test_repro_builds_every_output(project):
     assert ingest["quarantined"] == 0 and ingest["identities"] == 30
     enc = json.loads((root / "metrics/train_id_encoder.json").read_text())
     assert 0.5 < enc["primary"]["verification_accuracy"] <= 1.0
+    reg = json.loads((root / "metrics/register.json").read_text())
+    assert reg["decision"] == "promoted" and reg["version"] == 1  # the first model becomes champion
+    assert "PROMOTED" in (root / "reports/promotion.md").read_text()
+    assert (root / "data/tune/best_params.yaml").is_file()
 
 
 def test_second_repro_does_nothing(project):
