@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
 import torch
 from label_studio_sdk.converter.brush import decode_from_annotation
 
@@ -39,7 +38,10 @@ def main() -> None:
         dec = timed(lambda res=res, size=size: result_to_mask(res, size, size, "k"), a.n)
         # The SDK's own decoder of a whole annotation (label -> HxW layers), same results.
         sdk = timed(lambda res=res: decode_from_annotation("mask", res), a.n)
-        sim = timed(lambda truth=truth: simulate(truth, annotator_rng(0, "a", "k"), AnnotatorNoise()), max(a.n // 5, 3))
+        sim = timed(
+            lambda truth=truth: simulate(truth, annotator_rng(0, "a", "k"), AnnotatorNoise()),
+            max(a.n // 5, 3),
+        )
         print(
             f"{size}px mask: encode {enc * 1e3:.2f} ms, decode {dec * 1e3:.2f} ms (SDK decode_from_annotation "
             f"{sdk * 1e3:.2f} ms, ratio {sdk / dec:.2f}x), simulated annotator {sim * 1e3:.1f} ms"
