@@ -127,3 +127,21 @@ def make_pair_shards(
         start += n_id
     (root / INDEX_NAME).write_text(_json.dumps(index, indent=2, sort_keys=True))
     return root
+
+
+def write_encoders(folder: Path) -> Path:
+    """Two small 512-d identity encoders (`primary`, `evaluator`) for 32 px faces, seeded."""
+    import torch
+
+    from models.id_encoder import IRBackbone, IRConfig, save_encoder
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    for name in ("primary", "evaluator"):
+        save_encoder(
+            IRBackbone(IRConfig(32, (1, 1, 1, 1), (8, 8, 16, 16, 32), 512)).eval(),
+            folder / f"{name}.safetensors",
+            name,
+        )
+    return folder

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import make_pair_shards
 from label_studio_sdk.converter.brush import mask2rle
 
 from annotation.labeling import AnnotationError, mask_to_result, result_to_mask, review_choice
 from annotation.simulated import AnnotatorNoise, annotator_rng, simulate
 from annotation.store import conflict_iou, decide, merge
-from tests.conftest import make_pair_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import make_pair_shards, write_encoders
 from PIL import Image
 
 from pipelines.evaluation import copy_score, psnr_u8, ssim_u8
 from pipelines.registry import Gate, decide, decode_image
 from pipelines.restorer import InputError, check_image
-from tests.conftest import make_pair_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,19 +109,9 @@ def _tiny_model(out: Path, seed: int, params: dict) -> None:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    from models.id_encoder import IRBackbone, IRConfig, save_encoder
-
     tmp = tmp_path_factory.mktemp("eval")
     shards = make_pair_shards(tmp / "shards", identities=(2, 1, 2))
-    enc = tmp / "encoders"
-    enc.mkdir()
-    torch.manual_seed(0)
-    for name in ("primary", "evaluator"):
-        save_encoder(
-            IRBackbone(IRConfig(32, (1, 1, 1, 1), (8, 8, 16, 16, 32), 512)).eval(),
-            enc / f"{name}.safetensors",
-            name,
-        )
+    enc = write_encoders(tmp / "encoders")
     params = {
         "embed": {"encoder": "small_ir", "checkpoint": str(enc / "primary.safetensors")},
         "shards": {"resolution": 32},

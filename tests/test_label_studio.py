@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import make_pair_shards
 
 from annotation.labeling import mask_to_result, result_to_mask
 from annotation.project import LabelStudioError, connect
 from annotation.server import LabelStudioServer, ServerError
 from annotation.simulated import AnnotatorNoise, annotator_rng, simulate
 from pipelines.refsel import iter_pairs
-from tests.conftest import make_pair_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

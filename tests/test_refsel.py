@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import make_pair_shards
 
 from models.refsel import RefSelConfig, RefSelUNet, mask_to_target, ohem_cross_entropy, probs_to_mask
 from pipelines.refsel import load_model, per_type_report, save_model, scores, select_pool
 from pipelines.shards import decode_sample, iter_raw, shard_paths, validate_shards
-from tests.conftest import make_pair_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 

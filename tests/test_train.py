@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REPO, make_shards
+from conftest import REPO, make_shards, write_encoders
 
 from pipelines.config import ConfigError, TrainConfig, build
 from pipelines.training import collate
@@ -59,7 +59,6 @@ def test_collate_applies_the_schedule_without_duplicates():
 
 def _project(tmp: Path) -> tuple[Path, dict]:
     """Shards (train + val) of 32 px faces with 512-d embeddings, and two small encoders."""
-    from models.id_encoder import IRBackbone, IRConfig, save_encoder
     from pipelines.shards import INDEX_NAME, write_split  # noqa: F401
 
     shards = tmp / "shards"
@@ -79,15 +78,7 @@ def _project(tmp: Path) -> tuple[Path, dict]:
             ],
         }
     (shards / INDEX_NAME).write_text(json.dumps(idx))
-    enc = tmp / "encoders"
-    enc.mkdir()
-    torch.manual_seed(0)
-    for name in ("primary", "evaluator"):
-        save_encoder(
-            IRBackbone(IRConfig(32, (1, 1, 1, 1), (8, 8, 16, 16, 32), 512)).eval(),
-            enc / f"{name}.safetensors",
-            name,
-        )
+    enc = write_encoders(tmp / "encoders")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["embed"]["checkpoint"] = str(enc / "primary.safetensors")
     params["train"].update(

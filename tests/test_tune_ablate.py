@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from tests.test_train import _project
+from test_train import _project
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
