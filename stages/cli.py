@@ -63,14 +63,12 @@ def restore_main(args: argparse.Namespace) -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(out).save(args.out)
     if args.side_by_side:
-        row = [restorer._fit(lq), *[restorer._fit(r) for r in refs], out]
-        save_grid(
-            args.side_by_side,
-            [row],
-            title="degraded | references | restored",
-            col_labels=["degraded", *[f"ref{i + 1}" for i in range(len(refs))], "restored"],
-            cell=128,
-        )
+        # With references, the blind restoration (same seed) sits beside the referenced one.
+        blind = [restorer.restore(lq, [], steps=args.steps, seed=args.seed)] if refs else []
+        row = [restorer._fit(lq), *[restorer._fit(r) for r in refs], out, *blind]
+        labels = ["degraded", *[f"ref{i + 1}" for i in range(len(refs))], "restored"]
+        labels += ["restored, no reference"] if refs else []
+        save_grid(args.side_by_side, [row], title=" | ".join(labels), col_labels=labels, cell=128)
     print(
         f"refface: restored {args.lq} with {len(refs)} reference(s) -> {args.out} ({out.shape[1]}x{out.shape[0]})"
     )
