@@ -95,7 +95,11 @@ def main(argv: list[str] | None = None) -> None:
     ]
     for v, m in results.items():
         cells = [
-            f"{m[k]:,}" if k == "trainable_parameters" else f"{m[k]:.4f}" if "id_sim" in k else f"{m[k]:.2f}"
+            f"{m[k]:,}"
+            if k == "trainable_parameters"
+            else f"{m[k]:.2f}"
+            if "psnr" in k or k == "train_s"
+            else f"{m[k]:.4f}"
             for k, _ in COLUMNS
         ]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
