@@ -26,7 +26,7 @@ from PIL import Image
 from models.lora import load_trainable
 from pipelines.config import TrainConfig, as_dict, build
 from pipelines.embedding import load_identity_encoder
-from pipelines.training import IConFaceModule, OptimConfig, build_network, to_uint8, to_unit
+from pipelines.training import IConFaceModule, build_network, to_uint8, to_unit
 
 BUNDLE_FORMAT = 1
 MIN_SIDE = 32
@@ -122,13 +122,7 @@ class Restorer:
             replace(self.cfg, train_backbone=False), self.encoder.cfg.embedding_dim
         )
         load_trainable(net, bundle / "model")
-        self.module = IConFaceModule(
-            net,
-            codec,
-            self.encoder,
-            text,
-            OptimConfig(sigma_max=self.cfg.sigma_max, prediction=self.cfg.prediction),
-        ).eval()
+        self.module = IConFaceModule.from_config(net, codec, self.encoder, text, self.cfg).eval()
         self.resolution = int(self.meta["resolution"])
         self.max_refs = int(self.meta["max_refs"])
 

@@ -206,6 +206,19 @@ class IConFaceModule(L.LightningModule):
         # or local weights), so loading is not strict about the frozen keys.
         self.strict_loading = False
 
+    @classmethod
+    def from_config(
+        cls, net: IConFace, codec: LatentCodec, id_encoder: IRBackbone, text: dict, cfg
+    ) -> IConFaceModule:
+        """The module for a `train` config: its optimiser settings, parameterisation and loss weights
+        (α_fm and ω_min stay at the supplement's values)."""
+        optim = OptimConfig(
+            cfg.lr, cfg.weight_decay, cfg.sigma_scheme, cfg.seed, cfg.sigma_max, cfg.prediction
+        )
+        return cls(
+            net, codec, id_encoder, text, optim, LossWeights(lambda_id=cfg.lambda_id, lambda_h=cfg.lambda_h)
+        )
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = {f"net.{n}" for n, p in self.net.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
@@ -432,8 +445,3 @@ def evaluate(
         "restored_noref_id_sim": idsim(out_none).mean().item(),
     }
     return {k: round(v, 4) for k, v in m.items()}, {"ref": out_ref, "none": out_none}
-
-
-def loss_weights(cfg) -> LossWeights:
-    """The loss weights of a `train` config (α_fm and ω_min stay at the supplement's values)."""
-    return LossWeights(lambda_id=cfg.lambda_id, lambda_h=cfg.lambda_h)

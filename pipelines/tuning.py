@@ -19,11 +19,9 @@ import torch
 from pipelines.shards import shard_paths
 from pipelines.training import (
     IConFaceModule,
-    OptimConfig,
     StreamDataModule,
     build_network,
     evaluate,
-    loss_weights,
 )
 
 SCORE = "restored_id_sim"
@@ -49,14 +47,7 @@ def short_run(
     cfg = replace(cfg, max_steps=steps)
     torch.manual_seed(cfg.seed)
     net, codec, text = build_network(cfg, id_encoder.cfg.embedding_dim)
-    module = IConFaceModule(
-        net,
-        codec,
-        id_encoder,
-        text,
-        OptimConfig(cfg.lr, cfg.weight_decay, cfg.sigma_scheme, cfg.seed, cfg.sigma_max, cfg.prediction),
-        loss_weights(cfg),
-    )
+    module = IConFaceModule.from_config(net, codec, id_encoder, text, cfg)
     dm = StreamDataModule(
         shard_paths(shards, "train"),
         dcfg.preset,

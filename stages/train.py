@@ -34,11 +34,9 @@ from pipelines.io import write_bytes, write_json
 from pipelines.shards import shard_paths, validate_shards
 from pipelines.training import (
     IConFaceModule,
-    OptimConfig,
     StreamDataModule,
     build_network,
     evaluate,
-    loss_weights,
     to_uint8,
     validation_batch,
 )
@@ -199,14 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         dcfg.shuffle,
         dcfg.num_cpus,
     )
-    module = IConFaceModule(
-        net,
-        codec,
-        id_encoder,
-        text,
-        OptimConfig(cfg.lr, cfg.weight_decay, cfg.sigma_scheme, cfg.seed, cfg.sigma_max, cfg.prediction),
-        loss_weights(cfg),
-    )
+    module = IConFaceModule.from_config(net, codec, id_encoder, text, cfg)
     try:
         val = validation_batch(args.shards, cfg, cfg.max_refs)
     except ValueError as exc:
