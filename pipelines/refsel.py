@@ -133,7 +133,19 @@ def train(
 
     Augmentation: a horizontal flip of all three together (faces are near-symmetric; the pair stays
     aligned because both images flip).
+
+    Runs on ONE thread: multi-threaded CPU weight-gradient reductions are not bit-reproducible (two
+    runs gave different shards), and the stage promises byte-identical outputs.
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(lq, ref, masks, cfg, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(lq, ref, masks, cfg, progress):
     torch.manual_seed(cfg.seed)
     model = RefSelUNet(RefSelConfig(widths=tuple(cfg.widths)))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
