@@ -246,7 +246,7 @@ def save_encoder(model: IRBackbone, path: str | Path, name: str) -> None:
     """Save backbone weights (safetensors) with the architecture in the metadata."""
     import json
 
-    from safetensors.torch import save_file
+    from models.safetensors_io import save_file
 
     c = model.cfg
     meta = {

@@ -13,7 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from models.safetensors_io import save_file
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 PATHWAYS_FILE = "iconface_pathways.safetensors"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from models.refsel import (
@@ -29,6 +29,7 @@ from models.refsel import (
     ohem_cross_entropy,
     probs_to_mask,
 )
+from models.safetensors_io import save_file
 from pipelines.degradations import degrade
 from pipelines.shards import decode_sample, iter_raw, shard_paths
 
@@ -134,18 +135,9 @@ def train(
     Augmentation: a horizontal flip of all three together (faces are near-symmetric; the pair stays
     aligned because both images flip).
 
-    Runs on ONE thread: multi-threaded CPU weight-gradient reductions are not bit-reproducible (two
-    runs gave different shards), and the stage promises byte-identical outputs.
+    Bit-reproducible for a given thread count (`torch.set_num_threads`, the stage's `refsel.threads`):
+    CPU reductions split by thread, so another count gives other (equally good) weights.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _train(lq, ref, masks, cfg, progress)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _train(lq, ref, masks, cfg, progress):
     torch.manual_seed(cfg.seed)
     model = RefSelUNet(RefSelConfig(widths=tuple(cfg.widths)))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))

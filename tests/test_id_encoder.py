@@ -110,6 +110,11 @@ def test_save_and_load_encoder_round_trip(tmp_path):
     got, name = load_encoder(tmp_path / "e.safetensors")
     x = torch.rand(2, 3, 32, 32)
     assert name == "small" and torch.equal(m(x)[0], got(x)[0])
+    # Same weights, same bytes (safetensors' own writer orders the metadata at random; DVC hashes files)
+    first = (tmp_path / "e.safetensors").read_bytes()
+    for _ in range(5):
+        save_encoder(m, tmp_path / "e.safetensors", "small")
+        assert (tmp_path / "e.safetensors").read_bytes() == first
 
 
 def test_verification_metrics():
