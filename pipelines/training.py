@@ -369,6 +369,9 @@ def build_network(cfg, z_dim: int) -> tuple[IConFace, object, dict]:
             memory_tokens=cfg.memory_tokens,
             max_refs=cfg.max_refs,
             temperature=cfg.temperature,
+            # A random backbone cannot fetch the degraded evidence for noise-only scene tokens in a CPU
+            # budget (models.iconface, "Degraded readout"); a pretrained one keeps the paper's head.
+            deg_readout=cfg.weights is None and cfg.prediction == "x0_residual",
         ),
     )
     text = (

@@ -16,7 +16,7 @@ import yaml
 from conftest import REPO, make_shards, write_encoders
 
 from pipelines.config import ConfigError, TrainConfig, build
-from pipelines.training import collate
+from pipelines.training import build_network, collate
 
 
 @pytest.mark.parametrize(
@@ -33,6 +33,15 @@ from pipelines.training import collate
 def test_bad_configuration_fails_with_what_to_change(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         build(TrainConfig, override, "train")
+
+
+@pytest.mark.parametrize("prediction,readout", [("x0_residual", True), ("velocity", False)])
+def test_random_backbones_read_out_the_degraded_tokens_only_with_x0_residual(prediction, readout):
+    cfg = build(TrainConfig, {"backbone": "tiny", "pixel_patch": 4, "prediction": prediction}, "train")
+    net, _, _ = build_network(cfg, 512)
+    assert net.cfg.deg_readout is readout
+    head = net.transformer.proj_out.weight
+    assert bool(head.abs().sum() == 0) is readout  # x0_residual starts at the degraded image
 
 
 def test_collate_applies_the_schedule_without_duplicates():
