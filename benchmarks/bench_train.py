@@ -17,6 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def klein_estimate(tokens_per_image: int = 1024, refs: int = 1, text: int = 512) -> dict:
@@ -57,15 +60,12 @@ def main() -> None:
     args = p.parse_args()
     import lightning as L
 
-    from models.codecs import PixelCodec
-    from models.iconface import IConFace, IConFaceConfig, build_backbone
     from models.id_encoder import IRBackbone, IRConfig
-    from models.lora import add_lora
-    from models.prompt import synthetic_prompt
+    from pipelines.config import TrainConfig, build
     from pipelines.images import png_bytes
     from pipelines.shards import npy_bytes, write_split
     from pipelines.synthetic import face_spec, render
-    from pipelines.training import IConFaceModule, OptimConfig, StreamDataModule
+    from pipelines.training import IConFaceModule, StreamDataModule, build_network
 
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as d:
@@ -85,16 +85,12 @@ def main() -> None:
                 yield s
 
         paths = [str(Path(d) / e["name"]) for e in write_split(Path(d), "train", samples(), 128)]
-        torch.manual_seed(0)
-        codec = PixelCodec(8)
-        tr = build_backbone(args.backbone, in_channels=codec.channels)
-        add_lora(tr, 16)
-        tr.requires_grad_(True)
-        net = IConFace(tr, IConFaceConfig(memory_tokens=64))
+        # The embedded default's train config (x0_residual, degraded readout), on the chosen backbone.
+        train = (yaml.safe_load((ROOT / "params.yaml").read_text()) or {}).get("train", {})
+        cfg = build(TrainConfig, {**train, "backbone": args.backbone, "batch_size": args.batch}, "train")
+        net, codec, text = build_network(cfg, 512)
         enc = IRBackbone(IRConfig(64, (1, 1, 2, 1), (16, 16, 32, 64, 128), 512, stem_stride=2))
-        module = IConFaceModule(
-            net, codec, enc, synthetic_prompt(8, tr.config.joint_attention_dim), OptimConfig(lr=5e-4)
-        )
+        module = IConFaceModule.from_config(net, codec, enc, text, cfg)
         dm = StreamDataModule(
             paths, "iconface_mixed", 0, args.batch, args.max_in_flight, (0.3, 0.3, 0.2, 0.2), 3, ray_cpus=2
         )
