@@ -36,12 +36,12 @@ def _cond(r=2, mask=None, seed=0):
     )
 
 
-def _model(variant="full", lora=False, seed=0):
+def _model(variant="full", lora=False, seed=0, readout=False):
     torch.manual_seed(seed)
     tr = build_backbone("tiny")
     if lora:
         add_lora(tr, 16)
-    return IConFace(tr, IConFaceConfig(variant=variant, memory_tokens=8))
+    return IConFace(tr, IConFaceConfig(variant=variant, memory_tokens=8, deg_readout=readout))
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -79,8 +79,7 @@ def test_gradients_reach_every_trainable_part_and_no_frozen_one():
 
 @pytest.mark.parametrize("readout", [False, True])
 def test_masked_or_absent_references_give_the_same_scene_output(readout):
-    m = _model("full")
-    m.cfg = IConFaceConfig(variant="full", memory_tokens=8, deg_readout=readout)
+    m = _model("full", readout=readout)
     _perturb(m)
     mask = torch.tensor([[True, True], [True, False]])
     c = _cond(2, mask)
