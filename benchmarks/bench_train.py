@@ -12,7 +12,6 @@ import argparse
 import json
 import resource
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -58,14 +57,13 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--max-in-flight", type=int, default=4)
     args = p.parse_args()
-    import lightning as L
-
     from models.id_encoder import IRBackbone, IRConfig
-    from pipelines.config import TrainConfig, build
+    from pipelines.config import DegradeConfig, TrainConfig, build
+    from pipelines.embedding import Encoders
+    from pipelines.fit import fit
     from pipelines.images import png_bytes
     from pipelines.shards import npy_bytes, write_split
     from pipelines.synthetic import face_spec, render
-    from pipelines.training import IConFaceModule, StreamDataModule, build_network
 
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as d:
@@ -85,33 +83,24 @@ def main() -> None:
                 yield s
 
         paths = [str(Path(d) / e["name"]) for e in write_split(Path(d), "train", samples(), 128)]
-        # The embedded default's train config (x0_residual, degraded readout), on the chosen backbone.
-        train = (yaml.safe_load((ROOT / "params.yaml").read_text()) or {}).get("train", {})
-        cfg = build(TrainConfig, {**train, "backbone": args.backbone, "batch_size": args.batch}, "train")
-        net, codec, text = build_network(cfg, 512)
+        # The embedded default's train and degrade configs, on the chosen backbone, through the one
+        # training entry point (pipelines.fit) that the train, ablate and tune stages use.
+        params = yaml.safe_load((ROOT / "params.yaml").read_text()) or {}
+        cfg = build(
+            TrainConfig,
+            {**params.get("train", {}), "backbone": args.backbone, "batch_size": args.batch},
+            "train",
+        )
+        dcfg = build(
+            DegradeConfig, {**params.get("degrade", {}), "max_in_flight": args.max_in_flight}, "degrade"
+        )
         enc = IRBackbone(IRConfig(64, (1, 1, 2, 1), (16, 16, 32, 64, 128), 512, stem_stride=2))
-        module = IConFaceModule.from_config(net, codec, enc, text, cfg)
-        dm = StreamDataModule(
-            paths, "iconface_mixed", 0, args.batch, args.max_in_flight, (0.3, 0.3, 0.2, 0.2), 3, ray_cpus=2
-        )
-        trainer = L.Trainer(
-            max_steps=args.steps,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-        )
-        t = time.perf_counter()
-        trainer.fit(module, datamodule=dm)
-        dt = time.perf_counter() - t
-        wait = dm.dataset.wait_s
+        result = fit(cfg, dcfg, paths, Encoders(enc, enc, "bench", 0.0), None, steps=args.steps)
+        t = result.timing
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(
-            f"{args.backbone}: {module.samples / dt:.1f} samples/s over {args.steps} steps (batch {args.batch}, "
-            f"Ray start-up included), data wait {wait / dt:.1%} of the time, peak RSS {peak:.0f} MiB"
+            f"{args.backbone}: {t['samples_per_s']:.1f} samples/s over {args.steps} steps (batch {args.batch}, "
+            f"Ray start-up included), data wait {t['data_wait_fraction']:.1%} of the time, peak RSS {peak:.0f} MiB"
         )
     print("klein_base_4b per-GPU memory ESTIMATE (512², 1 reference, bf16, LoRA 16, gradient checkpointing):")
     for k, v in klein_estimate().items():

@@ -106,3 +106,54 @@ def iconface_loss(
         "hard": (hard * has_ref).sum() / n_ref,
         "lambda_star": (lam * has_ref).sum() / n_ref,
     }
+
+
+# ==================================================================================================
+# Draws and the network's parameterisation (pure functions; pipelines.training calls them)
+# ==================================================================================================
+
+
+def noise_generator(seed: int, step: int, rank: int, batch_idx: int) -> torch.Generator:
+    """The generator of one training batch's σ and ε: a pure function of (seed, global step, rank,
+    batch index). Every DDP rank draws its own σ and noise for its own samples; a rerun of a rank (or
+    a resume at that step) draws the same."""
+    import hashlib
+
+    key = f"{seed}/{step}/{rank}/{batch_idx}".encode()
+    return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
+
+
+def draw_sigma_noise(
+    shape: tuple[int, ...], scheme: str, sigma_max: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(σ (B,), ε (shape)) for one batch: σ ∈ (0, sigma_max) by `scheme`, ε ~ N(0, I) (eq. 1)."""
+    sigma = sample_sigma(shape[0], scheme, generator) * sigma_max
+    return sigma, torch.randn(shape, generator=generator)
+
+
+def parameterise(
+    out: torch.Tensor, z_sigma: torch.Tensor, sigma: torch.Tensor, z_deg: torch.Tensor, prediction: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(û, ẑ0) from the network output under a parameterisation.
+
+    * ``velocity`` (the recipe): û = out, ẑ0 = z_σ − σ û.
+    * ``x0_residual`` (ours, for random CPU backbones): ẑ0 = z_deg + out, û = (z_σ − ẑ0) / σ.
+    """
+    s = sigma.view(-1, *([1] * (z_sigma.ndim - 1)))
+    if prediction == "x0_residual":
+        x0 = z_deg + out
+        return (z_sigma - x0) / s.clamp_min(1e-4), x0
+    if prediction == "velocity":
+        return out, z_sigma - s * out
+    raise ValueError(f"unknown prediction {prediction!r}; valid: velocity, x0_residual")
+
+
+def fm_operands(
+    u_hat: torch.Tensor, target: torch.Tensor, sigma: torch.Tensor, prediction: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What L_fm (eq. 8) compares: (û, u*) for ``velocity``; (σ·û, σ·u*) for ``x0_residual``, i.e. the
+    loss is taken in ẑ0 space (σ·(û − u*) = z0 − ẑ0), so that it does not blow up as σ → 0."""
+    if prediction == "x0_residual":
+        s = sigma.view(-1, *([1] * (u_hat.ndim - 1)))
+        return s * u_hat, s * target
+    return u_hat, target

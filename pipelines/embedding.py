@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image
@@ -21,6 +24,34 @@ def load_identity_encoder(kind: str, checkpoint: str) -> tuple[IRBackbone, str, 
     else:
         raise ValueError(f"unknown identity encoder {kind!r}; valid: small_ir, adaface_ir50")
     return model, name, sha256_file(checkpoint)
+
+
+@dataclass(frozen=True)
+class Encoders:
+    """The frozen identity encoders of training and evaluation, and the crop they are used with.
+
+    `primary` (embed.encoder: AdaFace in the recipe) conditions and trains the model; `evaluator` (an
+    independent encoder, ArcFace's role) measures it, or the primary where there is none: `fallback`
+    then says so, and every caller prints it.
+    """
+
+    primary: IRBackbone
+    evaluator: IRBackbone
+    name: str
+    crop_border: float
+    fallback: str | None = None
+
+
+def load_encoders(ecfg: EmbedConfig, encoders_dir: str | Path | None) -> Encoders:
+    """The `embed` section's primary encoder and `<encoders_dir>/evaluator.safetensors` (else the primary,
+    with a printed note)."""
+    primary, name, _ = load_identity_encoder(ecfg.encoder, ecfg.checkpoint)
+    ev = Path(encoders_dir) / "evaluator.safetensors" if encoders_dir else None
+    if ev is not None and ev.is_file():
+        return Encoders(primary, load_identity_encoder("small_ir", str(ev))[0], name, ecfg.crop_border)
+    note = f"no evaluator encoder at {ev}; the primary encoder ({name}) measures identity instead"
+    print(f"note: {note}")
+    return Encoders(primary, primary, name, ecfg.crop_border, note)
 
 
 def encoder_input(img: np.ndarray, size: int, border: float) -> np.ndarray:

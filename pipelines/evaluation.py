@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.id_encoder import IRBackbone, preprocess
+from models.id_encoder import IRBackbone, raw_embedding
 
 NO_WEIGHT_METRICS = ("lpips", "musiq", "clipiqa", "maniqa", "fid")
 
@@ -53,12 +53,13 @@ def ssim_u8(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def embed(encoder: IRBackbone, images: np.ndarray, batch: int = 128) -> torch.Tensor:
-    """Unit identity embeddings (N, D) of uint8 images (N, H, W, 3)."""
+def embed(encoder: IRBackbone, images: np.ndarray, border: float = 0.0, batch: int = 128) -> torch.Tensor:
+    """Unit identity embeddings (N, D) of uint8 images (N, H, W, 3), `border` cropped from each edge
+    first (embed.crop_border: the same crop as the shard embeddings, the loss and the restorer)."""
     out = []
     for i in range(0, len(images), batch):
         x = torch.from_numpy(images[i : i + batch]).permute(0, 3, 1, 2).float() / 255
-        out.append(encoder.eval()(preprocess(x, encoder.cfg.input_size))[0])
+        out.append(F.normalize(raw_embedding(encoder.eval(), x, border), dim=-1))
     return torch.cat(out) if out else torch.zeros(0, encoder.cfg.embedding_dim)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,15 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+_ADDRESS = re.compile(r"<[^<>]*? at 0x[0-9a-fA-F]+>")
+
+
+def stable_message(exc: BaseException) -> str:
+    """The decoder's message as a function of the file only: Pillow names the in-memory buffer by its
+    object address (`<_io.BytesIO object at 0x7f…>`), which differs on every run."""
+    return _ADDRESS.sub("the file's bytes", str(exc))
+
+
 def load_rgb(
     path: str | Path, alpha: str = "composite", data: bytes | None = None
 ) -> tuple[np.ndarray, LoadInfo]:
@@ -72,11 +82,11 @@ def load_rgb(
             fmt = im.format
             im.load()  # full decode: raises on truncated data (LOAD_TRUNCATED_IMAGES stays False)
     except OSError as exc:
-        msg = str(exc)
+        msg = stable_message(exc)
         reason = "truncated" if "truncated" in msg.lower() or "broken data" in msg.lower() else "unreadable"
         raise ImageProblem(reason, f"{path}: cannot decode image ({msg})") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning, ValueError, SyntaxError) as exc:
-        raise ImageProblem("unreadable", f"{path}: cannot decode image ({exc})") from exc
+        raise ImageProblem("unreadable", f"{path}: cannot decode image ({stable_message(exc)})") from exc
 
     info = LoadInfo(mode=im.mode, format=fmt)
     transposed = ImageOps.exif_transpose(im)

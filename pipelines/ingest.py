@@ -2,7 +2,9 @@
 
 Every listed image ends in exactly one of two files: the manifest (usable, with what was done to
 reach 8-bit RGB) or the quarantine (with a reason and a message naming the file). One bad image
-never stops the run.
+never stops the run. Every reason and message is a function of the file's bytes and name only (no
+object addresses, no timestamps), so a second run writes the same bytes. A photo found under two
+identities is quarantined as `identity_conflict`, naming both.
 """
 
 from __future__ import annotations
@@ -25,12 +27,24 @@ class IngestResult:
     metrics: dict
 
 
+def _duplicate(item, first_id: str, first_identity: str | None, how: str) -> dict:
+    """A repeated photo: a plain duplicate, or an identity conflict when the two copies are filed under
+    different identities (one of the two labels is wrong; both are named)."""
+    if item.identity is not None and first_identity is not None and item.identity != first_identity:
+        return {
+            "reason": "identity_conflict",
+            "detail": f"{item.path}: {how} {first_id}, but filed under identity {item.identity!r} "
+            f"while {first_id} is filed under {first_identity!r}; check both labels",
+        }
+    return {"reason": "duplicate", "detail": f"{item.path}: {how} {first_id}"}
+
+
 def ingest(listing: SourceListing, cfg: IngestConfig, progress: bool = True) -> IngestResult:
     manifest, quarantine = [], []
     for p in listing.problems:
         quarantine.append({"image_id": None, **p})
-    by_bytes: dict[str, str] = {}
-    by_pixels: dict[str, str] = {}
+    by_bytes: dict[str, tuple[str, str | None]] = {}  # sha256 -> (first image id, its identity)
+    by_pixels: dict[str, tuple[str, str | None]] = {}
     for item in tqdm(listing.items, desc="ingest", unit="img", disable=not progress):
         base = {"image_id": item.image_id, "item": item.path}
         try:
@@ -40,9 +54,7 @@ def ingest(listing: SourceListing, cfg: IngestConfig, progress: bool = True) -> 
             continue
         sha = hashlib.sha256(data).hexdigest()
         if sha in by_bytes:
-            quarantine.append(
-                {**base, "reason": "duplicate", "detail": f"{item.path}: same bytes as {by_bytes[sha]}"}
-            )
+            quarantine.append({**base, **_duplicate(item, *by_bytes[sha], "same bytes as")})
             continue
         try:
             arr, info = load_rgb(item.path, alpha=cfg.alpha, data=data)
@@ -61,16 +73,10 @@ def ingest(listing: SourceListing, cfg: IngestConfig, progress: bool = True) -> 
             continue
         psha = hashlib.sha256(arr.tobytes() + f"{h}x{w}".encode()).hexdigest()
         if psha in by_pixels:
-            quarantine.append(
-                {
-                    **base,
-                    "reason": "duplicate",
-                    "detail": f"{item.path}: same pixels as {by_pixels[psha]} (other encoding)",
-                }
-            )
+            quarantine.append({**base, **_duplicate(item, *by_pixels[psha], "same pixels (other encoding) as")})
             continue
-        by_bytes[sha] = item.image_id
-        by_pixels[psha] = item.image_id
+        by_bytes[sha] = (item.image_id, item.identity)
+        by_pixels[psha] = (item.image_id, item.identity)
         manifest.append(
             {
                 "image_id": item.image_id,

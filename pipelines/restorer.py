@@ -2,7 +2,7 @@
 
 A bundle is a folder that rebuilds the network from the trainable weights and the configured backbone:
 
-    bundle.json      format, resolution, sampler settings, encoder kind
+    bundle.json      format, resolution, sampler settings, encoder kind and its crop (embed.crop_border)
     train.json       the `train` params section the weights were trained with
     model/           trainable weights (LoRA in diffusers' format, pathways, backbone when trained), safetensors
     encoder.safetensors   the primary identity encoder (embeds the references and the degraded input)
@@ -26,7 +26,7 @@ from PIL import Image
 from models.lora import load_trainable
 from pipelines.config import TrainConfig, as_dict, build
 from pipelines.embedding import load_identity_encoder
-from pipelines.training import IConFaceModule, build_network, to_uint8, to_unit
+from pipelines.training import IConFaceModule, build_network, make_batch, to_uint8
 
 BUNDLE_FORMAT = 1
 MIN_SIDE = 32
@@ -46,6 +46,7 @@ def write_bundle(
     steps: int = 12,
     guidance: float = 1.0,
     seed: int = 42,
+    crop_border: float = 0.0,
 ) -> Path:
     out = Path(out)
     if out.exists():
@@ -64,6 +65,7 @@ def write_bundle(
         "resolution": resolution,
         "max_refs": cfg.max_refs,
         "encoder": encoder_kind,
+        "crop_border": crop_border,
         "sampler": {"steps": steps, "guidance": guidance, "seed": seed},
     }
     (out / "bundle.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -122,7 +124,10 @@ class Restorer:
             replace(self.cfg, train_backbone=False), self.encoder.cfg.embedding_dim
         )
         load_trainable(net, bundle / "model")
-        self.module = IConFaceModule.from_config(net, codec, self.encoder, text, self.cfg).eval()
+        self.crop_border = float(self.meta.get("crop_border", 0.0))
+        self.module = IConFaceModule.from_config(
+            net, codec, self.encoder, text, self.cfg, self.crop_border
+        ).eval()
         self.resolution = int(self.meta["resolution"])
         self.max_refs = int(self.meta["max_refs"])
 
@@ -149,21 +154,14 @@ class Restorer:
             if len(r) > self.max_refs:
                 raise InputError(f"image {i}: {len(r)} references; the model accepts at most {self.max_refs}")
         s = self.meta["sampler"]
-        res = self.resolution
-        b, k = len(lq), max((len(r) for r in refs), default=0)
-        ref_arr = np.zeros((b, k, res, res, 3), np.uint8)
-        mask = np.zeros((b, k), bool)
-        for i, rs in enumerate(refs):
-            for j, r in enumerate(rs):
-                ref_arr[i, j], mask[i, j] = self._fit(r), True
-        lq_t = to_unit(np.stack([self._fit(x) for x in lq]))
-        ref_t = to_unit(ref_arr.reshape(b * k, res, res, 3)).reshape(b, k, 3, res, res)
-        z_refs = (
-            self.module.identity(ref_t.flatten(0, 1)).unflatten(0, (b, k))
-            if k
-            else torch.zeros(b, 0, self.encoder.cfg.embedding_dim)
-        )
-        batch = {"lq": lq_t, "refs": ref_t, "ref_mask": torch.from_numpy(mask), "z_refs": z_refs}
+        batch = make_batch([self._fit(x) for x in lq], [[self._fit(r) for r in rs] for rs in refs])
+        if batch["refs"].shape[1]:
+            # The references are embedded as the shard embeddings were (the module applies the crop).
+            batch["z_refs"] = self.module.identity(batch["refs"].flatten(0, 1)).unflatten(
+                0, batch["refs"].shape[:2]
+            )
+        else:
+            batch["z_refs"] = torch.zeros(len(lq), 0, self.encoder.cfg.embedding_dim)
         out = self.module.restore(
             batch,
             steps=steps or s["steps"],

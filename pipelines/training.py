@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import TypedDict
 
 import lightning as L
 import numpy as np
@@ -24,13 +25,16 @@ import torch.nn.functional as F
 
 from models.codecs import Flux2VAECodec, LatentCodec, PixelCodec
 from models.iconface import Conditioning, IConFace, IConFaceConfig, build_backbone, identity_anchor
-from models.id_encoder import IRBackbone, preprocess
+from models.id_encoder import IRBackbone, raw_embedding
 from models.lora import add_lora
 from models.losses import (
     LossWeights,
     add_noise,
+    draw_sigma_noise,
+    fm_operands,
     iconface_loss,
-    sample_sigma,
+    noise_generator,
+    parameterise,
     velocity_target,
 )
 from models.prompt import load_prompt_cache, synthetic_prompt
@@ -50,38 +54,89 @@ def to_unit(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(images, dtype=np.uint8)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def collate(batch: dict, schedule: tuple[float, ...], max_refs: int, seed: int, epoch: int) -> dict:
-    """A stream batch → tensors; draws each sample's references by the schedule (distinct, no padding copies).
+class Batch(TypedDict, total=False):
+    """The one batch structure of training, validation and restoring (images in [-1, 1]).
 
-    Returns lq, gt (B, 3, H, W) in [-1, 1]; refs (B, R, 3, H, W) with R the batch's largest drawn count
-    (zero-padded), ref_mask (B, R); z_refs (B, R, D); z_gt (B, D); wanted / got counts for logging.
+    lq, gt (B, 3, H, W); refs (B, R, 3, H, W) zero-padded to R slots with ref_mask (B, R) marking the
+    real ones; z_refs (B, R, D) raw reference embeddings (zeros in padded slots); z_gt (B, D); keys;
+    wanted / got: the schedule's drawn and realised reference counts (training only).
     """
-    b = len(batch["keys"])
-    draws = [draw_refs(len(batch["refs"][i]), schedule, seed, batch["keys"][i], epoch) for i in range(b)]
-    r = max((len(d.chosen) for d in draws), default=0)
-    h, w = batch["gt"].shape[1:3]
-    refs = np.zeros((b, r, h, w, 3), np.uint8)
+
+    keys: list[str]
+    lq: torch.Tensor
+    gt: torch.Tensor
+    refs: torch.Tensor
+    ref_mask: torch.Tensor
+    z_refs: torch.Tensor
+    z_gt: torch.Tensor
+    wanted: list[int]
+    got: list[int]
+
+
+def make_batch(
+    lq: np.ndarray | list[np.ndarray],
+    refs: list[list[np.ndarray]],
+    z_refs: list[list[np.ndarray]] | None = None,
+    *,
+    dim: int = 0,
+    slots: int | None = None,
+    gt: np.ndarray | list[np.ndarray] | None = None,
+    z_gt: np.ndarray | list[np.ndarray] | None = None,
+    keys: list[str] | None = None,
+) -> Batch:
+    """Pad each sample's references (uint8 (H, W, 3), 0..slots of them) into a `Batch`.
+
+    `slots`: the number of reference slots R (default: the largest count in the batch). `z_refs`: the
+    matching raw embeddings per sample, or None (then zeros of width `dim`; the restorer embeds the
+    images itself).
+    """
+    lq = np.stack([np.asarray(x, np.uint8) for x in lq])
+    b, h, w = lq.shape[:3]
+    r = max((len(x) for x in refs), default=0) if slots is None else slots
+    if z_refs is not None:
+        dim = next((np.asarray(e).shape[-1] for es in z_refs for e in es), dim)
+    ref_arr = np.zeros((b, r, h, w, 3), np.uint8)
     mask = np.zeros((b, r), bool)
-    dim = batch["gt_emb"].shape[-1]
-    z_refs = np.zeros((b, r, dim), np.float32)
-    for i, d in enumerate(draws):
-        for j, k in enumerate(d.chosen[:max_refs]):
-            refs[i, j] = batch["refs"][i][k]
-            z_refs[i, j] = batch["ref_emb"][i][k]
-            mask[i, j] = True
-    return {
-        "keys": list(batch["keys"]),
-        "lq": to_unit(batch["lq"]),
-        "gt": to_unit(batch["gt"]),
-        "refs": to_unit(refs.reshape(b * r, h, w, 3)).reshape(b, r, 3, h, w)
+    z = np.zeros((b, r, dim), np.float32)
+    for i, rs in enumerate(refs):
+        for j, img in enumerate(rs[:r]):
+            ref_arr[i, j], mask[i, j] = img, True
+            if z_refs is not None:
+                z[i, j] = z_refs[i][j]
+    out: Batch = {
+        "keys": list(keys) if keys is not None else [str(i) for i in range(b)],
+        "lq": to_unit(lq),
+        "refs": to_unit(ref_arr.reshape(b * r, h, w, 3)).reshape(b, r, 3, h, w)
         if r
         else torch.zeros(b, 0, 3, h, w),
         "ref_mask": torch.from_numpy(mask),
-        "z_refs": torch.from_numpy(z_refs),
-        "z_gt": torch.from_numpy(np.asarray(batch["gt_emb"], np.float32)),
-        "wanted": [d.wanted for d in draws],
-        "got": [len(d.chosen) for d in draws],
+        "z_refs": torch.from_numpy(z),
     }
+    if gt is not None:
+        out["gt"] = to_unit(np.stack([np.asarray(x, np.uint8) for x in gt]))
+    if z_gt is not None:
+        out["z_gt"] = torch.from_numpy(np.stack([np.asarray(x, np.float32) for x in z_gt]))
+    return out
+
+
+def collate(batch: dict, schedule: tuple[float, ...], max_refs: int, seed: int, epoch: int) -> Batch:
+    """A stream batch → a `Batch`; draws each sample's references by the schedule (distinct, never
+    duplicated), padded to the batch's largest drawn count; `wanted` / `got` record the draws."""
+    b = len(batch["keys"])
+    draws = [draw_refs(len(batch["refs"][i]), schedule, seed, batch["keys"][i], epoch) for i in range(b)]
+    chosen = [d.chosen[:max_refs] for d in draws]
+    out = make_batch(
+        batch["lq"],
+        [[batch["refs"][i][k] for k in c] for i, c in enumerate(chosen)],
+        [[batch["ref_emb"][i][k] for k in c] for i, c in enumerate(chosen)],
+        dim=batch["gt_emb"].shape[-1],
+        gt=batch["gt"],
+        z_gt=batch["gt_emb"],
+        keys=list(batch["keys"]),
+    )
+    out["wanted"] = [d.wanted for d in draws]
+    out["got"] = [len(c) for c in chosen]
+    return out
 
 
 class StreamIterable(torch.utils.data.IterableDataset):
@@ -178,8 +233,16 @@ class OptimConfig:
     prediction: str = "velocity"  # velocity (the recipe) | x0_residual (see TrainConfig.prediction)
 
 
+COUNTERS = "refface_counters"  # checkpoint key of the counters that must survive a resume
+
+
 class IConFaceModule(L.LightningModule):
-    """Owns the loss, the optimiser and the logging; `net`, `codec`, `id_encoder` and `text` are given."""
+    """Owns the loss, the optimiser and the logging; `net`, `codec`, `id_encoder` and `text` are given.
+
+    `crop_border` (embed.crop_border) is applied wherever the module embeds an image with the frozen
+    identity encoder (the degraded input, the identity loss, the restorer's references), as the shard
+    embeddings were made. The identity anchor of the loss uses the network's own temperature T (eq. 4).
+    """
 
     def __init__(
         self,
@@ -189,17 +252,19 @@ class IConFaceModule(L.LightningModule):
         text: dict[str, torch.Tensor],
         optim: OptimConfig | None = None,
         weights: LossWeights | None = None,
+        crop_border: float = 0.0,
     ):
         super().__init__()
         self.net, self.codec = net, codec
         self.optim, self.weights = optim or OptimConfig(), weights or LossWeights()
+        self.crop_border = crop_border
         self.id_encoder = id_encoder.eval().requires_grad_(False)
         self.codec.requires_grad_(False)
         self.register_buffer("text", text["prompt"], persistent=False)
         self.register_buffer("empty_text", text["empty"], persistent=False)
         self.mix: Counter = Counter()
         self.shortfall = 0
-        self.samples = 0
+        self.samples = 0  # seen by this process (throughput); mix and shortfall survive a resume
         self._t0 = None
         self.history: list[dict] = []
         # Checkpoints hold the trainable weights only (the frozen backbone is rebuilt from its config
@@ -208,29 +273,51 @@ class IConFaceModule(L.LightningModule):
 
     @classmethod
     def from_config(
-        cls, net: IConFace, codec: LatentCodec, id_encoder: IRBackbone, text: dict, cfg
+        cls,
+        net: IConFace,
+        codec: LatentCodec,
+        id_encoder: IRBackbone,
+        text: dict,
+        cfg,
+        crop_border: float = 0.0,
     ) -> IConFaceModule:
         """The module for a `train` config: its optimiser settings, parameterisation and loss weights
-        (α_fm and ω_min stay at the supplement's values)."""
+        (α_fm and ω_min stay at the supplement's values); `crop_border` from the `embed` section."""
         optim = OptimConfig(
             cfg.lr, cfg.weight_decay, cfg.sigma_scheme, cfg.seed, cfg.sigma_max, cfg.prediction
         )
         return cls(
-            net, codec, id_encoder, text, optim, LossWeights(lambda_id=cfg.lambda_id, lambda_h=cfg.lambda_h)
+            net,
+            codec,
+            id_encoder,
+            text,
+            optim,
+            LossWeights(lambda_id=cfg.lambda_id, lambda_h=cfg.lambda_h),
+            crop_border,
         )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = {f"net.{n}" for n, p in self.net.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint[COUNTERS] = {
+            "mix": {str(k): int(v) for k, v in sorted(self.mix.items())},
+            "shortfall": int(self.shortfall),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """The reference-mix and shortfall counters continue where the checkpoint left them."""
+        c = checkpoint.get(COUNTERS)
+        if c:
+            self.mix = Counter({int(k): v for k, v in c["mix"].items()})
+            self.shortfall = int(c["shortfall"])
 
     # ---- helpers ----------------------------------------------------------------------------------
     def identity(self, images: torch.Tensor) -> torch.Tensor:
-        """Raw identity embedding of images in [-1, 1] with the frozen encoder (differentiable in the input)."""
-        x = preprocess((images.clamp(-1, 1) + 1) / 2, self.id_encoder.cfg.input_size)
-        e, n = self.id_encoder(x)
-        return e * n
+        """Raw identity embedding of images in [-1, 1] with the frozen encoder and the configured crop
+        (differentiable in the input)."""
+        return raw_embedding(self.id_encoder, (images.clamp(-1, 1) + 1) / 2, self.crop_border)
 
-    def conditioning(self, batch: dict) -> Conditioning:
+    def conditioning(self, batch: Batch) -> Conditioning:
         b = batch["lq"].shape[0]
         deg = self.codec.encode(batch["lq"])
         r = batch["refs"].shape[1]
@@ -247,24 +334,19 @@ class IConFaceModule(L.LightningModule):
         self, z: torch.Tensor, sigma: torch.Tensor, cond: Conditioning
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(û, ẑ0) under the configured parameterisation; û is what the sampler integrates."""
-        out = self.net(z, sigma, cond)
-        s = sigma.view(-1, *([1] * (z.ndim - 1)))
-        if self.optim.prediction == "x0_residual":
-            x0 = cond.deg + out
-            return (z - x0) / s.clamp_min(1e-4), x0
-        return out, z - s * out
+        return parameterise(self.net(z, sigma, cond), z, sigma, cond.deg, self.optim.prediction)
 
     # ---- training -----------------------------------------------------------------------------------
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         if self._t0 is None:
             self._t0 = time.perf_counter()
         b = batch["gt"].shape[0]
         with torch.no_grad():
             z0 = self.codec.encode(batch["gt"])
         cond = self.conditioning(batch)
-        g = torch.Generator().manual_seed(self.optim.seed * 1_000_003 + self.global_step * 97 + batch_idx)
-        sigma = sample_sigma(b, self.optim.sigma_scheme, g).to(z0) * self.optim.sigma_max
-        noise = torch.randn(z0.shape, generator=g).to(z0)
+        g = noise_generator(self.optim.seed, self.global_step, self.global_rank, batch_idx)
+        sigma, noise = draw_sigma_noise(tuple(z0.shape), self.optim.sigma_scheme, self.optim.sigma_max, g)
+        sigma, noise = sigma.to(z0), noise.to(z0)
         z_sigma = add_noise(z0, noise, sigma)
         u_hat, x0_hat = self.predict(z_sigma, sigma, cond)
         has_ref = batch["ref_mask"].any(1)
@@ -272,13 +354,10 @@ class IConFaceModule(L.LightningModule):
         if bool(has_ref.any()) and self.weights.lambda_id > 0:
             img = self.codec.decode(x0_hat)  # decode ẑ0
             e_out = F.normalize(self.identity(img), dim=-1)
-            e_ref = identity_anchor(batch["z_refs"], batch["ref_mask"], cond.z_deg)
+            e_ref = identity_anchor(batch["z_refs"], batch["ref_mask"], cond.z_deg, self.net.cfg.temperature)
             e_gt = F.normalize(batch["z_gt"], dim=-1)
-        target = velocity_target(z0, noise)
-        if self.optim.prediction == "x0_residual":  # L_fm in ẑ0 space: σ·(û − u*) = z0 − ẑ0
-            s = sigma.view(-1, *([1] * (z0.ndim - 1)))
-            u_hat, target = s * u_hat, s * target
-        terms = iconface_loss(u_hat, target, sigma, e_out, e_ref, e_gt, has_ref, self.weights)
+        u_fm, target = fm_operands(u_hat, velocity_target(z0, noise), sigma, self.optim.prediction)
+        terms = iconface_loss(u_fm, target, sigma, e_out, e_ref, e_gt, has_ref, self.weights)
         self.mix.update(batch["got"])
         self.shortfall += sum(w - g_ for w, g_ in zip(batch["wanted"], batch["got"]))
         self.samples += b
@@ -323,12 +402,11 @@ class IConFaceModule(L.LightningModule):
         return self.codec.decode(z).clamp(-1, 1)
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def psnr(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
     """Per-image PSNR (B,) of images in [-1, 1], on the 0–255 scale after rounding to 8 bits."""
-    a8 = ((a.clamp(-1, 1) + 1) * 127.5).round()
-    b8 = ((b.clamp(-1, 1) + 1) * 127.5).round()
-    mse = ((a8 - b8) ** 2).flatten(1).mean(1).clamp_min(1e-10)
-    return 10 * torch.log10(255.0**2 / mse)
+    from pipelines.evaluation import psnr_u8
+
+    return psnr_u8(to_uint8(a), to_uint8(b))
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -382,9 +460,9 @@ def build_network(cfg, z_dim: int) -> tuple[IConFace, object, dict]:
     return net, codec, text
 
 
-def validation_batch(shards: str, cfg, max_refs: int) -> dict:
+def validation_batch(shards: str, cfg, max_refs: int) -> Batch:
     """The first `val_samples` val targets, degraded once with `val_preset` (seed 42 + index), with
-    their first protocol references (up to max_refs)."""
+    their first protocol references (up to max_refs) in max_refs slots."""
     samples = []
     for i, s in enumerate(iter_samples(shards, "val")):
         if i >= cfg.val_samples:
@@ -393,27 +471,19 @@ def validation_batch(shards: str, cfg, max_refs: int) -> dict:
         samples.append((s, lq))
     if not samples:
         raise ValueError(f"{shards} has no val samples to validate on")
-    b = len(samples)
-    h, w = samples[0][0]["gt"].shape[:2]
-    r = max_refs
-    refs = np.zeros((b, r, h, w, 3), np.uint8)
-    mask = np.zeros((b, r), bool)
-    z_refs = np.zeros((b, r, samples[0][0]["gt_emb"].shape[-1]), np.float32)
-    for i, (s, _) in enumerate(samples):
-        for j in range(min(r, len(s["refs"]))):
-            refs[i, j], z_refs[i, j], mask[i, j] = s["refs"][j], s["ref_emb"][j], True
-    return {
-        "keys": [s["key"] for s, _ in samples],
-        "lq": to_unit(np.stack([lq for _, lq in samples])),
-        "gt": to_unit(np.stack([s["gt"] for s, _ in samples])),
-        "refs": to_unit(refs.reshape(b * r, h, w, 3)).reshape(b, r, 3, h, w),
-        "ref_mask": torch.from_numpy(mask),
-        "z_refs": torch.from_numpy(z_refs),
-        "z_gt": torch.from_numpy(np.stack([s["gt_emb"] for s, _ in samples]).astype(np.float32)),
-    }
+    return make_batch(
+        [lq for _, lq in samples],
+        [s["refs"][:max_refs] for s, _ in samples],
+        [s["ref_emb"][:max_refs] for s, _ in samples],
+        dim=samples[0][0]["gt_emb"].shape[-1],
+        slots=max_refs,
+        gt=[s["gt"] for s, _ in samples],
+        z_gt=[s["gt_emb"] for s, _ in samples],
+        keys=[s["key"] for s, _ in samples],
+    )
 
 
-def no_refs(batch: dict) -> dict:
+def no_refs(batch: Batch) -> Batch:
     b, _, c, h, w = batch["refs"].shape
     return {
         **batch,
@@ -425,26 +495,29 @@ def no_refs(batch: dict) -> dict:
 
 @torch.no_grad()
 def evaluate(
-    module: IConFaceModule, batch: dict, evaluator, steps: int, guidance: float = 4.0
+    module: IConFaceModule, batch: Batch, evaluator, steps: int, guidance: float = 4.0
 ) -> tuple[dict, dict]:
-    """PSNR and identity similarity (evaluator encoder, cosine to the target) of the degraded input and of
-    the restoration with references and without."""
+    """PSNR and identity similarity (evaluator encoder with the module's crop, cosine to the target) of
+    the degraded input and of the restoration with references and without."""
 
-    def idsim(x: torch.Tensor) -> torch.Tensor:
-        from models.id_encoder import preprocess
+    def unit(x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(
+            raw_embedding(evaluator.eval(), (x.clamp(-1, 1) + 1) / 2, module.crop_border), dim=-1
+        )
 
-        e = evaluator(preprocess((x + 1) / 2, evaluator.cfg.input_size))[0]
-        g = evaluator(preprocess((batch["gt"] + 1) / 2, evaluator.cfg.input_size))[0]
-        return (e * g).sum(-1)
+    g = unit(batch["gt"])
+
+    def idsim(x: torch.Tensor) -> float:
+        return float((unit(x) * g).sum(-1).mean())
 
     out_ref = module.restore(batch, steps=steps, guidance=guidance)
     out_none = module.restore(no_refs(batch), steps=steps, guidance=guidance)
     m = {
-        "lq_psnr": psnr(batch["lq"], batch["gt"]).mean().item(),
-        "restored_psnr": psnr(out_ref, batch["gt"]).mean().item(),
-        "restored_noref_psnr": psnr(out_none, batch["gt"]).mean().item(),
-        "lq_id_sim": idsim(batch["lq"]).mean().item(),
-        "restored_id_sim": idsim(out_ref).mean().item(),
-        "restored_noref_id_sim": idsim(out_none).mean().item(),
+        "lq_psnr": float(psnr(batch["lq"], batch["gt"]).mean()),
+        "restored_psnr": float(psnr(out_ref, batch["gt"]).mean()),
+        "restored_noref_psnr": float(psnr(out_none, batch["gt"]).mean()),
+        "lq_id_sim": idsim(batch["lq"]),
+        "restored_id_sim": idsim(out_ref),
+        "restored_noref_id_sim": idsim(out_none),
     }
     return {k: round(v, 4) for k, v in m.items()}, {"ref": out_ref, "none": out_none}

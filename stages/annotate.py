@@ -192,7 +192,6 @@ def main(argv: list[str] | None = None) -> None:
         **info,
         "pool": len(pool),
         "annotations_stored": len(store),
-        "annotations_new": new,
         "pairs_decided": len(decisions),
         "states": dict(sorted(Counter(d["state"] for d in decisions.values()).items())),
         "multi_annotated_pairs": len(agreements),
@@ -201,6 +200,8 @@ def main(argv: list[str] | None = None) -> None:
         "vs_truth_conflict_iou": round(float(np.mean([v[0] for v in vs_truth])), 4) if vs_truth else None,
         "vs_truth_accuracy": round(float(np.mean([v[1] for v in vs_truth])), 4) if vs_truth else None,
     }
+    # `new` depends on what earlier runs already pulled into the append-only store: it is printed and
+    # not a DVC metric (a fresh clone would count every annotation as new).
     write_json(args.metrics, metrics)
 
     show = sorted(decisions)[:8]

@@ -3,9 +3,13 @@
     python -m stages.evaluate --eval-sets data/eval_sets --model data/train/model --encoders data/encoders \
         --out data/evaluate --metrics metrics/evaluate.json --report reports/evaluation.md --plot plots/evaluate.csv
 
-Modes: no reference, and 1, 2, 3 references (the first k protocol references; a target with fewer than
-k is left out of that row and the row says how many samples it has). Rows per set: the degraded input
-(baseline) and each mode. Metrics (pipelines/evaluation.py): PSNR, SSIM, Ref-ID with the primary and
+Modes: no reference, and 1, 2, 3 references (the first k protocol references). Every row of a set is
+computed on the SAME targets: those with at least max(modes) references (paired comparison). Rows per
+set: the degraded input (baseline), each mode, and a control, "3 references of another person" (the
+same count, taken from the next target of another identity): true references must beat it, or the
+model gains from more tokens rather than from who the references show. Each mode's difference to the
+blind mode carries a 95 % paired bootstrap interval (pipelines/stats.py, fixed seed); per-target values
+go to `data/evaluate/per_target.json` (the registry's paired promotion gate reads them). Metrics (pipelines/evaluation.py): PSNR, SSIM, Ref-ID with the primary and
 the evaluator encoder, GT-ID (evaluator), copy score on conflict pairs; weight-based metrics (LPIPS,
 MUSIQ, CLIP-IQA, MANIQA, FID) are listed as not computed with the reason. Also writes the model bundle
 `data/evaluate/bundle` (pipelines/restorer.py) that `register` logs, and grids per set
@@ -23,15 +27,18 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pipelines.embedding import load_identity_encoder
+from pipelines.embedding import load_encoders
 from pipelines.evaluation import NO_WEIGHT_METRICS, copy_score, cosine, embed, psnr_u8, ssim_u8
 from pipelines.io import write_bytes, write_json
 from pipelines.restorer import Restorer, write_bundle
 from pipelines.shards import decode_sample, iter_raw, shard_paths, validate_shards
+from pipelines.stats import paired_bootstrap
 from pipelines.viz import save_grid
 from stages._common import load_params, parser, progress_enabled, setup_logging
 
 COLUMNS = ("n", "psnr", "ssim", "ref_id_primary", "ref_id_evaluator", "gt_id", "copy_score", "copy_pairs")
+PAIRED = ("gt_id", "psnr", "ssim", "copy_score")  # differences to the blind mode, with intervals
+CONTROL = "3 references of another person"
 
 
 def load_set(root: str, name: str, limit: int) -> list[dict]:
@@ -45,41 +52,63 @@ def load_set(root: str, name: str, limit: int) -> list[dict]:
     return out
 
 
-def row_metrics(outs, samples, prim, evaluator, tau) -> dict:
+def per_target(outs, samples, prim, evaluator, tau, border) -> dict[str, np.ndarray]:
+    """Per-target metrics (N,) of outputs `outs`. Ref-ID and the copy score are taken against each
+    target's first true reference (in every row, the blind mode and the control included)."""
     gt = np.stack([s["gt"] for s in samples])
-    has_ref = [i for i, s in enumerate(samples) if s["refs"]]
-    e_out_p, e_out_e = embed(prim, outs), embed(evaluator, outs)
-    ref0 = np.stack([samples[i]["refs"][0] for i in has_ref]) if has_ref else None
-    m = {
-        "n": len(samples),
-        "psnr": float(psnr_u8(outs, gt).mean()),
-        "ssim": float(ssim_u8(outs, gt).mean()),
-        "gt_id": float(cosine(e_out_e, embed(evaluator, gt)).mean()),
-        "ref_id_primary": float(cosine(e_out_p[has_ref], embed(prim, ref0)).mean()) if has_ref else None,
-        "ref_id_evaluator": float(cosine(e_out_e[has_ref], embed(evaluator, ref0)).mean())
-        if has_ref
-        else None,
+    ref0 = np.stack([s["refs"][0] for s in samples])
+    e_out_p, e_out_e = embed(prim, outs, border), embed(evaluator, outs, border)
+    copies = []
+    for o, s in zip(outs, samples):
+        c = None if s["masks"][0] is None else copy_score(o, s["gt"], s["refs"][0], s["masks"][0], tau)
+        copies.append(np.nan if c is None else c)
+    return {
+        "psnr": psnr_u8(outs, gt),
+        "ssim": ssim_u8(outs, gt),
+        "gt_id": cosine(e_out_e, embed(evaluator, gt, border)),
+        "ref_id_primary": cosine(e_out_p, embed(prim, ref0, border)),
+        "ref_id_evaluator": cosine(e_out_e, embed(evaluator, ref0, border)),
+        "copy_score": np.array(copies, np.float64),
     }
-    copies = [
-        c
-        for i in has_ref
-        if samples[i]["masks"][0] is not None
-        and (c := copy_score(outs[i], samples[i]["gt"], samples[i]["refs"][0], samples[i]["masks"][0], tau))
-        is not None
-    ]
-    m["copy_score"] = float(np.mean(copies)) if copies else None
-    m["copy_pairs"] = len(copies)
-    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()}
 
 
-def markdown(results: dict, not_computed: dict, model: str) -> str:
+def summarise(values: dict[str, np.ndarray]) -> dict:
+    copies = values["copy_score"][np.isfinite(values["copy_score"])]
+    m = {"n": len(values["psnr"])}
+    for k in ("psnr", "ssim", "ref_id_primary", "ref_id_evaluator", "gt_id"):
+        m[k] = round(float(np.mean(values[k])), 4)
+    m["copy_score"] = round(float(copies.mean()), 4) if len(copies) else None
+    m["copy_pairs"] = int(len(copies))
+    return m
+
+
+def other_person(samples: list[dict], k: int) -> list[int]:
+    """For each target, the index of the next target (cyclically) of another identity with >= k references."""
+    out = []
+    for i, s in enumerate(samples):
+        for step in range(1, len(samples)):
+            j = (i + step) % len(samples)
+            if (
+                samples[j]["meta"].get("identity") != s["meta"].get("identity")
+                and len(samples[j]["refs"]) >= k
+            ):
+                out.append(j)
+                break
+        else:
+            raise SystemExit("error: the evaluation set holds a single identity; no control row possible")
+    return out
+
+
+def markdown(results: dict, paired: dict, not_computed: dict, model: str, seed: int) -> str:
     lines = [f"# Evaluation of {model}", ""]
     lines.append(
         "Layout of the IConFace paper's Tables 1–2: one block per evaluation set, the degraded input as a "
-        "baseline row, then the model without references (blind mode) and with 1–3 references. Ref-ID: cosine "
-        "to the first protocol reference (primary encoder / independent evaluator); GT-ID: cosine to the "
-        "target (evaluator). Copy score: share of conflict pixels where the output follows the reference "
-        "instead of the target (lower is better; pairs with conflict masks only)."
+        "baseline row, then the model without references (blind mode), with 1–3 references, and a control "
+        "with 3 references of another person. **Every row of a block is computed on the same targets** "
+        "(those with 3 references). Ref-ID: cosine to the first protocol reference (primary encoder / "
+        "independent evaluator); GT-ID: cosine to the target (evaluator). Copy score: share of conflict pixels "
+        "where the output follows the reference instead of the target (lower is better; pairs with conflict "
+        "masks only)."
     )
     for name, rows in results.items():
         lines += [
@@ -98,6 +127,20 @@ def markdown(results: dict, not_computed: dict, model: str) -> str:
                 f"| {row} | {m['n']} | {m['psnr']:.2f} | {f(m['ssim'])} | {f(m['ref_id_primary'])} | "
                 f"{f(m['ref_id_evaluator'])} | {f(m['gt_id'])} | {f(m['copy_score'])} ({m['copy_pairs']}) |"
             )
+        lines += [
+            "",
+            f"Paired differences to the blind mode (same targets; mean [95 % bootstrap interval], seed {seed}); "
+            "an interval that contains 0 is no difference:",
+            "",
+            "| row | Δ GT-ID | Δ PSNR (dB) | Δ SSIM | Δ copy | verdict on GT-ID |",
+            "|---|---:|---:|---:|---:|---|",
+        ]
+        for row, d in paired[name].items():
+            cells = [
+                "—" if d[m]["n"] == 0 else f"{d[m]['diff']:+.4f} [{d[m]['lo']:+.4f}, {d[m]['hi']:+.4f}]"
+                for m in PAIRED
+            ]
+            lines.append(f"| {row} | " + " | ".join(cells) + f" | {d['gt_id']['verdict']} |")
     lines += ["", "## Not computed", ""]
     lines += [f"- {k}: {v}" for k, v in not_computed.items()]
     return "\n".join(lines) + "\n"
@@ -123,11 +166,11 @@ def main(argv: list[str] | None = None) -> None:
         steps=cfg.steps,
         guidance=cfg.guidance,
         seed=cfg.seed,
+        crop_border=ecfg.crop_border,
     )
     restorer = Restorer(bundle, threads=cfg.threads)
-    prim = restorer.encoder
-    ev_path = Path(args.encoders) / "evaluator.safetensors"
-    evaluator = load_identity_encoder("small_ir", str(ev_path))[0] if ev_path.is_file() else prim
+    encoders = load_encoders(ecfg, args.encoders)
+    prim, evaluator, border = restorer.encoder, encoders.evaluator, ecfg.crop_border
     not_computed = {
         k: (
             f"weights configured at {path}, but loading {k} weights is not implemented yet"
@@ -136,47 +179,70 @@ def main(argv: list[str] | None = None) -> None:
         )
         for k in NO_WEIGHT_METRICS
     }
-    if ev_path.is_file() is False:
-        not_computed["ref_id_evaluator"] = "no evaluator encoder; the primary encoder stands in"
+    if encoders.fallback:
+        not_computed["ref_id_evaluator"] = encoders.fallback
 
     index = json.loads((Path(args.eval_sets) / "index.json").read_text())
+    kmax = max(cfg.modes)
     results: dict[str, dict] = {}
+    paired: dict[str, dict] = {}
+    targets: dict[str, dict] = {}
     plot_rows = []
-    total = len(index["splits"]) * len(cfg.modes)
+    total = len(index["splits"]) * (len(cfg.modes) + 1)
     bar = tqdm(total=total, desc="evaluate", unit="row", disable=not progress_enabled())
+
+    def restore(lqs, refs):
+        parts = [
+            restorer.restore_batch(lqs[i : i + cfg.batch_size], refs[i : i + cfg.batch_size])
+            for i in range(0, len(lqs), cfg.batch_size)
+        ]
+        return np.concatenate(parts)
+
     for name in sorted(index["splits"]):
-        samples = load_set(args.eval_sets, name, cfg.samples)
-        if not samples:
-            raise SystemExit(f"error: evaluation set {name} in {args.eval_sets} is empty")
-        rows = {
-            "degraded input": row_metrics(
-                np.stack([s["lq"] for s in samples]), samples, prim, evaluator, cfg.copy_tau
+        loaded = load_set(args.eval_sets, name, cfg.samples)
+        samples = [s for s in loaded if len(s["refs"]) >= max(kmax, 1)]
+        if len(samples) < 2:
+            raise SystemExit(
+                f"error: evaluation set {name} in {args.eval_sets} has {len(samples)} targets with "
+                f"{max(kmax, 1)} references (of {len(loaded)}); need at least 2 for a paired comparison"
             )
-        }
+        lq = [s["lq"] for s in samples]
+        values = {"degraded input": per_target(np.stack(lq), samples, prim, evaluator, cfg.copy_tau, border)}
         outputs = {}
         for k in cfg.modes:
-            subset = [s for s in samples if len(s["refs"]) >= k]
-            if not subset:
-                continue
-            restored = []
-            for i in range(0, len(subset), cfg.batch_size):
-                chunk = subset[i : i + cfg.batch_size]
-                restored.append(
-                    restorer.restore_batch([s["lq"] for s in chunk], [s["refs"][:k] for s in chunk])
-                )
-            outs = np.concatenate(restored)
+            outs = restore(lq, [s["refs"][:k] for s in samples])
             label = "no reference" if k == 0 else f"{k} reference{'s' if k > 1 else ''}"
-            # Copy score and Ref-ID are taken against the first reference even in the blind mode.
-            rows[label] = row_metrics(outs, subset, prim, evaluator, cfg.copy_tau)
-            outputs[k] = {s["key"]: o for s, o in zip(subset, outs)}
+            values[label] = per_target(outs, samples, prim, evaluator, cfg.copy_tau, border)
+            outputs[k] = {s["key"]: o for s, o in zip(samples, outs)}
             bar.update(1)
-        results[name] = rows
-        for row, m in rows.items():
+        other = other_person(samples, max(kmax, 1))
+        wrong = [samples[j]["refs"][: max(kmax, 1)] for j in other]
+        outs = restore(lq, wrong)
+        values[CONTROL] = per_target(outs, samples, prim, evaluator, cfg.copy_tau, border)
+        bar.update(1)
+        results[name] = {row: summarise(v) for row, v in values.items()}
+        blind = values.get("no reference")
+        paired[name] = {}
+        for row, v in values.items():
+            if blind is None or row in ("no reference",):
+                continue
+            paired[name][row] = {}
+            for m in PAIRED:
+                r = paired_bootstrap(v[m], blind[m], seed=cfg.seed)
+                paired[name][row][m] = {**r.as_dict(), "verdict": r.verdict}
+        targets[name] = {
+            "keys": [s["key"] for s in samples],
+            "rows": {
+                row: {m: [round(float(x), 5) for x in v[m]] for m in PAIRED} for row, v in values.items()
+            },
+        }
+        for row, m in results[name].items():
             plot_rows.append({"set": name, "row": row, **{c: m[c] for c in COLUMNS}})
-        # Grid: degraded | refs | output per mode | target
-        show = [s for s in samples if len(s["refs"]) >= max(cfg.modes)][: cfg.grid_samples] or samples[
-            : cfg.grid_samples
-        ]
+        # Grid: degraded | refs | output per mode | target, for the targets where references matter most.
+        gain = values.get("1 reference", values[CONTROL])["gt_id"] - (
+            blind["gt_id"] if blind is not None else 0
+        )
+        show = [samples[i] for i in np.argsort(-gain, kind="stable")[: cfg.grid_samples]]
         grid = [
             [
                 s["lq"],
@@ -189,28 +255,37 @@ def main(argv: list[str] | None = None) -> None:
         save_grid(
             out / f"grid_{name}.png",
             grid,
-            title=f"{name}: degraded | references | output with 0..3 references | target",
+            title=f"{name}: degraded | references | output with {'/'.join(map(str, cfg.modes))} references | target",
             col_labels=["degraded", "ref1", "ref2", "ref3", *[f"out {k} ref" for k in cfg.modes], "target"],
             cell=96,
         )
     bar.close()
     metrics = {
         "sets": results,
+        "paired": paired,
         "not_computed": not_computed,
-        "config": {"steps": cfg.steps, "guidance": cfg.guidance, "samples": cfg.samples},
+        "config": {
+            "steps": cfg.steps,
+            "guidance": cfg.guidance,
+            "samples": cfg.samples,
+            "targets_with_refs": kmax,
+        },
     }
     write_json(args.metrics, metrics)
-    write_bytes(args.report, markdown(results, not_computed, "data/train/model").encode())
+    write_json(out / "per_target.json", targets)
+    write_bytes(args.report, markdown(results, paired, not_computed, "data/train/model", cfg.seed).encode())
     Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
     with open(args.plot, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["set", "row", *COLUMNS])
         w.writeheader()
         w.writerows(plot_rows)
     sev = results.get("severe", next(iter(results.values())))
-    best = max((r for r in sev if r != "degraded input"), key=lambda r: sev[r]["psnr"])
+    d = paired.get("severe", next(iter(paired.values()))).get("1 reference", {}).get("gt_id")
     print(
-        f"evaluate: {len(results)} sets x {len(cfg.modes)} modes; severe PSNR degraded {sev['degraded input']['psnr']:.2f} -> "
-        f"{sev[best]['psnr']:.2f} dB ({best}); report {args.report}"
+        f"evaluate: {len(results)} sets x {len(cfg.modes)} modes + control on {sev['degraded input']['n']} paired targets; "
+        f"severe PSNR {sev['degraded input']['psnr']:.2f} -> {sev.get('no reference', sev['degraded input'])['psnr']:.2f} dB (blind); "
+        + (f"GT-ID 1 ref - blind {d['diff']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]; " if d else "")
+        + f"report {args.report}"
     )
 
 

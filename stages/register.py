@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument(a, required=True)
     args = p.parse_args(argv)
     setup_logging()
-    cfgs = load_params(args.params, "register", "train")
+    cfgs = load_params(args.params, "register")
     cfg = cfgs["register"]
     import mlflow
     from mlflow import MlflowClient

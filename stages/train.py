@@ -21,7 +21,6 @@ import os
 import platform
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,17 +28,12 @@ import torch
 
 from models.lora import save_trainable
 from pipelines.config import as_dict
-from pipelines.embedding import load_identity_encoder
+from pipelines.embedding import load_encoders
+from pipelines.fit import fit
 from pipelines.io import write_bytes, write_json
-from pipelines.shards import shard_paths, validate_shards
-from pipelines.training import (
-    IConFaceModule,
-    StreamDataModule,
-    build_network,
-    evaluate,
-    to_uint8,
-    validation_batch,
-)
+from pipelines.shards import validate_shards
+from pipelines.tracking import tracking_uri
+from pipelines.training import build_network, evaluate, to_uint8, validation_batch
 from pipelines.viz import grid_image
 from stages._common import load_params, parser, progress_enabled, setup_logging
 
@@ -132,20 +126,14 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     cfgs = load_params(args.params, "train", "degrade", "embed")
     cfg, dcfg, ecfg = cfgs["train"], cfgs["degrade"], cfgs["embed"]
-    torch.set_num_threads(cfg.threads)
     validate_shards(args.shards)
-    id_encoder, enc_name, _ = load_identity_encoder(ecfg.encoder, ecfg.checkpoint)
-    evaluator = (
-        load_identity_encoder("small_ir", str(Path(args.encoders) / "evaluator.safetensors"))[0]
-        if (Path(args.encoders) / "evaluator.safetensors").is_file()
-        else id_encoder
-    )
+    encoders = load_encoders(ecfg, args.encoders)
     try:
-        net, codec, text = build_network(cfg, id_encoder.cfg.embedding_dim)
+        build_network(cfg, encoders.primary.cfg.embedding_dim)  # fails on a bad backbone before any start
+        val = validation_batch(args.shards, cfg, cfg.max_refs)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from exc
 
-    import lightning as L
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
     from lightning.pytorch.loggers import MLFlowLogger
 
@@ -162,9 +150,12 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(ckpt_dir)  # a finished run or another configuration: start afresh
     ckpt_dir.mkdir(parents=True, exist_ok=True)
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
     logger = MLFlowLogger(
-        experiment_name=cfg.experiment, run_name="train", tracking_uri=uri, run_id=run_id, log_model=False
+        experiment_name=cfg.experiment,
+        run_name="train",
+        tracking_uri=tracking_uri(),
+        run_id=run_id,
+        log_model=False,
     )
     run_id = logger.run_id
     write_json(run_file, {"run_id": run_id, "config": chash, "finished": False})
@@ -173,10 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         params = {f"train.{k}": v for k, v in as_dict(cfg).items()} | {
             f"degrade.{k}": v for k, v in as_dict(dcfg).items()
         }
-        params |= {
-            "embed.encoder": enc_name,
-            "trainable_parameters": sum(p_.numel() for p_ in net.parameters() if p_.requires_grad),
-        }
+        params |= {"embed.encoder": encoders.name, "embed.crop_border": ecfg.crop_border}
         for k, v in params.items():
             client.log_param(run_id, k, str(v)[:500])
         client.set_tag(run_id, "git_commit", git_commit())
@@ -185,23 +173,6 @@ def main(argv: list[str] | None = None) -> None:
     else:
         print(f"train: resuming MLflow run {run_id} from {resume}")
 
-    world = cfg.devices * cfg.num_nodes
-    dm = StreamDataModule(
-        shard_paths(args.shards, "train"),
-        dcfg.preset,
-        dcfg.seed,
-        cfg.batch_size // world,
-        dcfg.max_in_flight,
-        tuple(cfg.ref_schedule),
-        cfg.max_refs,
-        dcfg.shuffle,
-        dcfg.num_cpus,
-    )
-    module = IConFaceModule.from_config(net, codec, id_encoder, text, cfg)
-    try:
-        val = validation_batch(args.shards, cfg, cfg.max_refs)
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from exc
     history_file = ckpt_dir / "history.csv"
 
     class Track(Callback):
@@ -223,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
                 and step % cfg.grid_every == 0
                 and batch_idx % trainer.accumulate_grad_batches == 0
             ):
-                _, outs = evaluate(pl_module, val, evaluator, cfg.val_steps, cfg.val_guidance)
+                _, outs = evaluate(pl_module, val, encoders.evaluator, cfg.val_steps, cfg.val_guidance)
                 _log_grid(client, run_id, sample_grid(val, outs), f"grids/step_{step:06d}.png")
 
     ckpt = ModelCheckpoint(
@@ -236,63 +207,40 @@ def main(argv: list[str] | None = None) -> None:
         mode="max",
         auto_insert_metric_name=False,
     )
-    trainer = L.Trainer(
-        max_steps=cfg.max_steps,
-        accelerator=cfg.accelerator,
-        devices=cfg.devices,
-        num_nodes=cfg.num_nodes,
-        strategy=cfg.strategy,
-        precision=cfg.precision,
-        accumulate_grad_batches=cfg.accumulate,
-        callbacks=[ckpt, Track()],
+    result = fit(
+        cfg,
+        dcfg,
+        args.shards,
+        encoders,
+        val,
+        callbacks=[Track()],
         logger=logger,
-        log_every_n_steps=cfg.log_every,
-        enable_progress_bar=progress_enabled(),
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
+        checkpoint=ckpt,
+        resume=resume,
+        progress=progress_enabled(),
     )
-    t0 = time.perf_counter()
-    trainer.fit(module, datamodule=dm, ckpt_path=resume)
-    fit_s = time.perf_counter() - t0
-    if trainer.global_rank != 0:
+    if result.module.global_rank != 0:
         return
 
-    save_trainable(net, out / "model")
-    metrics, outs = evaluate(module, val, evaluator, cfg.val_steps, cfg.val_guidance)
-    grid = sample_grid(val, outs)
+    save_trainable(result.module.net, out / "model")
+    metrics = result.metrics
+    grid = sample_grid(val, result.outputs)
     _log_grid(client, run_id, grid, "grids/final.png")
     from pipelines.images import png_bytes
 
     write_bytes(out / "samples.png", png_bytes(grid))
-    wait = dm.dataset.wait_s if dm.dataset else 0.0
-    metrics.update(
-        {
-            "steps": int(trainer.global_step),
-            "samples_seen_this_run": int(module.samples),
-            "samples_per_s": round(module.samples / max(fit_s, 1e-9), 3),
-            "data_wait_fraction": round(wait / max(fit_s, 1e-9), 4),
-            "final_loss": round(
-                float(np.mean([h["loss"] for h in module.history[-20:]])) if module.history else float("nan"),
-                5,
-            ),
-            "ref_mix": {
-                str(k): round(v / max(sum(module.mix.values()), 1), 4) for k, v in sorted(module.mix.items())
-            },
-            "ref_shortfall": int(module.shortfall),
-            "mlflow_run_id": run_id,
-        }
-    )
-    for k, v in metrics.items():
+    for k, v in {**metrics, **result.timing}.items():
         if isinstance(v, int | float):
-            client.log_metric(run_id, f"val/{k}", float(v))
-    write_json(args.metrics, {k: v for k, v in metrics.items() if k != "mlflow_run_id"})
+            client.log_metric(run_id, f"val/{k}" if k in metrics else f"timing/{k}", float(v))
+    # DVC metrics: only what a rerun reproduces (wall-clock figures are in MLflow, `timing/*`).
+    write_json(args.metrics, metrics)
     _write_plot(history_file, args.plot)
     client.log_artifact(run_id, str(history_file))
     write_json(run_file, {"run_id": run_id, "config": chash, "finished": True})
     client.set_terminated(run_id, "FINISHED")
+    t = result.timing
     print(
-        f"train: {metrics['steps']} steps, {metrics['samples_per_s']} samples/s, data wait {metrics['data_wait_fraction']:.1%}; "
+        f"train: {metrics['steps']} steps, {t['samples_per_s']} samples/s, data wait {t['data_wait_fraction']:.1%}; "
         f"val PSNR {metrics['lq_psnr']:.2f} (degraded) -> {metrics['restored_psnr']:.2f} dB, identity "
         f"{metrics['lq_id_sim']:.3f} -> {metrics['restored_id_sim']:.3f}; MLflow run {run_id}"
     )

@@ -5,8 +5,10 @@
 * Search space: params `tune.space` (LR, λ_id, λ_h, T, LoRA rank, memory tokens by default); TPE sampler
   seeded by `tune.seed`; median pruner on the intermediate validation score (restored identity
   similarity, reported every `report_every` steps).
-* Storage: `tune.storage` (sqlite under data/tune by default, any SQLAlchemy URL for a shared study);
-  re-running continues the study up to `n_trials` finished or pruned trials.
+* Storage: `tune.storage` (sqlite `data/optuna/tune.db` by default, outside the DVC output `data/tune`; any SQLAlchemy URL for a shared study).
+  `tune.resume: false` (default): every run starts the study afresh, so the outputs are a function of
+  the inputs and a fresh clone reproduces them; `true`: continue the study up to `n_trials` finished or
+  pruned trials (a shared study; the outputs then depend on its history).
 * MLflow: one `tune` run, each trial a nested run (parent tag) with its parameters, curve and score.
 * `tune.parallel > 1`: trials run as Ray tasks (local Ray, or the cluster in RAY_ADDRESS), sharing the
   study through the storage.
@@ -48,19 +50,26 @@ def run_trials(n: int, params_path: str, shards: str, encoders: str, parent_run:
     import torch
     from mlflow import MlflowClient
 
-    from pipelines.embedding import load_identity_encoder
+    from pipelines.embedding import load_encoders
+    from pipelines.fit import SCORE, fit
+    from pipelines.tracking import tracking_uri
     from pipelines.training import validation_batch
-    from pipelines.tuning import SCORE, short_run
 
     cfgs = load_params(params_path, "tune", "train", "degrade", "embed")
     cfg, tcfg, dcfg, ecfg = cfgs["tune"], cfgs["train"], cfgs["degrade"], cfgs["embed"]
-    torch.set_num_threads(max(1, tcfg.threads // max(cfg.parallel, 1)))
-    id_encoder = load_identity_encoder(ecfg.encoder, ecfg.checkpoint)[0]
-    ev = Path(encoders) / "evaluator.safetensors"
-    evaluator = load_identity_encoder("small_ir", str(ev))[0] if ev.is_file() else id_encoder
-    base = replace(tcfg, val_samples=cfg.val_samples, batch_size=cfg.batch_size, accumulate=1, seed=cfg.seed)
+    threads = max(1, tcfg.threads // max(cfg.parallel, 1))
+    torch.set_num_threads(threads)
+    enc = load_encoders(ecfg, encoders)
+    base = replace(
+        tcfg,
+        val_samples=cfg.val_samples,
+        batch_size=cfg.batch_size,
+        accumulate=1,
+        seed=cfg.seed,
+        threads=threads,
+    )
     val = validation_batch(shards, base, base.max_refs)
-    client = MlflowClient(os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    client = MlflowClient(tracking_uri())
     exp_id = client.get_run(parent_run).info.experiment_id
     study = optuna.load_study(
         study_name=cfg.study_name, storage=storage, sampler=optuna.samplers.TPESampler(seed=cfg.seed)
@@ -84,22 +93,23 @@ def run_trials(n: int, params_path: str, shards: str, encoders: str, parent_run:
                 raise optuna.TrialPruned(f"pruned at step {step} ({SCORE} {value:.4f})")
 
         try:
-            m = short_run(
+            r = fit(
                 replace(base, **chosen),
                 dcfg,
                 shards,
-                id_encoder,
-                evaluator,
+                enc,
                 val,
-                cfg.steps,
+                steps=cfg.steps,
                 report_every=cfg.report_every,
                 report=report,
                 val_steps=cfg.val_steps,
+                inline=True,
             )
         except optuna.TrialPruned:
             client.set_terminated(rid, "KILLED")
             raise
-        for k, v in m.items():
+        m = r.metrics
+        for k, v in {**m, **r.timing}.items():
             if isinstance(v, int | float):
                 client.log_metric(rid, k, float(v))
         client.set_terminated(rid, "FINISHED")
@@ -127,9 +137,21 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     storage = cfg.storage
+    from pipelines.tracking import sqlite_path
+
+    if (db := sqlite_path(storage)) is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)  # outside the stage's DVC output: a database's bytes
+        # change with every run (timestamps), the outputs must not
     pruner = optuna.pruners.MedianPruner(
         n_startup_trials=cfg.pruner_startup_trials, n_warmup_steps=cfg.report_every
     )
+    if not cfg.resume:
+        # A DVC run of this stage starts the study afresh: trials left in the storage by earlier code or
+        # params must not decide today's best (a fresh clone would get another best_value).
+        try:
+            optuna.delete_study(study_name=cfg.study_name, storage=storage)
+        except KeyError:
+            pass
     study = optuna.create_study(
         study_name=cfg.study_name,
         storage=storage,
@@ -139,7 +161,9 @@ def main(argv: list[str] | None = None) -> None:
         pruner=pruner,
     )
     left = cfg.n_trials - len([t for t in study.trials if t.state.is_finished()])
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    from pipelines.tracking import DEFAULT_DB, tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_experiment(tcfg.experiment)
     with mlflow.start_run(run_name="tune") as parent:
         mlflow.log_params(
@@ -158,9 +182,8 @@ def main(argv: list[str] | None = None) -> None:
                 ]
                 env = {
                     "env_vars": {
-                        "MLFLOW_TRACKING_URI": os.environ.get(
-                            "MLFLOW_TRACKING_URI", "sqlite:///" + str(Path("mlflow.db").resolve())
-                        )
+                        "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI")
+                        or "sqlite:///" + str(Path(DEFAULT_DB).resolve())
                     }
                 }
                 ray.get(

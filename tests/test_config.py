@@ -68,3 +68,58 @@ def test_configs_are_frozen():
     cfg = build(PairsConfig, {}, "pairs")
     with pytest.raises(AttributeError):
         cfg.seed = 3  # type: ignore[misc]
+
+
+def test_params_yaml_is_the_one_source_of_defaults():
+    """Every dataclass default equals params.yaml's value: a section left out of params.yaml (or a
+    dataclass built in code) behaves as the committed params say, and no comment can disagree."""
+    import dataclasses
+
+    from pipelines.config import SECTIONS, build
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    diffs = []
+    for name, cls in SECTIONS.items():
+        default, committed = build(cls, {}, name), build(cls, raw.get(name), name)
+        for f in dataclasses.fields(cls):
+            if getattr(default, f.name) != getattr(committed, f.name):
+                diffs.append(
+                    f"{name}.{f.name}: dataclass {getattr(default, f.name)!r}, params.yaml "
+                    f"{getattr(committed, f.name)!r}"
+                )
+    assert not diffs, "defaults disagree with params.yaml:\n" + "\n".join(diffs)
+
+
+def test_name_lists_match_their_registries():
+    from models.iconface import BACKBONES, VARIANTS
+    from pipelines.config import BACKBONE_NAMES, PRESET_NAMES, VARIANT_NAMES, WEIGHT_METRICS
+    from pipelines.degradations import PRESETS
+    from pipelines.evaluation import NO_WEIGHT_METRICS
+
+    assert tuple(BACKBONES) == BACKBONE_NAMES and tuple(VARIANTS) == VARIANT_NAMES
+    assert tuple(PRESETS) == PRESET_NAMES and tuple(NO_WEIGHT_METRICS) == WEIGHT_METRICS
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("sigma_scheme", "unifrom"),
+        ("precision", "bf16_mixed"),
+        ("strategy", "dpp"),
+        ("accelerator", "cuda:0"),
+    ],
+)
+def test_plain_string_options_are_validated_with_the_valid_values(key, value):
+    """A typo fails when params are read (before Ray, MLflow or Lightning start), naming the valid values."""
+    from pipelines.config import ConfigError, TrainConfig, build
+
+    with pytest.raises(ConfigError) as e:
+        build(TrainConfig, {key: value}, "train")
+    msg = str(e.value)
+    valid = {
+        "sigma_scheme": "'uniform'",
+        "precision": "'bf16-mixed'",
+        "strategy": "'ddp'",
+        "accelerator": "'gpu'",
+    }
+    assert f"train.{key}" in msg and repr(value) in msg and "is not one of" in msg and valid[key] in msg

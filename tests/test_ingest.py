@@ -29,7 +29,8 @@ def _album(root: Path) -> Path:
     (bad / "truncated.png").write_bytes(data[: len(data) // 2])
     (bad / "corrupt.jpg").write_bytes(b"this is not a jpeg at all" * 10)
     save(bad / "tiny.png", rgb(98).resize((16, 16)))
-    (bad / "dup.png").write_bytes((root / "p0" / "0.png").read_bytes())  # same bytes
+    (bad / "dup.png").write_bytes((root / "p0" / "0.png").read_bytes())  # same bytes, other identity
+    (root / "p1" / "9.png").write_bytes((root / "p1" / "0.png").read_bytes())  # same bytes, same identity
     save(bad / "dup_pixels.bmp", Image.open(root / "p0" / "1.png"))  # same pixels, other encoding
     save(bad / "cmyk.jpg", rgb(50).convert("CMYK"), quality=95)
     sixteen = (np.asarray(rgb(51).convert("L"), dtype=np.uint16) * 257).astype(np.uint16)
@@ -59,8 +60,12 @@ def test_ingest_quarantines_each_bad_input_with_a_reason(tmp_path):
     assert q["truncated.png"]["reason"] in ("truncated", "unreadable")
     assert q["corrupt.jpg"]["reason"] == "unreadable"
     assert q["tiny.png"]["reason"] == "too_small" and "16x16" in q["tiny.png"]["detail"]
-    assert q["dup.png"]["reason"] == "duplicate" and "same bytes" in q["dup.png"]["detail"]
-    assert q["dup_pixels.bmp"]["reason"] == "duplicate" and "same pixels" in q["dup_pixels.bmp"]["detail"]
+    assert q["9.png"]["reason"] == "duplicate" and "same bytes as p1_0" in q["9.png"]["detail"]
+    # the same photo under two identities: one label is wrong, and both are named
+    assert q["dup.png"]["reason"] == "identity_conflict" and "same bytes" in q["dup.png"]["detail"]
+    assert "'zbad'" in q["dup.png"]["detail"] and "'p0'" in q["dup.png"]["detail"]
+    assert q["dup_pixels.bmp"]["reason"] == "identity_conflict"
+    assert "same pixels" in q["dup_pixels.bmp"]["detail"]
     assert q["stray.png"]["reason"] == "outside_identity_folder"
     assert q["notes.txt"]["reason"] == "unsupported_extension"
     for r in res.quarantine:  # every message names the file
@@ -84,7 +89,8 @@ def test_ingest_quarantines_each_bad_input_with_a_reason(tmp_path):
         1 for r in res.quarantine if r["image_id"] is not None
     )
     assert res.metrics["accepted"] == 9 + 6
-    assert res.metrics["quarantine_reasons"]["duplicate"] == 2
+    assert res.metrics["quarantine_reasons"]["duplicate"] == 1
+    assert res.metrics["quarantine_reasons"]["identity_conflict"] == 2
     assert {r["identity"] for r in res.manifest} == {"p0", "p1", "p2", "zbad"}
 
 
@@ -166,3 +172,20 @@ def test_bad_params_fail_before_work(tmp_path):
     out = _run_ingest(params, tmp_path / "o", tmp_path / "m.json")
     assert out.returncode != 0 and "source.kind: 'flickr' is not one of" in out.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_a_second_ingest_writes_the_same_bytes(tmp_path):
+    """Every quarantine reason is a function of the file's bytes and name: two runs of the stage (two
+    processes) on a folder holding every kind of bad file write byte-identical outputs (Pillow's message
+    for an unidentifiable file used to embed a Python object address)."""
+    root = _album(tmp_path / "album")
+    params = tmp_path / "params.yaml"
+    params.write_text(f"source: {{kind: folder_by_identity, root: {root}}}\ningest: {{min_size: 32}}\n")
+    outs = []
+    for run in ("a", "b"):
+        r = _run_ingest(params, tmp_path / run, tmp_path / f"{run}.json")
+        assert r.returncode == 0, r.stderr
+        outs.append({f.name: f.read_bytes() for f in sorted((tmp_path / run).iterdir())})
+    assert outs[0] == outs[1]
+    text = outs[0]["quarantine.jsonl"].decode()
+    assert " at 0x" not in text and "corrupt.jpg" in text

@@ -159,13 +159,19 @@ def test_train_tracks_to_mlflow_and_resumes_after_sigkill(tmp_path):
     final = json.loads((ckpt / "run.json").read_text())
     assert final["run_id"] == first["run_id"] and final["finished"]
     metrics = json.loads((tmp_path / "m.json").read_text())
-    assert metrics["steps"] == 30 and metrics["samples_seen_this_run"] < 30 * 4  # resumed, not restarted
-    for k in ("lq_psnr", "restored_psnr", "restored_id_sim", "data_wait_fraction", "ref_mix"):
+    assert metrics["steps"] == 30
+    for k in ("lq_psnr", "restored_psnr", "restored_id_sim", "ref_mix", "ref_shortfall"):
         assert k in metrics
+    # The counters survive the resume like the weights: every one of the 30 x 4 samples is counted.
+    assert metrics["ref_draws"] == 30 * 4
+    # Wall-clock figures are MLflow's, never in a DVC metrics file (a rerun would differ).
+    assert not {"samples_per_s", "data_wait_fraction", "train_s", "samples_seen_this_run"} & set(metrics)
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     run = client.get_run(first["run_id"])
+    seen = client.get_metric_history(first["run_id"], "timing/samples_seen_this_run")
+    assert seen and seen[-1].value < 30 * 4  # resumed, not restarted
     assert run.info.status == "FINISHED" and run.data.tags["git_commit"] and "shards_hash" in run.data.tags
     steps = [m.step for m in client.get_metric_history(first["run_id"], "train/loss")]
     assert max(steps) >= 28 and min(steps) <= 2
@@ -179,3 +185,93 @@ def test_train_tracks_to_mlflow_and_resumes_after_sigkill(tmp_path):
     ).is_file()
     rows = (tmp_path / "loss.csv").read_text().splitlines()
     assert rows[0] == "step,loss,fm,id" and len(rows) > 20
+
+
+def test_noise_is_drawn_per_rank_and_reproducible():
+    """σ and ε depend on (seed, step, rank, batch index): two DDP ranks draw different noise for their
+    different samples; a rerun of a rank draws the same."""
+    from models.losses import draw_sigma_noise, noise_generator
+
+    def draw(rank, step=5, batch_idx=0, seed=0):
+        return draw_sigma_noise((4, 3, 8, 8), "uniform", 1.0, noise_generator(seed, step, rank, batch_idx))
+
+    s0, n0 = draw(0)
+    s1, n1 = draw(1)
+    assert not torch.equal(n0, n1) and not torch.equal(s0, s1)
+    s0b, n0b = draw(0)
+    assert torch.equal(n0, n0b) and torch.equal(s0, s0b)
+    assert not torch.equal(draw(0, step=6)[1], n0) and not torch.equal(draw(0, batch_idx=1)[1], n0)
+    assert not torch.equal(draw(0, seed=1)[1], n0)
+
+
+def test_training_step_uses_the_rank(monkeypatch):
+    """The module draws through noise_generator with its global rank (the bug: every rank drew alike)."""
+    import models.losses
+    import pipelines.training as tr
+
+    seen = []
+    real = models.losses.noise_generator
+    monkeypatch.setattr(tr, "noise_generator", lambda *a: seen.append(a) or real(*a))
+    module = _tiny_module()
+    batch = _tiny_batch()
+    module.training_step(batch, 3)
+    assert seen == [(0, 0, 0, 3)]  # (seed, global step, rank, batch index)
+
+
+def _tiny_module(crop_border: float = 0.0, temperature: float = 1.0):
+    from models.id_encoder import IRBackbone, IRConfig
+    from pipelines.training import IConFaceModule
+
+    cfg = build(
+        TrainConfig,
+        {"backbone": "tiny", "pixel_patch": 4, "memory_tokens": 4, "temperature": temperature},
+        "train",
+    )
+    torch.manual_seed(0)
+    enc = IRBackbone(IRConfig(32, (1, 1, 1, 1), (8, 8, 8, 16, 16), 16, stem_stride=2)).eval()
+    net, codec, text = build_network(cfg, 16)
+    module = IConFaceModule.from_config(net, codec, enc, text, cfg, crop_border)
+    # training_step outside a Trainer: logging and the optimiser are the Trainer's
+    module.log = module.log_dict = lambda *a, **k: None
+    module.optimizers = lambda: None
+    return module
+
+
+def _tiny_batch(b: int = 2, r: int = 2):
+    from pipelines.training import make_batch
+
+    rng = np.random.default_rng(0)
+    img = lambda: rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)  # noqa: E731
+    out = make_batch(
+        [img() for _ in range(b)],
+        [[img() for _ in range(r)] for _ in range(b)],
+        [[rng.normal(size=16).astype(np.float32) for _ in range(r)] for _ in range(b)],
+        gt=[img() for _ in range(b)],
+        z_gt=[rng.normal(size=16).astype(np.float32) for _ in range(b)],
+    )
+    out["wanted"], out["got"] = [r] * b, [r] * b
+    return out
+
+
+def test_the_crop_is_applied_wherever_the_module_embeds():
+    """embed.crop_border reaches the module's identity embedding (loss, conditioning, restorer): it equals
+    the encoder on the cropped image, as the shard embeddings were made."""
+    from models.id_encoder import raw_embedding
+
+    x = _tiny_batch()["gt"]
+    plain, cropped = _tiny_module(0.0), _tiny_module(0.125)
+    unit = (x + 1) / 2
+    assert torch.allclose(plain.identity(x), raw_embedding(plain.id_encoder, unit, 0.0))
+    assert torch.allclose(cropped.identity(x), raw_embedding(cropped.id_encoder, unit[..., 2:14, 2:14], 0.0))
+    assert not torch.allclose(plain.identity(x), cropped.identity(x))
+
+
+def test_the_loss_anchor_uses_the_temperature(monkeypatch):
+    """The identity loss aggregates the references with train.temperature, like the model (eq. 4)."""
+    import pipelines.training as tr
+
+    temps = []
+    real = tr.identity_anchor
+    monkeypatch.setattr(tr, "identity_anchor", lambda *a: temps.append(a[3]) or real(*a))
+    _tiny_module(temperature=0.5).training_step(_tiny_batch(), 0)
+    assert temps == [0.5]

@@ -34,13 +34,13 @@ def _run(tmp: Path, params: dict, *args: str) -> subprocess.CompletedProcess:
 def test_tune_study_nested_runs_resume_and_ray(tmp_path):
     shards, params = _project(tmp_path)
     params["tune"] = {
-        "storage": f"sqlite:///{tmp_path / 'optuna.db'}",
+        "storage": f"sqlite:///{tmp_path / 'optuna' / 'optuna.db'}",
         "n_trials": 3,
         "steps": 4,
         "report_every": 2,
         "val_samples": 4,
         "batch_size": 4,
-        "parallel": 2,
+        "parallel": 1,
         "space": {"lr": ["log", 1e-4, 1e-3], "memory_tokens": ["choice", 4, 8]},
     }
     args = (
@@ -61,8 +61,15 @@ def test_tune_study_nested_runs_resume_and_ray(tmp_path):
     best = yaml.safe_load((tmp_path / "tune" / "best_params.yaml").read_text())
     assert set(best["train"]) == {"lr", "memory_tokens"} and 1e-4 <= best["train"]["lr"] <= 1e-3
     assert (tmp_path / "tune" / "history.png").is_file()
-    # More trials continue the same study (RDB storage): only the missing one runs.
-    params["tune"] |= {"n_trials": 4, "parallel": 1}
+    first = {f.name: f.read_bytes() for f in sorted((tmp_path / "tune").iterdir())}
+    first_metrics = (tmp_path / "t.json").read_bytes()
+    # A second run (tune.resume false: the study starts afresh) reproduces the outputs byte for byte.
+    r = _run(tmp_path, params, *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert {f.name: f.read_bytes() for f in sorted((tmp_path / "tune").iterdir())} == first
+    assert (tmp_path / "t.json").read_bytes() == first_metrics
+    # resume: more trials continue the same study (RDB storage), as Ray tasks: only the missing one runs.
+    params["tune"] |= {"n_trials": 4, "parallel": 2, "resume": True}
     r = _run(tmp_path, params, *args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path / "t.json").read_text())["trials"] == 4
@@ -74,7 +81,7 @@ def test_tune_study_nested_runs_resume_and_ray(tmp_path):
     runs = c.search_runs([exp.experiment_id])
     parents = [x for x in runs if x.info.run_name == "tune"]
     children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") in {p.info.run_id for p in parents}]
-    assert len(parents) == 2 and len(children) == 4
+    assert len(parents) == 3 and len(children) == 3 + 3 + 1
     assert all("lr" in x.data.params for x in children)
     assert {x.info.status for x in children} <= {"FINISHED", "KILLED"}
 

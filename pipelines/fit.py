@@ -1,0 +1,154 @@
+"""The one training entry point: `fit(cfg, dcfg, shards, encoders, val)` → metrics.
+
+In the spirit of lightning-hydra-template's `train(cfg)`: it builds the network from the typed `train`
+config, the module, the Ray degradation stream and the Lightning `Trainer`, trains, validates and returns
+a `FitResult`. The `train` stage (checkpoints, resume, MLflow logger, grids), `ablate` (one call per
+Table 3 variant), `tune` (one call per Optuna trial, pruned through `report`) and
+`benchmarks/bench_train.py` are thin callers; a fix here reaches all of them.
+
+`FitResult.metrics` holds only what is a function of the inputs (validation metrics, steps, final loss,
+the realised reference mix and shortfall, the parameter count): it may go into DVC metrics.
+`FitResult.timing` holds the wall-clock figures (train seconds, samples/s, data wait): they go to MLflow
+and to the benchmark's printout, never into a DVC-tracked file (a rerun would differ).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from pipelines.config import DegradeConfig, TrainConfig
+from pipelines.embedding import Encoders
+from pipelines.shards import shard_paths
+from pipelines.training import Batch, IConFaceModule, StreamDataModule, build_network, evaluate
+
+SCORE = "restored_id_sim"  # what ablate ranks and tune maximises: GT-ID (evaluator) with references
+
+
+@dataclass
+class FitResult:
+    metrics: dict
+    timing: dict
+    module: IConFaceModule
+    outputs: dict = field(default_factory=dict)  # the validation restorations {"ref", "none"}
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, SCORE) every report_every
+
+
+def fit(
+    cfg: TrainConfig,
+    dcfg: DegradeConfig,
+    shards: str | Sequence[str],
+    encoders: Encoders,
+    val: Batch | None,
+    *,
+    steps: int | None = None,
+    val_steps: int | None = None,
+    report_every: int = 0,
+    report: Callable[[int, float], None] | None = None,
+    callbacks: Sequence = (),
+    logger=False,
+    checkpoint=None,
+    resume: str | None = None,
+    inline: bool = False,
+    ray_cpus: int | None = None,
+    progress: bool = False,
+) -> FitResult:
+    """Train `cfg` (for `steps` optimiser steps, default cfg.max_steps) and validate on `val`.
+
+    `shards`: a shard folder (its `train` split) or a list of shard files. `report(step, score)` is
+    called every `report_every` steps with the validation SCORE and may raise to stop (Optuna pruning).
+    `checkpoint`: a Lightning ModelCheckpoint (the train stage); `resume`: a `last.ckpt` to continue.
+    `inline`: degrade in this process instead of Ray tasks (a short run that is itself a Ray task).
+    Returns on every rank; only rank 0 validates (the others return empty metrics).
+    """
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    steps = cfg.max_steps if steps is None else steps
+    val_steps = cfg.val_steps if val_steps is None else val_steps
+    cfg = replace(cfg, max_steps=steps)
+    torch.set_num_threads(cfg.threads)
+    net, codec, text = build_network(cfg, encoders.primary.cfg.embedding_dim)
+    module = IConFaceModule.from_config(net, codec, encoders.primary, text, cfg, encoders.crop_border)
+    world = cfg.devices * cfg.num_nodes
+    paths = shard_paths(shards, "train") if isinstance(shards, str) else list(shards)
+    dm = StreamDataModule(
+        paths,
+        dcfg.preset,
+        dcfg.seed,
+        cfg.batch_size // world,
+        dcfg.max_in_flight,
+        tuple(cfg.ref_schedule),
+        cfg.max_refs,
+        dcfg.shuffle,
+        dcfg.num_cpus if ray_cpus is None else ray_cpus,
+        inline=inline,
+    )
+    curve: list[tuple[int, float]] = []
+
+    class Report(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            step = trainer.global_step
+            if (
+                report_every
+                and val is not None
+                and step % report_every == 0
+                and 0 < step < steps
+                and batch_idx % trainer.accumulate_grad_batches == 0
+            ):
+                value = evaluate(pl_module, val, encoders.evaluator, val_steps, cfg.val_guidance)[0][SCORE]
+                curve.append((step, value))
+                if report is not None:
+                    report(step, value)
+
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        num_nodes=cfg.num_nodes,
+        strategy=cfg.strategy,
+        precision=cfg.precision,
+        accumulate_grad_batches=cfg.accumulate,
+        callbacks=[*([checkpoint] if checkpoint is not None else []), Report(), *callbacks],
+        logger=logger,
+        log_every_n_steps=cfg.log_every,
+        enable_checkpointing=checkpoint is not None,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=dm, ckpt_path=resume)
+    fit_s = time.perf_counter() - t0
+    wait = dm.dataset.wait_s if dm.dataset else 0.0
+    timing = {
+        "train_s": round(fit_s, 1),
+        "samples_per_s": round(module.samples / max(fit_s, 1e-9), 3),
+        "data_wait_fraction": round(wait / max(fit_s, 1e-9), 4),
+        "samples_seen_this_run": int(module.samples),
+    }
+    if trainer.global_rank != 0:
+        return FitResult({}, timing, module)
+    metrics, outputs = {}, {}
+    if val is not None:
+        metrics, outputs = evaluate(module, val, encoders.evaluator, val_steps, cfg.val_guidance)
+    total = max(sum(module.mix.values()), 1)
+    metrics.update(
+        {
+            "steps": int(trainer.global_step),
+            "final_loss": round(
+                float(np.mean([h["loss"] for h in module.history[-20:]])) if module.history else float("nan"),
+                5,
+            ),
+            "ref_mix": {str(k): round(v / total, 4) for k, v in sorted(module.mix.items())},
+            "ref_draws": int(sum(module.mix.values())),  # samples counted since step 0, resumes included
+            "ref_shortfall": int(module.shortfall),
+            "trainable_parameters": sum(p.numel() for p in net.parameters() if p.requires_grad),
+        }
+    )
+    return FitResult(metrics, timing, module, outputs, curve)
