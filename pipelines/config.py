@@ -522,7 +522,7 @@ class RegisterConfig:
 
     model_name: str = "refface"
     experiment: str = "refface"
-    primary: str = "severe/1 reference/ref_id_evaluator"  # set/row/metric of metrics/evaluate.json
+    primary: str = "severe/1 reference/gt_id"  # set/row/metric of metrics/evaluate.json (paired)
     min_gain: float = 0.0
     guards: dict[str, float] = field(  # set/row/metric -> the largest regression allowed vs the champion
         default_factory=lambda: {

@@ -73,7 +73,9 @@ def ingest(listing: SourceListing, cfg: IngestConfig, progress: bool = True) -> 
             continue
         psha = hashlib.sha256(arr.tobytes() + f"{h}x{w}".encode()).hexdigest()
         if psha in by_pixels:
-            quarantine.append({**base, **_duplicate(item, *by_pixels[psha], "same pixels (other encoding) as")})
+            quarantine.append(
+                {**base, **_duplicate(item, *by_pixels[psha], "same pixels (other encoding) as")}
+            )
             continue
         by_bytes[sha] = (item.image_id, item.identity)
         by_pixels[psha] = (item.image_id, item.identity)

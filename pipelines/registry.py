@@ -5,10 +5,11 @@ Pyfunc input: a DataFrame with `lq` (a base64-encoded PNG/JPEG of the degraded f
 `restored` (base64 PNG) per row. The model rebuilds the network from the bundle's trainable weights and
 its configured backbone (pipelines/restorer.py); it is not a torch.export graph (FACTS: fixed sizes).
 
-Gate: the challenger's metrics against the champion's, by name "set/row/metric" in the evaluate
-stage's results. The primary metric must not fall below the champion's + `min_gain`; every guard
-metric must not regress by more than its margin (copy scores are lower-is-better). Without a
-champion the challenger is promoted.
+Gate (`decide`): the challenger against the champion, by name "set/row/metric" in the evaluate
+stage's results. The primary metric is compared PAIRED, target by target (the evaluations'
+`per_target.json`), with a 95 % bootstrap interval: the challenger is promoted only when the interval
+lies above `min_gain`. Every guard metric's mean must not regress by more than its margin (copy scores
+are lower-is-better). Without a champion the challenger is promoted.
 """
 
 from __future__ import annotations
@@ -104,23 +105,60 @@ def flatten(metrics: dict) -> dict[str, float]:
     return out
 
 
+def target_values(per_target: dict | None, name: str) -> tuple[list[str], list[float]] | None:
+    """(target keys, per-target values) of metric "set/row/metric" in an evaluate `per_target.json`."""
+    if not per_target:
+        return None
+    s, row, m = name.split("/")
+    block = per_target.get(s, {})
+    values = block.get("rows", {}).get(row, {}).get(m)
+    return None if values is None else (list(block.get("keys", [])), [float(v) for v in values])
+
+
 def decide(
-    challenger: dict[str, float], champion: dict[str, float] | None, gate: Gate
+    challenger: dict[str, float],
+    champion: dict[str, float] | None,
+    gate: Gate,
+    challenger_targets: dict | None = None,
+    champion_targets: dict | None = None,
+    seed: int = 0,
 ) -> tuple[bool, list[str]]:
-    """(promote?, reasons) comparing flattened metrics."""
+    """(promote?, reasons) of the challenger against the champion.
+
+    Primary: the paired difference challenger − champion of the primary metric on the SAME targets
+    (`per_target.json` of both evaluations) with a 95 % bootstrap interval; the challenger is promoted
+    only when the whole interval lies above `min_gain` (an interval that includes zero is no
+    difference, and no difference is no promotion). Without per-target values for both, or on
+    different targets, the models are not comparable and the challenger is refused. Guards: the mean of
+    each guard metric must not regress by more than its margin (copy scores are lower-is-better).
+    """
+    from pipelines.stats import paired_bootstrap
+
     if champion is None:
         return True, ["no champion yet: the first model becomes champion"]
     reasons, ok = [], True
-    c, h = challenger.get(gate.primary), champion.get(gate.primary)
-    if c is None:
+    if challenger.get(gate.primary) is None:
         return False, [f"primary metric {gate.primary} is missing from the challenger's evaluation"]
-    if h is None:
-        reasons.append(f"primary {gate.primary}: champion has no value; challenger {c:.4f} accepted")
-    elif c < h + gate.min_gain:
-        ok = False
-        reasons.append(f"primary {gate.primary}: {c:.4f} < champion {h:.4f} + min_gain {gate.min_gain}")
+    a, b = target_values(challenger_targets, gate.primary), target_values(champion_targets, gate.primary)
+    if a is None or b is None:
+        return False, [
+            f"primary {gate.primary}: no per-target values for "
+            f"{'the challenger' if a is None else 'the champion'}; a paired comparison is impossible"
+        ]
+    if a[0] != b[0]:
+        return False, [f"primary {gate.primary}: challenger and champion were evaluated on different targets"]
+    d = paired_bootstrap(a[1], b[1], seed=seed)
+    if d.lo > gate.min_gain:
+        reasons.append(
+            f"primary {gate.primary}: challenger − champion {d.text()} on {d.n} paired targets; "
+            f"the interval lies above min_gain {gate.min_gain}"
+        )
     else:
-        reasons.append(f"primary {gate.primary}: {c:.4f} >= champion {h:.4f} + min_gain {gate.min_gain}")
+        ok = False
+        reasons.append(
+            f"primary {gate.primary}: challenger − champion {d.text()} on {d.n} paired targets; "
+            f"the interval does not lie above min_gain {gate.min_gain} (no demonstrated gain)"
+        )
     for name, margin in sorted(gate.guards.items()):
         c, h = challenger.get(name), champion.get(name)
         if c is None or h is None:
@@ -134,3 +172,75 @@ def decide(
         else:
             reasons.append(f"guard {name}: {c:.4f} vs champion {h:.4f} within {margin}")
     return ok, reasons
+
+
+def bundle_sha(bundle) -> str:
+    """sha256 over the bundle's files (relative names and bytes, sorted): the registry's identity of a model."""
+    import hashlib
+    from pathlib import Path
+
+    bundle = Path(bundle)
+    h = hashlib.sha256()
+    for f in sorted(p for p in bundle.rglob("*") if p.is_file()):
+        h.update(f.relative_to(bundle).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def log_model_version(bundle, name: str, code_paths: list[str]) -> str:
+    """Log the bundle as a pyfunc model in the active run, register it under `name`, tag its bundle
+    sha; returns the new version."""
+    import json
+    from pathlib import Path
+
+    import mlflow
+    import pandas as pd
+    from mlflow import MlflowClient
+    from mlflow.models import infer_signature
+    from mlflow.types import ColSpec, Schema
+
+    bundle = Path(bundle)
+    resolution = json.loads((bundle / "bundle.json").read_text())["resolution"]
+    example = example_input(resolution)
+    signature = infer_signature(example, pd.DataFrame({"restored": ["x"]}))
+    signature.inputs = Schema(
+        [ColSpec("string", "lq")] + [ColSpec("string", c, required=False) for c in REF_COLUMNS]
+    )
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=RestorerModel(),
+        artifacts={"bundle": str(bundle)},
+        code_paths=code_paths,
+        signature=signature,
+        input_example=example,
+        registered_model_name=name,
+        pip_requirements=[],
+    )
+    version = str(info.registered_model_version)
+    MlflowClient().set_model_version_tag(name, version, "bundle_sha", bundle_sha(bundle))
+    return version
+
+
+def find_version(client, name: str, sha: str):
+    """The registered version of `name` holding the bundle `sha`, or None (also when `name` is unknown)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        for mv in client.search_model_versions(f"name='{name}'"):
+            if mv.tags.get("bundle_sha") == sha:
+                return mv
+    except MlflowException:
+        return None
+    return None
+
+
+def example_input(resolution: int):
+    import pandas as pd
+
+    from pipelines.synthetic import face_spec, render
+
+    imgs = [render(face_spec(11, "album", 0, j), 2 * resolution, resolution) for j in range(2)]
+    lq = np.asarray(imgs[0][::2, ::2].repeat(2, 0).repeat(2, 1))  # a blocky stand-in for a degraded face
+    return pd.DataFrame(
+        {"lq": [encode_image(lq)], "ref1": [encode_image(imgs[1])], "ref2": [""], "ref3": [""]}
+    )

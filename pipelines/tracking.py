@@ -29,3 +29,18 @@ def user_set() -> bool:
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a `sqlite:///` URI, else None."""
     return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
+OUTPUT_TAG = "refface_dvc_output"
+
+
+def output_key(stage: str, path) -> str:
+    """`<stage>:<sha256 of the stage's DVC metrics file>`: what an MLflow run was made from."""
+    import hashlib
+
+    return f"{stage}:{hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]}"
+
+
+def mark_run(client, run_id: str, stage: str, metrics_path) -> None:
+    """Tag a stage's MLflow run with the DVC output it produced (mlflow_sync finds it by this tag)."""
+    client.set_tag(run_id, OUTPUT_TAG, output_key(stage, metrics_path))

@@ -21,7 +21,7 @@ from pipelines.embedding import load_encoders
 from pipelines.fit import SCORE, fit
 from pipelines.io import write_bytes, write_json
 from pipelines.shards import validate_shards
-from pipelines.tracking import tracking_uri
+from pipelines.tracking import mark_run, tracking_uri
 from pipelines.training import validation_batch
 from stages._common import load_params, parser, progress_enabled, setup_logging
 
@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     write_bytes(args.report, ("\n".join(lines) + "\n").encode())
     write_json(args.metrics, {v: {k: m[k] for k, _ in COLUMNS} for v, m in results.items()})
+    mark_run(mlflow.MlflowClient(), run_id, "ablate", args.metrics)
     best = max(results, key=lambda v: results[v][SCORE])
     print(
         f"ablate: {len(results)} variants x {cfg.steps} steps; best ID-GT {best} {results[best][SCORE]:.4f}; {args.report}"

@@ -8,43 +8,38 @@ MLflow: `MLFLOW_TRACKING_URI` or `sqlite:///mlflow.db`. One run `register` per s
 evaluation metrics; the model (pipelines/registry.py: rebuilds the network from the bundle) with a
 signature and an input example; a new version of `register.model_name` (unless a version with the same
 bundle hash exists: then that version is re-gated), alias `challenger`; the gate's decision and reasons
-as version tags and in the report. The first model ever becomes champion.
+as version tags and in the report. The first model ever becomes champion. The gate compares the
+primary metric paired on the same targets (`data/evaluate/per_target.json`) with a 95 % interval.
+The report and metrics hold nothing machine-specific (no run ids, no URIs), so that they are the
+same wherever the stage runs; `mlflow_sync` rebuilds the registry from them on a fresh clone.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 
-import numpy as np
-
 from pipelines.io import read_json, write_bytes, write_json
-from pipelines.registry import REF_COLUMNS, Gate, RestorerModel, decide, encode_image, flatten
+from pipelines.registry import Gate, bundle_sha, decide, find_version, flatten, log_model_version
+from pipelines.tracking import mark_run, registry_uri, tracking_uri
 from stages._common import load_params, parser, setup_logging
 
 ROOT = Path(__file__).resolve().parents[1]
+CODE_PATHS = [str(ROOT / "pipelines"), str(ROOT / "models")]
 
 
-def bundle_sha(bundle: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(p for p in bundle.rglob("*") if p.is_file()):
-        h.update(f.relative_to(bundle).as_posix().encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()
+def champion_targets(client, mv) -> dict | None:
+    """The champion's per-target values (the `per_target.json` its register run logged), or None."""
+    import tempfile
 
+    from mlflow.exceptions import MlflowException
 
-def example_input(resolution: int):
-    import pandas as pd
-
-    from pipelines.synthetic import face_spec, render
-
-    imgs = [render(face_spec(11, "album", 0, j), 2 * resolution, resolution) for j in range(2)]
-    lq = np.asarray(imgs[0][::2, ::2].repeat(2, 0).repeat(2, 1))  # a blocky stand-in for a degraded face
-    return pd.DataFrame(
-        {"lq": [encode_image(lq)], "ref1": [encode_image(imgs[1])], "ref2": [""], "ref3": [""]}
-    )
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            path = client.download_artifacts(mv.run_id, "per_target.json", d)
+            return json.loads(Path(path).read_text())
+    except (MlflowException, OSError):
+        return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -53,18 +48,17 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument(a, required=True)
     args = p.parse_args(argv)
     setup_logging()
-    cfgs = load_params(args.params, "register")
-    cfg = cfgs["register"]
+    cfg = load_params(args.params, "register")["register"]
     import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
-    from mlflow.models import infer_signature
-    from mlflow.types import ColSpec, Schema
 
     bundle = Path(args.evaluate) / "bundle"
     if not (bundle / "bundle.json").is_file():
         raise SystemExit(f"error: {bundle} is not a model bundle; run `dvc repro evaluate` first")
     evaluation = read_json(args.metrics_in)
+    targets_file = Path(args.evaluate) / "per_target.json"
+    targets = read_json(targets_file) if targets_file.is_file() else None
     flat = flatten(evaluation)
     gate = Gate(cfg.primary, cfg.min_gain, dict(cfg.guards))
     if gate.primary not in flat:
@@ -72,23 +66,14 @@ def main(argv: list[str] | None = None) -> None:
             f"error: register.primary {gate.primary!r} is not in {args.metrics_in}; valid names look like "
             f"{sorted(flat)[:3]}"
         )
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI", uri))
+    mlflow.set_registry_uri(registry_uri())
     client = MlflowClient()
     sha = bundle_sha(bundle)
     name = cfg.model_name
+    existing = find_version(client, name, sha)
 
-    existing = None
-    try:
-        for mv in client.search_model_versions(f"name='{name}'"):
-            if mv.tags.get("bundle_sha") == sha:
-                existing = mv
-                break
-    except MlflowException:
-        existing = None
-
-    resolution = json.loads((bundle / "bundle.json").read_text())["resolution"]
     mlflow.set_experiment(cfg.experiment)
     with mlflow.start_run(run_name="register") as run:
         mlflow.log_params(
@@ -96,29 +81,11 @@ def main(argv: list[str] | None = None) -> None:
         )
         mlflow.log_metrics({k.replace(" ", "_"): v for k, v in flat.items()})
         mlflow.log_dict(evaluation, "evaluation.json")
-        if existing is None:
-            example = example_input(resolution)
-            from pandas import DataFrame
-
-            signature = infer_signature(example, DataFrame({"restored": ["x"]}))
-            signature.inputs = Schema(
-                [ColSpec("string", "lq")] + [ColSpec("string", c, required=False) for c in REF_COLUMNS]
-            )
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=RestorerModel(),
-                artifacts={"bundle": str(bundle)},
-                code_paths=[str(ROOT / "pipelines"), str(ROOT / "models")],
-                signature=signature,
-                input_example=example,
-                registered_model_name=name,
-                pip_requirements=[],
-            )
-            version = str(info.registered_model_version)
-            client.set_model_version_tag(name, version, "bundle_sha", sha)
-        else:
-            version = str(existing.version)
-        mv = client.get_model_version(name, version)
+        if targets is not None:
+            mlflow.log_dict(targets, "per_target.json")
+        version = (
+            str(existing.version) if existing is not None else log_model_version(bundle, name, CODE_PATHS)
+        )
         client.set_model_version_tag(name, version, "evaluation", json.dumps(flat, sort_keys=True)[:5000])
         client.set_registered_model_alias(name, "challenger", version)
 
@@ -126,13 +93,17 @@ def main(argv: list[str] | None = None) -> None:
             champ = client.get_model_version_by_alias(name, "champion")
         except MlflowException:
             champ = None
-        champ_metrics = None
-        if champ is not None and str(champ.version) != version:
-            champ_metrics = json.loads(champ.tags.get("evaluation", "{}")) or None
         if champ is not None and str(champ.version) == version:
             promote, reasons = True, [f"version {version} already holds champion"]
         else:
-            promote, reasons = decide(flat, champ_metrics, gate)
+            champ_metrics = json.loads(champ.tags.get("evaluation", "{}")) or None if champ else None
+            promote, reasons = decide(
+                flat,
+                champ_metrics if champ is not None else None,
+                gate,
+                targets,
+                champion_targets(client, champ) if champ is not None else None,
+            )
         if promote:
             client.set_registered_model_alias(name, "champion", version)
         decision = "promoted" if promote else "rejected"
@@ -143,18 +114,20 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         f"# Promotion decision: {name} version {version} — {decision.upper()}",
         "",
-        f"- tracking URI: `{uri}`; run `{run.info.run_id}`; bundle sha256 `{sha[:16]}…`",
+        f"- bundle sha256 `{sha[:16]}…`",
         f"- challenger: version {version}" + (" (re-gated: same bundle as before)" if existing else " (new)"),
         f"- champion before: {'version ' + str(champ.version) if champ else 'none'}; champion now: version "
         f"{client.get_model_version_by_alias(name, 'champion').version}",
-        f"- primary: `{gate.primary}` (min gain {gate.min_gain}); guards: "
+        f"- primary: `{gate.primary}`, compared paired on the same targets with a 95 % bootstrap interval "
+        f"(min gain {gate.min_gain}); guards: "
         + (", ".join(f"`{k}` ±{v}" for k, v in sorted(gate.guards.items())) or "none"),
         "",
         "## Reasons",
         "",
         *[f"- {r}" for r in reasons],
         "",
-        f"Load it: `refface restore LQ.png --ref R1.png --out OUT.png --model models:/{name}@champion`",
+        f"Load it: `refface restore LQ.png --ref R1.png --out OUT.png --model models:/{name}@champion`. The MLflow run "
+        "and the registry state are restored from these DVC outputs by the `mlflow_sync` stage on any machine.",
         "",
     ]
     write_bytes(args.report, "\n".join(lines).encode())
@@ -165,11 +138,11 @@ def main(argv: list[str] | None = None) -> None:
             "version": int(version),
             "decision": decision,
             "primary": flat[gate.primary],
-            "uri": uri,
+            "bundle_sha": sha,
         },
     )
+    mark_run(client, run.info.run_id, "register", args.metrics)
     print(f"register: {name} v{version} {decision} ({reasons[0]})")
-    del mv
 
 
 if __name__ == "__main__":

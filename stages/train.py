@@ -32,7 +32,7 @@ from pipelines.embedding import load_encoders
 from pipelines.fit import fit
 from pipelines.io import write_bytes, write_json
 from pipelines.shards import validate_shards
-from pipelines.tracking import tracking_uri
+from pipelines.tracking import mark_run, tracking_uri
 from pipelines.training import build_network, evaluate, to_uint8, validation_batch
 from pipelines.viz import grid_image
 from stages._common import load_params, parser, progress_enabled, setup_logging
@@ -234,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
             client.log_metric(run_id, f"val/{k}" if k in metrics else f"timing/{k}", float(v))
     # DVC metrics: only what a rerun reproduces (wall-clock figures are in MLflow, `timing/*`).
     write_json(args.metrics, metrics)
+    mark_run(client, run_id, "train", args.metrics)
     _write_plot(history_file, args.plot)
     client.log_artifact(run_id, str(history_file))
     write_json(run_file, {"run_id": run_id, "config": chash, "finished": True})

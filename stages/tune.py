@@ -256,6 +256,9 @@ def main(argv: list[str] | None = None) -> None:
             "best_params": best.params,
         },
     )
+    from pipelines.tracking import mark_run
+
+    mark_run(mlflow.MlflowClient(), parent.info.run_id, "tune", args.metrics)
     print(
         f"tune: {len(complete)}/{len(study.trials)} trials complete; best restored_id_sim {best.value:.4f} with {best.params}"
     )

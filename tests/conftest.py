@@ -111,6 +111,7 @@ def make_pair_shards(
                         s[f"refmask{k}.png"] = png_bytes(conflict_mask(specs[t], specs[j], size))
                     meta = {
                         "target": key,
+                        "identity": f"id{i:03d}",
                         "refs": [f"id{i:03d}img{j}" for j in refs],
                         "ref_count": len(refs),
                         "split": split,

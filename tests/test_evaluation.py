@@ -54,15 +54,31 @@ def test_copy_score_extremes():
 
 
 def test_gate_rules():
+    """The primary is compared paired with an interval; guards on means."""
     g = Gate("s/1 reference/ref_id", 0.0, {"s/1 reference/psnr": 0.3, "s/1 reference/copy_score": 0.05})
     champ = {"s/1 reference/ref_id": 0.5, "s/1 reference/psnr": 20.0, "s/1 reference/copy_score": 0.2}
+    base = np.linspace(0.3, 0.7, 30)
+
+    def targets(values, keys=None):
+        keys = keys or [f"t{i}" for i in range(len(values))]
+        return {"s": {"keys": keys, "rows": {"1 reference": {"ref_id": list(values)}}}}
+
+    up = targets(base + 0.05)
     assert decide(champ, None, g)[0]
-    assert decide({**champ, "s/1 reference/ref_id": 0.6, "s/1 reference/psnr": 19.8}, champ, g)[0]
-    ok, why = decide({**champ, "s/1 reference/ref_id": 0.6, "s/1 reference/psnr": 19.5}, champ, g)
+    assert decide({**champ, "s/1 reference/psnr": 19.8}, champ, g, up, targets(base))[0]
+    ok, why = decide({**champ, "s/1 reference/psnr": 19.5}, champ, g, up, targets(base))
     assert not ok and any("regresses by 0.5000 > 0.3" in w for w in why)
-    ok, why = decide({**champ, "s/1 reference/ref_id": 0.6, "s/1 reference/copy_score": 0.3}, champ, g)
+    ok, why = decide({**champ, "s/1 reference/copy_score": 0.3}, champ, g, up, targets(base))
     assert not ok and any("copy_score" in w and "regresses" in w for w in why)  # lower is better
-    assert not decide({**champ, "s/1 reference/ref_id": 0.49}, champ, g)[0]
+    # inside the noise: the interval includes zero, so no promotion
+    noisy = targets(base + np.where(np.arange(30) % 2, 0.05, -0.05))
+    ok, why = decide(champ, champ, g, noisy, targets(base))
+    assert not ok and "no demonstrated gain" in why[0] and "[" in why[0]
+    assert not decide(champ, champ, g, targets(base - 0.05), targets(base))[0]
+    # not comparable: other targets, or no per-target values
+    ok, why = decide(champ, champ, g, targets(base + 0.05, [f"u{i}" for i in range(30)]), targets(base))
+    assert not ok and "different targets" in why[0]
+    assert not decide(champ, champ, g, None, targets(base))[0]
 
 
 def test_bad_inputs_name_what_is_wrong(tmp_path):
@@ -211,36 +227,69 @@ def test_evaluate_register_gate_restore_and_serve(project):
     m = _evaluate(tmp, pp, env, tmp / "model", "a")
     for name in ("moderate", "severe"):
         rows = m["sets"][name]
-        assert set(rows) == {"degraded input", "no reference", "1 reference", "2 references", "3 references"}
-        assert rows["no reference"]["n"] == 8 and rows["3 references"]["n"] == 8
+        assert set(rows) == {
+            "degraded input",
+            "no reference",
+            "1 reference",
+            "2 references",
+            "3 references",
+            "3 references of another person",
+        }
+        n = rows["degraded input"]["n"]
+        assert n >= 2 and all(r["n"] == n for r in rows.values())  # every row on the same targets
         assert rows["1 reference"]["copy_pairs"] > 0 and 0 <= rows["1 reference"]["copy_score"] <= 1
         assert -1 <= rows["1 reference"]["ref_id_evaluator"] <= 1 and rows["degraded input"]["psnr"] > 10
+        d = m["paired"][name]["1 reference"]["gt_id"]
+        assert (
+            d["lo"] <= d["diff"] <= d["hi"]
+            and d["n"] == n
+            and d["verdict"]
+            in (
+                "higher",
+                "lower",
+                "no difference",
+            )
+        )
     assert set(m["not_computed"]) == {"lpips", "musiq", "clipiqa", "maniqa", "fid"}
     report = (tmp / "ev_a.md").read_text()
     assert "| degraded input |" in report and "## severe" in report and "lpips: no local weights" in report
+    assert "Paired differences to the blind mode" in report and "3 references of another person" in report
     assert (tmp / "ev_a" / "grid_severe.png").is_file()
+    targets = json.loads((tmp / "ev_a" / "per_target.json").read_text())
+    primary = targets["severe"]["rows"]["1 reference"]["gt_id"]
+    assert len(primary) == len(targets["severe"]["keys"]) == m["sets"]["severe"]["1 reference"]["n"]
 
-    # First model: champion. A worse one: challenger only. A better one: champion.
+    def with_primary(src: str, dst: str, shift) -> None:
+        """A copy of evaluation `src` whose per-target primary metric is the champion's + shift."""
+        if src != dst:
+            shutil.copytree(tmp / f"ev_{src}", tmp / f"ev_{dst}", dirs_exist_ok=True)
+        t = json.loads((tmp / f"ev_{src}" / "per_target.json").read_text())
+        t["severe"]["rows"]["1 reference"]["gt_id"] = [v + shift(i) for i, v in enumerate(primary)]
+        (tmp / f"ev_{dst}" / "per_target.json").write_text(json.dumps(t))
+
+    # First model: champion. A worse one: challenger only. One inside the noise: refused (paired, the
+    # interval includes zero). A better one: champion.
     assert _register(tmp, pp, env, "a", tmp / "ev_a.json")["decision"] == "promoted"
     _tiny_model(tmp / "model_b", 1, params)
-    mb = _evaluate(tmp, pp, env, tmp / "model_b", "b")
-    worse = json.loads(json.dumps(mb))
-    worse["sets"]["severe"]["1 reference"]["ref_id_evaluator"] = (
-        m["sets"]["severe"]["1 reference"]["ref_id_evaluator"] - 0.1
-    )
-    (tmp / "worse.json").write_text(json.dumps(worse))
-    rb = _register(tmp, pp, env, "b", tmp / "worse.json")
+    mb = _evaluate(tmp, pp, env, tmp / "model_b", "b0")
+    with_primary("b0", "b", lambda i: -0.1)
+    rb = _register(tmp, pp, env, "b", tmp / "ev_b0.json")
     assert rb["decision"] == "rejected" and rb["version"] == 2
-    assert "REJECTED" in (tmp / "promo_b.md").read_text() and "primary" in (tmp / "promo_b.md").read_text()
-    better = json.loads(json.dumps(m))
-    better["sets"]["severe"]["1 reference"]["ref_id_evaluator"] += 0.1
+    promo = (tmp / "promo_b.md").read_text()
+    assert "REJECTED" in promo and "paired targets" in promo and "no demonstrated gain" in promo
+    assert mb["sets"]["severe"]["1 reference"]["n"] == len(primary)
+    shutil.copytree(tmp / "ev_a", tmp / "ev_n")
+    _tiny_model(tmp / "ev_n" / "bundle" / "model", 3, params)
+    with_primary("n", "n", lambda i: 0.05 if i % 2 else -0.05)
+    rn = _register(tmp, pp, env, "n", tmp / "ev_a.json")
+    assert rn["decision"] == "rejected" and "no demonstrated gain" in (tmp / "promo_n.md").read_text()
     shutil.copytree(tmp / "ev_a", tmp / "ev_c")
-    _tiny_model(tmp / "ev_c" / "bundle" / "model", 2, params)  # a third set of weights
-    (tmp / "better.json").write_text(json.dumps(better))
-    assert _register(tmp, pp, env, "c", tmp / "better.json") == {
+    _tiny_model(tmp / "ev_c" / "bundle" / "model", 2, params)  # another set of weights
+    with_primary("c", "c", lambda i: 0.1)
+    assert _register(tmp, pp, env, "c", tmp / "ev_a.json") == {
         **json.loads((tmp / "reg_c.json").read_text()),
         "decision": "promoted",
-        "version": 3,
+        "version": 4,
     }
 
     from mlflow import MlflowClient
@@ -248,8 +297,8 @@ def test_evaluate_register_gate_restore_and_serve(project):
     os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
     try:
         c = MlflowClient(env["MLFLOW_TRACKING_URI"])
-        assert str(c.get_model_version_by_alias("refface-test", "champion").version) == "3"
-        assert str(c.get_model_version_by_alias("refface-test", "challenger").version) == "3"
+        assert str(c.get_model_version_by_alias("refface-test", "champion").version) == "4"
+        assert str(c.get_model_version_by_alias("refface-test", "challenger").version) == "4"
         assert c.get_model_version("refface-test", "2").tags["gate_decision"] == "rejected"
     finally:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -300,6 +349,47 @@ def test_evaluate_register_gate_restore_and_serve(project):
         str(tmp / "o.png"),
     )
     assert r.returncode == 2 and "at most 3" in r.stderr
+
+    # Several photos in one call: a folder (one bad file among them) into an output folder, model loaded once.
+    album = tmp / "album"
+    album.mkdir()
+    for i in range(3):
+        Image.fromarray(sample.gt).save(album / f"p{i}.png")
+    (album / "broken.png").write_bytes(b"not a png")
+    r = _run(
+        env,
+        tmp,
+        "stages.cli",
+        "restore",
+        str(album),
+        "--ref",
+        str(tmp / "ref.png"),
+        "--out",
+        str(tmp / "outs"),
+        "--model",
+        "models:/refface-test@champion",
+    )
+    assert r.returncode == 2 and "broken.png" in r.stderr  # named, and the others restored
+    assert sorted(p.name for p in (tmp / "outs").iterdir()) == ["p0.png", "p1.png", "p2.png"]
+    assert "[4/4]" in r.stdout + r.stderr and "restored 3 of 4 photo(s)" in r.stdout
+    # No tracking URI and no ./mlflow.db: a clear error naming the command, and no database created.
+    bare = tmp / "bare"
+    bare.mkdir()
+    no_uri = {k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"} | {"PYTHONPATH": str(ROOT)}
+    r = _run(no_uri, bare, "stages.cli", "restore", str(tmp / "lq.png"), "--out", str(bare / "o.png"))
+    assert r.returncode == 2 and "dvc repro" in r.stderr and not (bare / "mlflow.db").exists()
+    r = _run(
+        no_uri,
+        bare,
+        "stages.cli",
+        "restore",
+        str(tmp / "lq.png"),
+        "--out",
+        str(bare / "o.png"),
+        "--model",
+        str(bare / "missing_bundle"),
+    )
+    assert r.returncode == 2 and "no such bundle folder" in r.stderr and not (bare / "mlflow.db").exists()
 
     # The same model served over HTTP on loopback.
     port = _free_port()
