@@ -9,8 +9,8 @@ kernels of Real-ESRGAN (Wang et al. 2021, eqs. 2–4 and the sinc filter of eq. 
 anisotropic Gaussian, generalized Gaussian exp(−½(xᵀΣ⁻¹x)^β), plateau 1/(1+(xᵀΣ⁻¹x)^β), and the 2-D
 sinc ω_c·J₁(ω_c r)/(2πr); resizing; Gaussian noise (colour or gray); Poisson noise (BasicSR's
 `random_add_poisson_noise`). From albumentations 2.0.8, which matches the recipes exactly: JPEG
-(`ImageCompression`, libjpeg, integer quality), unsharp masking (`UnsharpMask`) and colour jitter
-(`ColorJitter`).
+(`ImageCompression`, libjpeg, integer quality) and colour jitter (`ColorJitter`, GFPGAN's
+`color_jitter_pt`, used by `face_classic` with GFPGAN's shift jitter and grayscale).
 
 **Resolution.** The published parameters are for 512² images. At another size S every spatial
 parameter (blur σ, kernel size, downscale factor) is multiplied by S/512 (factors clamped at 1,
@@ -158,7 +158,6 @@ def poisson_noise(img: np.ndarray, scale: float, gray: bool, rng: np.random.Gene
 
 
 _JPEG = A.ImageCompression(p=1.0)
-_USM = A.UnsharpMask(p=1.0)
 _JITTER = A.ColorJitter(p=1.0)
 
 
@@ -166,11 +165,6 @@ def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
     """JPEG round trip at integer `quality` (albumentations ImageCompression: libjpeg via OpenCV)."""
     u8 = np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
     return _JPEG.apply(u8, quality=int(quality), image_type=".jpg").astype(np.float32) / 255.0
-
-
-def unsharp_mask(img: np.ndarray, ksize: int, sigma: float, alpha: float) -> np.ndarray:
-    """Unsharp masking (albumentations UnsharpMask: img + α·(img − blur), thresholded)."""
-    return _USM.apply(img, ksize=int(ksize), sigma=sigma, alpha=alpha, threshold=10)
 
 
 def color_jitter(
@@ -446,6 +440,40 @@ def classic(
     }
 
 
+# GFPGAN options/train_gfpgan_v1.yml: color_jitter_prob 0.3 with color_jitter_shift 20 (a per-channel
+# shift of up to 20/255), color_jitter_pt_prob 0.3 (brightness 0.5, contrast 0.5, saturation 0.5,
+# hue 0.1, in random order), gray_prob 0.01; applied to the degraded image only.
+GFPGAN_COLOUR = {"shift_p": 0.3, "shift": 20.0, "pt_p": 0.3, "pt": (0.5, 0.5, 0.5, 0.1), "gray_p": 0.01}
+
+
+def gfpgan_colour(img_u8: np.ndarray, log: dict, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+    """GFPGAN's colour augmentation of the degraded image (FFHQDegradationDataset): a per-channel shift
+    with p 0.3, a ColorJitter with p 0.3, grayscale with p 0.01 (GFPGAN_COLOUR)."""
+    c = GFPGAN_COLOUR
+    img = img_u8.astype(np.float32) / 255.0
+    out = {}
+    if rng.uniform() < c["shift_p"]:
+        shift = rng.uniform(-c["shift"], c["shift"], 3).astype(np.float32) / 255.0
+        img = np.clip(img + shift, 0, 1)
+        out["color_shift"] = [round(float(v) * 255, 3) for v in shift]
+    if rng.uniform() < c["pt_p"]:
+        b, ct, sat, hue = c["pt"]
+        f = {
+            "brightness": float(rng.uniform(1 - b, 1 + b)),
+            "contrast": float(rng.uniform(1 - ct, 1 + ct)),
+            "saturation": float(rng.uniform(1 - sat, 1 + sat)),
+            "hue": float(rng.uniform(-hue, hue)),
+        }
+        order = [int(i) for i in rng.permutation(4)]
+        img = color_jitter(img, f["brightness"], f["contrast"], f["saturation"], f["hue"], order)
+        out["color_jitter"] = {**f, "order": order}
+    if rng.uniform() < c["gray_p"]:
+        g = img @ np.array([0.299, 0.587, 0.114], np.float32)
+        img = np.repeat(g[..., None], 3, axis=2)
+        out["gray"] = True
+    return _to_u8(np.clip(img, 0, 1)), {**log, **out}
+
+
 STRENGTH_BUCKETS = ((0.0, 3.0), (4.0, 8.0), (9.0, 16.0))
 STRENGTH_PROBS = (0.5, 0.3, 0.2)
 
@@ -477,8 +505,8 @@ PRESETS: dict[str, Preset] = {
     "realesrgan": lambda x, r: realesrgan(x, r),
     "bsrgan": lambda x, r: bsrgan(x, r),
     # GFPGAN options/train_gfpgan_v1.yml: blur_sigma [0.1, 10], downsample [0.8, 8], noise [0, 20], jpeg [60, 100]
-    "face_classic": lambda x, r: classic(
-        x, r, (0.1, 10.0), (0.8, 8.0), (0.0, 20.0), (60, 100), "face_classic"
+    "face_classic": lambda x, r: gfpgan_colour(
+        *classic(x, r, (0.1, 10.0), (0.8, 8.0), (0.0, 20.0), (60, 100), "face_classic"), r
     ),
     # ReF-LDM (FACTS.md): training and the FFHQ-Ref test degradations
     "refldm_train": lambda x, r: classic(

@@ -120,7 +120,8 @@ def restore_main(args: argparse.Namespace) -> int:
     per = sum(times) / len(times) if times else 0.0
     print(
         f"refface: restored {len(times)} of {len(photos)} photo(s) with {len(refs)} reference(s); "
-        f"model load {start:.1f} s, {per:.2f} s per photo" + (f"; failed: {', '.join(failed)}" if failed else "")
+        f"model load {start:.1f} s, {per:.2f} s per photo"
+        + (f"; failed: {', '.join(failed)}" if failed else "")
     )
     return 2 if failed else 0
 
@@ -135,9 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument(
         "--ref", action="append", default=[], help="a reference photo of the same person (up to 3)"
     )
-    r.add_argument(
-        "--out", required=True, help="the restored image (PNG), or a folder for several photos"
-    )
+    r.add_argument("--out", required=True, help="the restored image (PNG), or a folder for several photos")
     r.add_argument(
         "--model", default=DEFAULT_MODEL, help=f"MLflow model URI or bundle folder (default {DEFAULT_MODEL})"
     )

@@ -171,3 +171,43 @@ def test_separable_fast_path_equals_the_2d_convolution():
     assert np.array_equal(
         D.filter2d(img, rotated), cv2.filter2D(img, -1, rotated, borderType=cv2.BORDER_REFLECT_101)
     )
+
+
+def test_color_jitter_by_its_formula():
+    """Brightness multiplies, contrast blends with the mean gray, saturation with the gray image;
+    factors of 1 (hue 0) leave the image as it is."""
+    import numpy as np
+
+    from pipelines.degradations import color_jitter
+
+    f = np.random.default_rng(0).random((16, 16, 3)).astype(np.float32)
+    same = color_jitter(f, 1.0, 1.0, 1.0, 0.0, [0, 1, 2, 3])
+    assert np.abs(same - f).max() < 1e-6
+    np.testing.assert_allclose(
+        color_jitter(f, 1.3, 1.0, 1.0, 0.0, [0, 1, 2, 3]), np.clip(f * 1.3, 0, 1), atol=1e-6
+    )
+    gray = f @ np.array([0.299, 0.587, 0.114], np.float32)
+    desat = color_jitter(f, 1.0, 1.0, 0.0, 0.0, [0, 1, 2, 3])
+    np.testing.assert_allclose(desat, np.repeat(gray[..., None], 3, 2), atol=2e-3)
+
+
+def test_face_classic_applies_gfpgans_colour_augmentation():
+    """face_classic = the classic chain + GFPGAN's colour jitter (shift p 0.3 up to 20/255, ColorJitter
+    p 0.3, gray p 0.01), logged, deterministic for a seed."""
+    import numpy as np
+
+    from pipelines.degradations import GFPGAN_COLOUR, get_preset
+
+    img = (np.random.default_rng(1).random((64, 64, 3)) * 255).astype(np.uint8)
+    logs = [get_preset("face_classic")(img, np.random.default_rng(i))[1] for i in range(400)]
+    shifts = [x["color_shift"] for x in logs if "color_shift" in x]
+    jitters = [x["color_jitter"] for x in logs if "color_jitter" in x]
+    assert 0.22 < len(shifts) / 400 < 0.38 and 0.22 < len(jitters) / 400 < 0.38
+    assert max(abs(v) for s in shifts for v in s) <= GFPGAN_COLOUR["shift"]
+    assert all(
+        0.5 <= j["brightness"] <= 1.5 and abs(j["hue"]) <= 0.1 and sorted(j["order"]) == [0, 1, 2, 3]
+        for j in jitters
+    )
+    a = get_preset("face_classic")(img, np.random.default_rng(7))
+    b = get_preset("face_classic")(img, np.random.default_rng(7))
+    assert np.array_equal(a[0], b[0]) and a[1] == b[1]

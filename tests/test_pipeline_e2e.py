@@ -33,6 +33,7 @@ STAGES = (
     "ablate",
     "register",
     "tune",
+    "mlflow_sync",
 )
 SMALL = {
     "synthesize": {
@@ -128,9 +129,71 @@ def test_repro_builds_every_output(project):
 
 
 def test_second_repro_does_nothing(project):
+    """Only the one cheap check runs again (mlflow_sync, always_changed), and it finds MLflow in sync."""
     root, env, _ = project
     out = _run([sys.executable, "-m", "dvc", "repro"], root, env)
-    assert "Running stage" not in out and "up to date" in out
+    ran = [line for line in out.splitlines() if "Running stage" in line]
+    assert ran == ["Running stage 'mlflow_sync':"] and "mlflow_sync: sqlite:///mlflow.db in sync" in out
+    assert "up to date" in out
+
+
+def test_fresh_clone_restores_mlflow_and_the_champion_without_retraining(project, tmp_path):
+    """A clone with the committed outputs (DVC cache shared, as after `dvc pull`) and no mlflow.db:
+    `dvc repro` runs only mlflow_sync, which rebuilds every stage's run and the registry from the DVC
+    outputs; then the README's restore command works through models:/refface@champion."""
+    root, env, _ = project
+    (root / ".gitignore").write_text("mlflow.db\nmlruns/\nmlartifacts/\ndata/optuna/\n__pycache__/\n")
+    git = {
+        **env,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    _run(["git", "add", "-A"], root, git)
+    _run(["git", "commit", "-qm", "pipeline"], root, git)
+    clone = tmp_path / "clone"
+    _run(["git", "clone", "-q", str(root), str(clone)], tmp_path, git)
+    assert not (clone / "mlflow.db").exists()
+    cenv = {**env, "PYTHONPATH": str(clone)}
+    _run([sys.executable, "-m", "dvc", "cache", "dir", "--local", str(root / ".dvc" / "cache")], clone, cenv)
+    _run([sys.executable, "-m", "dvc", "checkout", "-q"], clone, cenv)
+    out = _run([sys.executable, "-m", "dvc", "repro"], clone, cenv)
+    ran = [line for line in out.splitlines() if "Running stage" in line]
+    assert ran == ["Running stage 'mlflow_sync':"], out[-3000:]
+    assert "train: restored run" in out and "ablate: restored run" in out and "tune: restored run" in out
+    assert "champion -> " in out
+    from mlflow import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{clone / 'mlflow.db'}")
+    exp = c.get_experiment_by_name("refface")
+    names = {r.info.run_name for r in c.search_runs([exp.experiment_id])}
+    assert {"train", "ablate", "tune", "register"} <= names
+    assert c.get_model_version_by_alias("refface", "champion").tags["restored_from"] == "dvc outputs"
+    # a second repro: in sync, nothing restored twice
+    out = _run([sys.executable, "-m", "dvc", "repro"], clone, cenv)
+    assert "mlflow_sync: sqlite:///mlflow.db in sync" in out
+    # the README's command
+    person = sorted((clone / "data/synthetic/album").iterdir())[0]
+    photos = sorted(p for p in person.rglob("*.png"))
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "stages.cli",
+            "restore",
+            str(photos[0]),
+            "--ref",
+            str(photos[1]),
+            "--out",
+            str(tmp_path / "out.png"),
+        ],
+        clone,
+        cenv,
+    )
+    from PIL import Image
+
+    assert Image.open(tmp_path / "out.png").size == (64, 64)
 
 
 def test_one_param_reruns_only_its_dependents_and_shards_rebuild_identically(project):

@@ -166,3 +166,25 @@ def test_refsel_stage_trains_predicts_and_writes_shards(tmp_path):
     after = outputs()
     assert sorted(after) == sorted(before)
     assert [k for k in before if after[k] != before[k]] == []
+
+
+def test_eval_sets_take_refsel_masks_where_the_source_has_none():
+    """A reference without an exact conflict mask gets the refsel shard's mask and its provenance; an
+    exact mask is never replaced."""
+    import json
+
+    from stages.eval_sets import with_masks
+
+    meta = {"ref_count": 2, "mask_provenance": ["synthetic", None]}
+    raw = {"__key__": "t0", "meta.json": json.dumps(meta).encode(), "refmask0.png": b"exact"}
+    other = {
+        "__key__": "t0",
+        "meta.json": json.dumps({"ref_count": 2, "mask_provenance": ["annotated", "predicted"]}).encode(),
+        "refmask0.png": b"refsel0",
+        "refmask1.png": b"refsel1",
+    }
+    (out,), filled = with_masks([raw], {"t0": other})
+    assert filled == 1 and out["refmask0.png"] == b"exact" and out["refmask1.png"] == b"refsel1"
+    assert json.loads(out["meta.json"])["mask_provenance"] == ["synthetic", "predicted"]
+    (same,), none = with_masks([raw], {})
+    assert none == 0 and same is raw
