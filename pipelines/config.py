@@ -356,6 +356,10 @@ class TrainConfig:
     # space (= σ²·‖û − u*‖²): a from-scratch CPU model starts at the degraded image instead of at noise.
     prediction: Literal["velocity", "x0_residual"] = "x0_residual"  # velocity = the recipe (klein)
     lr: float = 5e-4  # the CPU model's; the recipe's 1e-5 is for klein
+    # constant = the recipe (a fixed learning rate); cosine: linear warm-up over warmup_steps, then a
+    # cosine decay to 0 at max_steps (ours, for the short CPU budget)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
     weight_decay: float = 0.0
     batch_size: int = 8  # global; split evenly across ranks (recipe: 1)
     accumulate: int = 1  # recipe: 4
@@ -492,7 +496,7 @@ class RefselConfig:
 class EvaluateConfig:
     """`evaluate`: the trained model in both modes on every evaluation set."""
 
-    samples: int = 48  # per set (0 = all)
+    samples: int = 0  # paired targets per set: those with max(modes) references (0 = all)
     modes: tuple[int, ...] = (0, 1, 2, 3)  # reference counts
     steps: int = 8
     guidance: float = 1.0

@@ -231,6 +231,20 @@ class OptimConfig:
     seed: int = 0
     sigma_max: float = 1.0  # σ ∈ (0, sigma_max) in training; sampling starts there (see models.sampler)
     prediction: str = "velocity"  # velocity (the recipe) | x0_residual (see TrainConfig.prediction)
+    lr_schedule: str = "constant"  # constant (the recipe) | cosine (warm-up, then cosine decay to 0)
+    warmup_steps: int = 0
+    total_steps: int = 0  # the cosine's length (max_steps)
+
+
+def lr_factor(step: int, schedule: str, warmup: int, total: int) -> float:
+    """The learning-rate multiplier at optimiser step `step`: 1 for `constant`; for `cosine` a linear
+    warm-up over `warmup` steps, then 0.5·(1 + cos(π·t)) with t the fraction of the remaining steps."""
+    if schedule == "constant":
+        return 1.0
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    t = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
+    return float(0.5 * (1.0 + np.cos(np.pi * t)))
 
 
 COUNTERS = "refface_counters"  # checkpoint key of the counters that must survive a resume
@@ -284,7 +298,15 @@ class IConFaceModule(L.LightningModule):
         """The module for a `train` config: its optimiser settings, parameterisation and loss weights
         (α_fm and ω_min stay at the supplement's values); `crop_border` from the `embed` section."""
         optim = OptimConfig(
-            cfg.lr, cfg.weight_decay, cfg.sigma_scheme, cfg.seed, cfg.sigma_max, cfg.prediction
+            cfg.lr,
+            cfg.weight_decay,
+            cfg.sigma_scheme,
+            cfg.seed,
+            cfg.sigma_max,
+            cfg.prediction,
+            cfg.lr_schedule,
+            cfg.warmup_steps,
+            cfg.max_steps,
         )
         return cls(
             net,
@@ -380,7 +402,14 @@ class IConFaceModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.net.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.optim.lr, weight_decay=self.optim.weight_decay)
+        opt = torch.optim.AdamW(params, lr=self.optim.lr, weight_decay=self.optim.weight_decay)
+        if self.optim.lr_schedule == "constant":
+            return opt
+        o = self.optim
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: lr_factor(step, o.lr_schedule, o.warmup_steps, o.total_steps)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ---- inference ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -498,7 +527,8 @@ def evaluate(
     module: IConFaceModule, batch: Batch, evaluator, steps: int, guidance: float = 4.0
 ) -> tuple[dict, dict]:
     """PSNR and identity similarity (evaluator encoder with the module's crop, cosine to the target) of
-    the degraded input and of the restoration with references and without."""
+    the degraded input and of the restoration with references and without: (means, outputs), the
+    outputs holding the restorations and the per-target values (`per_target`, for paired intervals)."""
 
     def unit(x: torch.Tensor) -> torch.Tensor:
         return F.normalize(
@@ -507,17 +537,18 @@ def evaluate(
 
     g = unit(batch["gt"])
 
-    def idsim(x: torch.Tensor) -> float:
-        return float((unit(x) * g).sum(-1).mean())
+    def idsim(x: torch.Tensor) -> np.ndarray:
+        return (unit(x) * g).sum(-1).numpy()
 
     out_ref = module.restore(batch, steps=steps, guidance=guidance)
     out_none = module.restore(no_refs(batch), steps=steps, guidance=guidance)
-    m = {
-        "lq_psnr": float(psnr(batch["lq"], batch["gt"]).mean()),
-        "restored_psnr": float(psnr(out_ref, batch["gt"]).mean()),
-        "restored_noref_psnr": float(psnr(out_none, batch["gt"]).mean()),
+    per = {
+        "lq_psnr": psnr(batch["lq"], batch["gt"]),
+        "restored_psnr": psnr(out_ref, batch["gt"]),
+        "restored_noref_psnr": psnr(out_none, batch["gt"]),
         "lq_id_sim": idsim(batch["lq"]),
         "restored_id_sim": idsim(out_ref),
         "restored_noref_id_sim": idsim(out_none),
     }
-    return {k: round(v, 4) for k, v in m.items()}, {"ref": out_ref, "none": out_none}
+    m = {k: round(float(np.mean(v)), 4) for k, v in per.items()}
+    return m, {"ref": out_ref, "none": out_none, "per_target": per}

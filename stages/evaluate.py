@@ -4,9 +4,10 @@
         --out data/evaluate --metrics metrics/evaluate.json --report reports/evaluation.md --plot plots/evaluate.csv
 
 Modes: no reference, and 1, 2, 3 references (the first k protocol references). Every row of a set is
-computed on the SAME targets: those with at least max(modes) references (paired comparison). Rows per
+computed on the SAME targets: the first `evaluate.samples` targets with at least max(modes) references
+(paired comparison). Rows per
 set: the degraded input (baseline), each mode, and a control, "3 references of another person" (the
-same count, taken from the next target of another identity): true references must beat it, or the
+same count as the largest mode, taken from the next target of another identity): true references must beat it, or the
 model gains from more tokens rather than from who the references show. Each mode's difference to the
 blind mode carries a 95 % paired bootstrap interval (pipelines/stats.py, fixed seed); per-target values
 go to `data/evaluate/per_target.json` (the registry's paired promotion gate reads them). Metrics (pipelines/evaluation.py): PSNR, SSIM, Ref-ID with the primary and
@@ -38,18 +39,23 @@ from stages._common import load_params, parser, progress_enabled, setup_logging
 
 COLUMNS = ("n", "psnr", "ssim", "ref_id_primary", "ref_id_evaluator", "gt_id", "copy_score", "copy_pairs")
 PAIRED = ("gt_id", "psnr", "ssim", "copy_score")  # differences to the blind mode, with intervals
-CONTROL = "3 references of another person"
+CONTROL = "{k} reference{s} of another person"
 
 
-def load_set(root: str, name: str, limit: int) -> list[dict]:
-    out = []
+def load_set(root: str, name: str, limit: int, min_refs: int = 0) -> tuple[list[dict], int]:
+    """The first `limit` targets (0: all) of a set that have at least `min_refs` references, and how
+    many targets were read to find them."""
+    out, seen = [], 0
     for raw in iter_raw(shard_paths(root, name)):
         if limit and len(out) >= limit:
             break
+        seen += 1
+        if json.loads(raw["meta.json"])["ref_count"] < min_refs:
+            continue
         s = decode_sample(raw)
         s["lq"] = np.asarray(Image.open(io.BytesIO(raw["lq.png"])).convert("RGB"))
         out.append(s)
-    return out
+    return out, seen
 
 
 def per_target(outs, samples, prim, evaluator, tau, border) -> dict[str, np.ndarray]:
@@ -82,20 +88,23 @@ def summarise(values: dict[str, np.ndarray]) -> dict:
     return m
 
 
-def other_person(samples: list[dict], k: int) -> list[int]:
-    """For each target, the index of the next target (cyclically) of another identity with >= k references."""
+def other_person(samples: list[dict], pool: list[dict], k: int) -> list[list]:
+    """For each target, the first k references of the next target in `pool` (cyclically, after the
+    target's own key) whose identity differs: the control row's references, as many as the true ones."""
+    keys = [p["key"] for p in pool]
     out = []
-    for i, s in enumerate(samples):
-        for step in range(1, len(samples)):
-            j = (i + step) % len(samples)
-            if (
-                samples[j]["meta"].get("identity") != s["meta"].get("identity")
-                and len(samples[j]["refs"]) >= k
-            ):
-                out.append(j)
+    for s in samples:
+        start = keys.index(s["key"]) if s["key"] in keys else 0
+        for step in range(1, len(pool) + 1):
+            o = pool[(start + step) % len(pool)]
+            if o["meta"].get("identity") != s["meta"].get("identity") and len(o["refs"]) >= k:
+                out.append(o["refs"][:k])
                 break
         else:
-            raise SystemExit("error: the evaluation set holds a single identity; no control row possible")
+            raise SystemExit(
+                f"error: no target of another identity with {k} references for {s['key']}; "
+                "the control row needs at least two identities"
+            )
     return out
 
 
@@ -104,7 +113,7 @@ def markdown(results: dict, paired: dict, not_computed: dict, model: str, seed: 
     lines.append(
         "Layout of the IConFace paper's Tables 1–2: one block per evaluation set, the degraded input as a "
         "baseline row, then the model without references (blind mode), with 1–3 references, and a control "
-        "with 3 references of another person. **Every row of a block is computed on the same targets** "
+        "with as many references of another person. **Every row of a block is computed on the same targets** "
         "(those with 3 references). Ref-ID: cosine to the first protocol reference (primary encoder / "
         "independent evaluator); GT-ID: cosine to the target (evaluator). Copy score: share of conflict pixels "
         "where the output follows the reference instead of the target (lower is better; pairs with conflict "
@@ -136,11 +145,21 @@ def markdown(results: dict, paired: dict, not_computed: dict, model: str, seed: 
             "|---|---:|---:|---:|---:|---|",
         ]
         for row, d in paired[name].items():
+            if row == "true vs another person":
+                continue
             cells = [
                 "—" if d[m]["n"] == 0 else f"{d[m]['diff']:+.4f} [{d[m]['lo']:+.4f}, {d[m]['hi']:+.4f}]"
                 for m in PAIRED
             ]
             lines.append(f"| {row} | " + " | ".join(cells) + f" | {d['gt_id']['verdict']} |")
+        c = paired[name].get("true vs another person")
+        if c:
+            lines += [
+                "",
+                f"Control: GT-ID with the true references minus with another person's ({c['rows'][0]}, same targets): "
+                f"{c['diff']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}] — {c['verdict']}"
+                + (" (the model reads who the references show)" if c["verdict"] == "higher" else ""),
+            ]
     lines += ["", "## Not computed", ""]
     lines += [f"- {k}: {v}" for k, v in not_computed.items()]
     return "\n".join(lines) + "\n"
@@ -199,12 +218,11 @@ def main(argv: list[str] | None = None) -> None:
         return np.concatenate(parts)
 
     for name in sorted(index["splits"]):
-        loaded = load_set(args.eval_sets, name, cfg.samples)
-        samples = [s for s in loaded if len(s["refs"]) >= max(kmax, 1)]
+        samples, seen = load_set(args.eval_sets, name, cfg.samples, max(kmax, 1))
         if len(samples) < 2:
             raise SystemExit(
                 f"error: evaluation set {name} in {args.eval_sets} has {len(samples)} targets with "
-                f"{max(kmax, 1)} references (of {len(loaded)}); need at least 2 for a paired comparison"
+                f"{max(kmax, 1)} references (of {seen}); need at least 2 for a paired comparison"
             )
         lq = [s["lq"] for s in samples]
         values = {"degraded input": per_target(np.stack(lq), samples, prim, evaluator, cfg.copy_tau, border)}
@@ -215,10 +233,11 @@ def main(argv: list[str] | None = None) -> None:
             values[label] = per_target(outs, samples, prim, evaluator, cfg.copy_tau, border)
             outputs[k] = {s["key"]: o for s, o in zip(samples, outs)}
             bar.update(1)
-        other = other_person(samples, max(kmax, 1))
-        wrong = [samples[j]["refs"][: max(kmax, 1)] for j in other]
-        outs = restore(lq, wrong)
-        values[CONTROL] = per_target(outs, samples, prim, evaluator, cfg.copy_tau, border)
+        k_ctl = max(kmax, 1)
+        pool = samples if not cfg.samples else load_set(args.eval_sets, name, 0, k_ctl)[0]
+        outs = restore(lq, other_person(samples, pool, k_ctl))
+        control = CONTROL.format(k=k_ctl, s="s" if k_ctl > 1 else "")
+        values[control] = per_target(outs, samples, prim, evaluator, cfg.copy_tau, border)
         bar.update(1)
         results[name] = {row: summarise(v) for row, v in values.items()}
         blind = values.get("no reference")
@@ -230,6 +249,14 @@ def main(argv: list[str] | None = None) -> None:
             for m in PAIRED:
                 r = paired_bootstrap(v[m], blind[m], seed=cfg.seed)
                 paired[name][row][m] = {**r.as_dict(), "verdict": r.verdict}
+        true_label = "no reference" if k_ctl == 0 else f"{k_ctl} reference{'s' if k_ctl > 1 else ''}"
+        if true_label in values:
+            d = paired_bootstrap(values[true_label]["gt_id"], values[control]["gt_id"], seed=cfg.seed)
+            paired[name]["true vs another person"] = {
+                "rows": [true_label, control],
+                **d.as_dict(),
+                "verdict": d.verdict,
+            }
         targets[name] = {
             "keys": [s["key"] for s in samples],
             "rows": {
@@ -239,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         for row, m in results[name].items():
             plot_rows.append({"set": name, "row": row, **{c: m[c] for c in COLUMNS}})
         # Grid: degraded | refs | output per mode | target, for the targets where references matter most.
-        gain = values.get("1 reference", values[CONTROL])["gt_id"] - (
+        gain = values.get("1 reference", values[control])["gt_id"] - (
             blind["gt_id"] if blind is not None else 0
         )
         show = [samples[i] for i in np.argsort(-gain, kind="stable")[: cfg.grid_samples]]

@@ -275,3 +275,11 @@ def test_the_loss_anchor_uses_the_temperature(monkeypatch):
     monkeypatch.setattr(tr, "identity_anchor", lambda *a: temps.append(a[3]) or real(*a))
     _tiny_module(temperature=0.5).training_step(_tiny_batch(), 0)
     assert temps == [0.5]
+
+
+def test_lr_schedule_warms_up_then_decays():
+    from pipelines.training import lr_factor
+
+    assert lr_factor(50, "constant", 10, 100) == 1.0
+    assert lr_factor(0, "cosine", 10, 100) == 0.1 and lr_factor(9, "cosine", 10, 100) == 1.0
+    assert abs(lr_factor(55, "cosine", 10, 100) - 0.5) < 1e-9 and lr_factor(100, "cosine", 10, 100) == 0.0
