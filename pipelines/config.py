@@ -503,7 +503,7 @@ class EvaluateConfig:
     seed: int = 42
     batch_size: int = 16
     copy_tau: float = 12.0
-    grid_samples: int = 4
+    grid_samples: int = 6
     threads: int = 2
     weights: dict[str, str | None] = field(  # lpips/musiq/clipiqa/maniqa/fid: local paths
         default_factory=lambda: {"lpips": None, "musiq": None, "clipiqa": None, "maniqa": None, "fid": None}

@@ -169,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__)
     for a in ("--eval-sets", "--model", "--encoders", "--out", "--metrics", "--report", "--plot"):
         p.add_argument(a, required=True)
+    p.add_argument("--report-grid", help="also copy the severe set's grid here (committed beside the report)")
     args = p.parse_args(argv)
     setup_logging()
     cfgs = load_params(args.params, "evaluate", "train", "embed", "shards")
@@ -300,6 +301,9 @@ def main(argv: list[str] | None = None) -> None:
     }
     write_json(args.metrics, metrics)
     write_json(out / "per_target.json", targets)
+    if args.report_grid:
+        name = "severe" if "severe" in results else sorted(results)[0]
+        write_bytes(args.report_grid, (out / f"grid_{name}.png").read_bytes())
     write_bytes(args.report, markdown(results, paired, not_computed, "data/train/model", cfg.seed).encode())
     Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
     with open(args.plot, "w", newline="") as f:
