@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+RESOLUTION = 5e-5  # reports print 4 decimals
+
 
 @dataclass(frozen=True)
 class Paired:
@@ -19,9 +21,13 @@ class Paired:
 
     @property
     def verdict(self) -> str:
-        """`higher` / `lower` when the interval clears zero, else `no difference`."""
+        """`higher` / `lower` when the interval clears zero and the mean difference reaches RESOLUTION
+        (half the last printed digit: a difference that prints as +0.0000 is no difference), else
+        `no difference`."""
         if self.n == 0:
             return "no pairs"
+        if abs(self.mean) < RESOLUTION:
+            return "no difference"
         return "higher" if self.lo > 0 else "lower" if self.hi < 0 else "no difference"
 
     def as_dict(self) -> dict:

@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
         f"Each row trains from seed {cfg.seed} for {cfg.steps} steps (batch {cfg.batch_size}, backbone "
         f"`{tcfg.backbone}`, prediction `{tcfg.prediction}`) and is evaluated on {len(val['keys'])} validation "
         f"targets degraded with `{tcfg.val_preset}`. ID-GT: cosine to the target with the evaluator encoder. "
-        f"Degraded input: PSNR {lq['lq_psnr']:.2f} dB, ID-GT {lq['lq_id_sim']:.4f}. MLflow run `{run_id}`.",
+        f"Degraded input: PSNR {lq['lq_psnr']:.2f} dB, ID-GT {lq['lq_id_sim']:.4f}. MLflow: the `ablate` run "
+        "of experiment `" + tcfg.experiment + "`.",
         "",
         "| variant | " + " | ".join(c[1] for c in COLUMNS) + " |",
         "|---|" + "---:|" * len(COLUMNS),

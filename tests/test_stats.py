@@ -23,3 +23,9 @@ def test_fixed_seed_and_nan_pairs_dropped():
     a, b = np.array([1.0, 2.0, np.nan, 4.0]), np.array([0.5, 1.0, 1.0, 3.0])
     assert paired_bootstrap(a, b) == paired_bootstrap(a, b)
     assert paired_bootstrap(a, b).n == 3
+
+
+def test_a_difference_below_the_printed_resolution_is_no_difference():
+    """A constant +1e-6 shift has a zero-width interval above zero, but prints as +0.0000: no win."""
+    b = np.linspace(0, 1, 20)
+    assert paired_bootstrap(b + 1e-6, b).verdict == "no difference"
