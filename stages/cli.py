@@ -28,11 +28,12 @@ MAKE_CHAMPION = "`dvc repro` in the project folder (its `mlflow_sync` stage regi
 
 def load_restorer(model: str):
     """A `Restorer` from a bundle folder or an MLflow model URI."""
-    from pipelines.restorer import Restorer
     from pipelines.tracking import DEFAULT_DB, tracking_uri, user_set
 
     path = Path(model)
     if path.is_dir():
+        from pipelines.restorer import Restorer
+
         return Restorer(path)
     if "://" not in model and ":/" not in model:
         raise SystemExit(f"error: --model {model}: no such bundle folder (and not an MLflow model URI)")
@@ -74,11 +75,6 @@ def inputs_of(items: list[str]) -> list[Path]:
 
 
 def restore_main(args: argparse.Namespace) -> int:
-    from PIL import Image
-
-    from pipelines.restorer import InputError, check_image
-    from pipelines.viz import save_grid
-
     if len(args.ref) > 3:
         raise SystemExit(f"error: {len(args.ref)} references given; the model accepts at most 3")
     photos = inputs_of(args.lq)
@@ -88,13 +84,20 @@ def restore_main(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: --out {args.out}: several photos need a folder, not an image file")
     if many and args.side_by_side:
         raise SystemExit("error: --side-by-side takes one photo")
+    # The model is found (or refused) before torch and the model code are imported: a wrong --model or a
+    # missing tracking store answers in about a second.
+    t0 = time.perf_counter()
+    restorer = load_restorer(args.model)
+    start = time.perf_counter() - t0
+    from PIL import Image
+
+    from pipelines.restorer import InputError, check_image
+    from pipelines.viz import save_grid
+
     try:
         refs = [check_image(r, f"reference {r}") for r in args.ref]
     except InputError as exc:
         raise SystemExit(f"error: {exc}") from exc
-    t0 = time.perf_counter()
-    restorer = load_restorer(args.model)
-    start = time.perf_counter() - t0
     failed, times = [], []
     for i, photo in enumerate(photos, 1):
         target = out_dir / f"{photo.stem}.png" if out_dir is not None else Path(args.out)
