@@ -60,14 +60,22 @@ def _run(client, exp_id: str, name: str, key: str | None, parent: str | None = N
     return client.create_run(exp_id, run_name=name, tags=tags).info.run_id
 
 
-def sync_train(client, exp_id, cfgs, root: Path) -> str:
-    metrics_file = root / "metrics/train.json"
+def _start(client, exp_id: str, stage: str, root: Path) -> tuple[str | None, str | None]:
+    """(message, None) when `stage` needs nothing (not run, or its run exists), else (None, new run id)."""
+    metrics_file = root / f"metrics/{stage}.json"
     if not metrics_file.is_file():
-        return "train: no metrics/train.json (stage not run); nothing to restore"
-    key = output_key("train", metrics_file)
+        return f"{stage}: no metrics/{stage}.json (stage not run); nothing to restore", None
+    key = output_key(stage, metrics_file)
     if _find_run(client, exp_id, key):
-        return "train: in sync"
-    rid = _run(client, exp_id, "train", key)
+        return f"{stage}: in sync", None
+    return None, _run(client, exp_id, stage, key)
+
+
+def sync_train(client, exp_id, cfgs, root: Path) -> str:
+    done, rid = _start(client, exp_id, "train", root)
+    if done:
+        return done
+    metrics_file = root / "metrics/train.json"
     for section in ("train", "degrade", "embed"):
         for k, v in as_dict(cfgs[section]).items():
             client.log_param(rid, f"{section}.{k}", str(v)[:500])
@@ -85,14 +93,10 @@ def sync_train(client, exp_id, cfgs, root: Path) -> str:
 
 
 def sync_ablate(client, exp_id, root: Path) -> str:
-    metrics_file = root / "metrics/ablate.json"
-    if not metrics_file.is_file():
-        return "ablate: no metrics/ablate.json (stage not run); nothing to restore"
-    key = output_key("ablate", metrics_file)
-    if _find_run(client, exp_id, key):
-        return "ablate: in sync"
-    rid = _run(client, exp_id, "ablate", key)
-    results = read_json(metrics_file)
+    done, rid = _start(client, exp_id, "ablate", root)
+    if done:
+        return done
+    results = read_json(root / "metrics/ablate.json")
     client.log_param(rid, "variants", ",".join(results))
     for variant, m in results.items():
         child = _run(client, exp_id, f"ablate/{variant}", None, rid)
@@ -107,14 +111,10 @@ def sync_ablate(client, exp_id, root: Path) -> str:
 
 
 def sync_tune(client, exp_id, root: Path) -> str:
-    metrics_file = root / "metrics/tune.json"
-    if not metrics_file.is_file():
-        return "tune: no metrics/tune.json (stage not run); nothing to restore"
-    key = output_key("tune", metrics_file)
-    if _find_run(client, exp_id, key):
-        return "tune: in sync"
-    rid = _run(client, exp_id, "tune", key)
-    m = read_json(metrics_file)
+    done, rid = _start(client, exp_id, "tune", root)
+    if done:
+        return done
+    m = read_json(root / "metrics/tune.json")
     client.log_metric(rid, "best_value", float(m["best_value"]))
     for k, v in m.get("best_params", {}).items():
         client.log_param(rid, f"best.{k}", v)
