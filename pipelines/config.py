@@ -169,6 +169,9 @@ class SynthesizeConfig:
     encoder_images_per_identity: int = 8
     grid_identities: int = 8
     grid_images: int = 6
+    # aligned: FFHQ-aligned crops as the datasets of the field (pipelines.synthetic.FRAMINGS); wild:
+    # unaligned framing (roll ±0.22 rad, scale 0.85-1.08, shift ±7 %)
+    framing: Literal["aligned", "wild"] = "aligned"
 
     def validate(self, where: str) -> None:
         if self.render_size < 32 or self.image_size < 16 or self.image_size > self.render_size:
@@ -330,6 +333,32 @@ class EvalSetsConfig:
 
 
 @dataclass(frozen=True)
+class TrainFrontConfig:
+    """`train_front`: the degradation-removal front end (ours; DiffBIR's stage 1), trained by L2 on the
+    train split with the `degrade` section's online degradations (models.iconface.FrontEnd)."""
+
+    width: int = 48
+    steps: int = 2000
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup_steps: int = 100  # then a cosine decay to 0 at `steps`
+    seed: int = 0
+    threads: int = 2
+    log_every: int = 50
+    val_samples: int = 64  # val targets per preset, degraded once (seed 42 + index)
+    val_presets: tuple[str, ...] = ("refldm_moderate", "refldm_severe")
+
+    def validate(self, where: str) -> None:
+        if self.width < 1 or self.steps < 1 or self.batch_size < 1:
+            raise ConfigError(f"{where}: width, steps and batch_size must be at least 1")
+        for name in self.val_presets:
+            if name not in PRESET_NAMES:
+                raise ConfigError(
+                    f"{where}.val_presets: unknown preset {name!r}; valid: {', '.join(PRESET_NAMES)}"
+                )
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """`train`: IConFace training (tiny on CPU by default; klein_base_4b with weights on GPUs)."""
 
@@ -351,6 +380,11 @@ class TrainConfig:
     # 1.0 = the recipe (generation from pure noise). Below 1: training draws σ ∈ (0, sigma_max) and
     # sampling starts from the degraded latent noised to sigma_max (a budget setting for CPU models).
     sigma_max: float = 1.0
+    # ours: the degradation-removal front end (models.iconface.FrontEnd, DiffBIR's stage 1) of this
+    # width, its weights from the train_front stage (frozen here); the transformer conditions on its
+    # output. front_end 0 = off (the paper).
+    front_end: int = 48
+    front: str | None = "data/front/front.safetensors"
     # velocity = the recipe (û from the network). x0_residual: the network predicts the clean latent as
     # a residual over the degraded one, ẑ0 = z_deg + f(·), û = (z_σ − ẑ0)/σ, and L_fm is taken in ẑ0
     # space (= σ²·‖û − u*‖²): a from-scratch CPU model starts at the degraded image instead of at noise.
@@ -358,12 +392,12 @@ class TrainConfig:
     lr: float = 5e-4  # the CPU model's; the recipe's 1e-5 is for klein
     # constant = the recipe (a fixed learning rate); cosine: linear warm-up over warmup_steps, then a
     # cosine decay to 0 at max_steps (ours, for the short CPU budget)
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    warmup_steps: int = 50
     weight_decay: float = 0.0
     batch_size: int = 8  # global; split evenly across ranks (recipe: 1)
     accumulate: int = 1  # recipe: 4
-    max_steps: int = 400
+    max_steps: int = 800
     precision: Literal[
         "32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "16-true", "bf16-true", "64-true", "64"
     ] = "32-true"  # bf16-mixed on GPUs
@@ -416,6 +450,8 @@ class TrainConfig:
                 f"{where}.batch_size {self.batch_size} is not divisible by {world} ranks (devices x num_nodes); "
                 f"use a multiple of {world}"
             )
+        if self.front and not self.front_end:
+            raise ConfigError(f"{where}.front is set but front_end is 0: give the front end's width")
         for name in ("weights", "vae", "prompt_cache"):
             path = getattr(self, name)
             if path is not None:
@@ -618,6 +654,7 @@ SECTIONS: dict[str, type] = {
     "eval_sets": EvalSetsConfig,
     "annotate": AnnotateConfig,
     "refsel": RefselConfig,
+    "train_front": TrainFrontConfig,
     "train": TrainConfig,
     "evaluate": EvaluateConfig,
     "register": RegisterConfig,

@@ -121,7 +121,9 @@ class Restorer:
             torch.set_num_threads(threads)
         self.encoder, _, _ = load_identity_encoder(self.meta["encoder"], str(bundle / "encoder.safetensors"))
         net, codec, text = build_network(
-            replace(self.cfg, train_backbone=False), self.encoder.cfg.embedding_dim
+            # the front end's weights come with the pathway weights (model/), not from train.front
+            replace(self.cfg, train_backbone=False, front=None),
+            self.encoder.cfg.embedding_dim,
         )
         load_trainable(net, bundle / "model")
         self.crop_border = float(self.meta.get("crop_border", 0.0))
@@ -169,6 +171,15 @@ class Restorer:
             seed=s["seed"] if seed is None else seed,
         )
         return to_uint8(out)
+
+    @torch.no_grad()
+    def front_only(self, lq: list[np.ndarray]) -> np.ndarray | None:
+        """(B, R, R, 3) uint8: the front end's output alone (models.iconface.FrontEnd), or None when
+        the model has none; evaluation reports it as its own row."""
+        if getattr(self.module.net, "front", None) is None:
+            return None
+        batch = make_batch([self._fit(x) for x in lq], [[] for _ in lq])
+        return to_uint8(self.module.clean(batch["lq"]))
 
     def restore(self, lq, refs=(), **kw) -> np.ndarray:
         """One image: `lq` and `refs` as paths or uint8 arrays; returns (R, R, 3) uint8."""

@@ -7,7 +7,7 @@ A face is the sum of two parameter sets:
   brow shape (thickness, arch, tilt, length), nose (width, length), face shape (aspect, jaw), skin tone,
   hair colour and volume, eye spacing;
 * **per-image states** (what survives degradation, may differ between a target and its reference):
-  pose (yaw, roll, scale, shift), expression (closed / open / smile), eyes open or closed, glasses,
+  pose (yaw; roll, scale and shift only within the framing: FFHQ-aligned by default, see FRAMINGS), expression (closed / open / smile), eyes open or closed, glasses,
   beard, lip colour, lighting direction and strength, background.
 
 Rendering is vectorised numpy over a pixel grid: every part is a soft signed-distance coverage
@@ -190,18 +190,32 @@ def sample_identity(seed: int, pool: str, index: int) -> Identity:
     )
 
 
-def sample_state(seed: int, pool: str, identity_index: int, image_index: int) -> State:
-    """The state of photograph `image_index` of a person: a pure function of its key."""
+# Framing of a photograph: (roll, scale, shift_x, shift_y) ranges. `aligned` is how the datasets of the
+# field are prepared (FFHQ, FFHQ-Ref, CelebRef-HQ: eyes and mouth moved to the FFHQ template by a
+# similarity transform), left with the residual of landmark noise; yaw and expression stay per-photo
+# states. `wild`: unaligned crops (roll ±0.22 rad, scale 0.85–1.08, shift ±7 %).
+FRAMINGS = {
+    "aligned": ((-0.02, 0.02), (0.98, 1.02), (-0.01, 0.01), (-0.01, 0.01)),
+    "wild": ((-0.22, 0.22), (0.85, 1.08), (-0.07, 0.07), (-0.06, 0.06)),
+}
+
+
+def sample_state(seed: int, pool: str, identity_index: int, image_index: int, framing: str = "aligned") -> State:
+    """The state of photograph `image_index` of a person: a pure function of its key and the framing
+    (the same draws in either framing: only the ranges of roll, scale and shift differ)."""
+    if framing not in FRAMINGS:
+        raise ValueError(f"unknown framing {framing!r}; valid: {', '.join(FRAMINGS)}")
+    roll, scale, sx, sy = FRAMINGS[framing]
     rng = _rng(seed, POOLS[pool], identity_index, image_index + 1)
     lips = ["natural", "natural", "natural", *sorted(_LIP_COLOURS)]
     bg0 = tuple(float(v) for v in rng.uniform(20, 235, 3).round(2))
     bg1 = tuple(float(v) for v in np.clip(np.array(bg0) + rng.normal(0, 40, 3), 0, 255).round(2))
     return State(
         yaw=round(rng.uniform(-0.5, 0.5), 4),
-        roll=round(rng.uniform(-0.22, 0.22), 4),
-        scale=round(rng.uniform(0.85, 1.08), 4),
-        shift_x=round(rng.uniform(-0.07, 0.07), 4),
-        shift_y=round(rng.uniform(-0.06, 0.06), 4),
+        roll=round(rng.uniform(*roll), 4),
+        scale=round(rng.uniform(*scale), 4),
+        shift_x=round(rng.uniform(*sx), 4),
+        shift_y=round(rng.uniform(*sy), 4),
         expression=str(rng.choice(EXPRESSIONS, p=[0.5, 0.2, 0.3])),
         eyes_open=bool(rng.uniform() < 0.8),
         glasses=bool(rng.uniform() < 0.25),
@@ -214,9 +228,10 @@ def sample_state(seed: int, pool: str, identity_index: int, image_index: int) ->
     )
 
 
-def face_spec(seed: int, pool: str, identity_index: int, image_index: int) -> FaceSpec:
+def face_spec(seed: int, pool: str, identity_index: int, image_index: int, framing: str = "aligned") -> FaceSpec:
     return FaceSpec(
-        sample_identity(seed, pool, identity_index), sample_state(seed, pool, identity_index, image_index)
+        sample_identity(seed, pool, identity_index),
+        sample_state(seed, pool, identity_index, image_index, framing),
     )
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from models.codecs import Flux2VAECodec, LatentCodec, PixelCodec
-from models.iconface import Conditioning, IConFace, IConFaceConfig, build_backbone, identity_anchor
+from models.iconface import Conditioning, IConFace, IConFaceConfig, build_backbone, identity_anchor, load_front
 from models.id_encoder import IRBackbone, raw_embedding
 from models.lora import add_lora
 from models.losses import (
@@ -339,9 +339,19 @@ class IConFaceModule(L.LightningModule):
         (differentiable in the input)."""
         return raw_embedding(self.id_encoder, (images.clamp(-1, 1) + 1) / 2, self.crop_border)
 
+    @torch.no_grad()
+    def clean(self, lq: torch.Tensor) -> torch.Tensor:
+        """The frozen front end's restoration of degraded images (models.iconface.FrontEnd, trained by
+        the train_front stage), or `lq` itself without one."""
+        front = getattr(self.net, "front", None)
+        return lq if front is None else front(lq).clamp(-1, 1)
+
     def conditioning(self, batch: Batch) -> Conditioning:
+        """The model's inputs; with a front end the degraded image is replaced by its output everywhere
+        (degraded tokens, structure pathway, blind identity fallback, x0_residual base)."""
         b = batch["lq"].shape[0]
-        deg = self.codec.encode(batch["lq"])
+        lq = self.clean(batch["lq"])
+        deg = self.codec.encode(lq)
         r = batch["refs"].shape[1]
         refs = (
             self.codec.encode(batch["refs"].flatten(0, 1)).unflatten(0, (b, r))
@@ -349,7 +359,7 @@ class IConFaceModule(L.LightningModule):
             else deg.new_zeros(b, 0, *deg.shape[1:])
         )
         with torch.no_grad():
-            z_deg = self.identity(batch["lq"])
+            z_deg = self.identity(lq)
         return Conditioning(deg, refs, batch["ref_mask"], batch["z_refs"], z_deg, self.text.expand(b, -1, -1))
 
     def predict(
@@ -479,8 +489,13 @@ def build_network(cfg, z_dim: int) -> tuple[IConFace, object, dict]:
             # A random backbone cannot fetch the degraded evidence for noise-only scene tokens in a CPU
             # budget (models.iconface, "Degraded readout"); a pretrained one keeps the paper's head.
             deg_readout=cfg.weights is None and cfg.prediction == "x0_residual",
+            front_end=cfg.front_end,
         ),
     )
+    if cfg.front_end:
+        if cfg.front:  # the train_front stage's weights (a bundle's come with its pathway weights)
+            load_front(net.front, cfg.front)
+        net.front.requires_grad_(False)  # stage 1 stays frozen (DiffBIR)
     text = (
         load_prompt_cache(cfg.prompt_cache)
         if cfg.prompt_cache

@@ -40,6 +40,7 @@ from stages._common import load_params, parser, progress_enabled, setup_logging
 COLUMNS = ("n", "psnr", "ssim", "ref_id_primary", "ref_id_evaluator", "gt_id", "copy_score", "copy_pairs")
 PAIRED = ("gt_id", "psnr", "ssim", "copy_score")  # differences to the blind mode, with intervals
 CONTROL = "{k} reference{s} of another person"
+FRONT = "front end alone (stage 1, ours)"
 
 
 def load_set(root: str, name: str, limit: int, min_refs: int = 0) -> tuple[list[dict], int]:
@@ -117,7 +118,8 @@ def markdown(results: dict, paired: dict, not_computed: dict, model: str, seed: 
         "(those with 3 references). Ref-ID: cosine to the first protocol reference (primary encoder / "
         "independent evaluator); GT-ID: cosine to the target (evaluator). Copy score: share of conflict pixels "
         "where the output follows the reference instead of the target (lower is better; pairs with conflict "
-        "masks only)."
+        "masks only). With a degradation-removal front end (ours, DiffBIR's stage 1; train_front) its output "
+        "alone is a row too: what the IConFace transformer and the references add is the difference to it."
     )
     for name, rows in results.items():
         lines += [
@@ -227,6 +229,9 @@ def main(argv: list[str] | None = None) -> None:
             )
         lq = [s["lq"] for s in samples]
         values = {"degraded input": per_target(np.stack(lq), samples, prim, evaluator, cfg.copy_tau, border)}
+        front = restorer.front_only(lq)
+        if front is not None:  # stage 1 alone: what the transformer adds is the difference to it
+            values[FRONT] = per_target(front, samples, prim, evaluator, cfg.copy_tau, border)
         outputs = {}
         for k in cfg.modes:
             outs = restore(lq, [s["refs"][:k] for s in samples])

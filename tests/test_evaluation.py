@@ -113,7 +113,7 @@ def _tiny_model(out: Path, seed: int, params: dict) -> None:
     from pipelines.config import TrainConfig, build
     from pipelines.training import build_network
 
-    cfg = build(TrainConfig, {**params["train"], "seed": seed}, "train")
+    cfg = build(TrainConfig, {**params["train"], "seed": seed, "front": None}, "train")
     net, _, _ = build_network(cfg, 512)
     torch.manual_seed(seed)
     with torch.no_grad():
@@ -137,6 +137,8 @@ def project(tmp_path_factory):
             "memory_tokens": 8,
             "train_backbone": True,
             "prediction": "x0_residual",
+            "front_end": 8,  # a front end inside the bundle (its weights in model/, not train.front)
+            "front": "/nonexistent/front.safetensors",
         },
         "evaluate": {"samples": 0, "steps": 2, "batch_size": 8, "grid_samples": 2},
         "register": {"model_name": "refface-test", "experiment": "refface-test"},

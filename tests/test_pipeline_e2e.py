@@ -28,6 +28,7 @@ STAGES = (
     "annotate",
     "refsel",
     "eval_sets",
+    "train_front",
     "train",
     "evaluate",
     "ablate",
@@ -47,7 +48,9 @@ SMALL = {
     "train_id_encoder": {"epochs": 2, "batch_size": 32},
     "shards": {"samples_per_shard": 16, "preview_samples": 2},
     "degrade": {"batch_size": 4, "num_cpus": 1, "max_in_flight": 2},
+    "train_front": {"steps": 3, "batch_size": 4, "width": 8, "val_samples": 2, "log_every": 1},
     "train": {
+        "front_end": 8,
         "max_steps": 4,
         "batch_size": 4,
         "checkpoint_every": 2,

@@ -102,3 +102,20 @@ def test_mask_lives_in_the_reference_grid():
     xl = np.nonzero(ml == 1)[1].mean()
     xr = np.nonzero(mr == 1)[1].mean()
     assert xr - xl > 3  # moves with the reference, not with the target
+
+
+def test_aligned_framing_keeps_every_other_draw():
+    """FFHQ-aligned photos (the default) vary roll, scale and shift only by landmark noise; every other
+    state (yaw, expression, glasses, ...) is the same draw as in the unaligned framing."""
+    import pytest
+
+    from pipelines.synthetic import FRAMINGS, sample_state
+
+    for j in range(20):
+        a, w = sample_state(7, "album", 4, j), sample_state(7, "album", 4, j, "wild")
+        assert abs(a.roll) <= 0.02 and 0.98 <= a.scale <= 1.02 and abs(a.shift_x) <= 0.01
+        assert _with(a, roll=w.roll, scale=w.scale, shift_x=w.shift_x, shift_y=w.shift_y) == w
+    assert max(abs(sample_state(7, "album", 4, j, "wild").roll) for j in range(20)) > 0.05
+    assert set(FRAMINGS) == {"aligned", "wild"}
+    with pytest.raises(ValueError, match="unknown framing 'tilted'"):
+        sample_state(7, "album", 4, 0, "tilted")

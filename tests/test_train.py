@@ -37,7 +37,11 @@ def test_bad_configuration_fails_with_what_to_change(override, message):
 
 @pytest.mark.parametrize("prediction,readout", [("x0_residual", True), ("velocity", False)])
 def test_random_backbones_read_out_the_degraded_tokens_only_with_x0_residual(prediction, readout):
-    cfg = build(TrainConfig, {"backbone": "tiny", "pixel_patch": 4, "prediction": prediction}, "train")
+    cfg = build(
+        TrainConfig,
+        {"backbone": "tiny", "pixel_patch": 4, "prediction": prediction, "front_end": 0, "front": None},
+        "train",
+    )
     net, _, _ = build_network(cfg, 512)
     assert net.cfg.deg_readout is readout
     head = net.transformer.proj_out.weight
@@ -88,6 +92,10 @@ def _project(tmp: Path) -> tuple[Path, dict]:
         }
     (shards / INDEX_NAME).write_text(json.dumps(idx))
     enc = write_encoders(tmp / "encoders")
+    from models.iconface import FrontEnd, save_front
+
+    torch.manual_seed(0)
+    save_front(FrontEnd(8), tmp / "front.safetensors")  # as the train_front stage writes it
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["embed"]["checkpoint"] = str(enc / "primary.safetensors")
     params["train"].update(
@@ -101,6 +109,8 @@ def _project(tmp: Path) -> tuple[Path, dict]:
             "val_steps": 2,
             "memory_tokens": 8,
             "pixel_patch": 8,
+            "front_end": 8,
+            "front": str(tmp / "front.safetensors"),
         }
     )
     params["degrade"].update({"batch_size": 4, "num_cpus": 1, "max_in_flight": 2})
@@ -218,13 +228,20 @@ def test_training_step_uses_the_rank(monkeypatch):
     assert seen == [(0, 0, 0, 3)]  # (seed, global step, rank, batch index)
 
 
-def _tiny_module(crop_border: float = 0.0, temperature: float = 1.0):
+def _tiny_module(crop_border: float = 0.0, temperature: float = 1.0, front_end: int = 0):
     from models.id_encoder import IRBackbone, IRConfig
     from pipelines.training import IConFaceModule
 
     cfg = build(
         TrainConfig,
-        {"backbone": "tiny", "pixel_patch": 4, "memory_tokens": 4, "temperature": temperature},
+        {
+            "backbone": "tiny",
+            "pixel_patch": 4,
+            "memory_tokens": 4,
+            "temperature": temperature,
+            "front_end": front_end,
+            "front": None,
+        },
         "train",
     )
     torch.manual_seed(0)
@@ -283,3 +300,53 @@ def test_lr_schedule_warms_up_then_decays():
     assert lr_factor(50, "constant", 10, 100) == 1.0
     assert lr_factor(0, "cosine", 10, 100) == 0.1 and lr_factor(9, "cosine", 10, 100) == 1.0
     assert abs(lr_factor(55, "cosine", 10, 100) - 0.5) < 1e-9 and lr_factor(100, "cosine", 10, 100) == 0.0
+
+
+def test_front_end_passes_through_at_init_and_loads_by_width(tmp_path):
+    """The front end starts as the identity (zero last layer); its file round-trips; a missing file or
+    another width is an error naming the file."""
+    from models.iconface import FrontEnd, load_front, save_front
+
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert torch.equal(FrontEnd(8)(x), x)
+    f = FrontEnd(8)
+    torch.nn.init.normal_(f.out.weight, std=0.1)
+    save_front(f, tmp_path / "front.safetensors")
+    g = FrontEnd(8)
+    load_front(g, tmp_path / "front.safetensors")
+    assert torch.equal(g(x), f(x)) and not torch.equal(g(x), x)
+    with pytest.raises(ValueError, match=r"front.safetensors: not a front end of width 16"):
+        load_front(FrontEnd(16), tmp_path / "front.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"missing.safetensors not found \(run `dvc repro train_front`\)"):
+        load_front(FrontEnd(8), tmp_path / "missing.safetensors")
+    with pytest.raises(ConfigError, match="front is set but front_end is 0"):
+        build(TrainConfig, {"front_end": 0, "front": "x.safetensors"}, "train")
+
+
+def test_the_model_conditions_on_the_frozen_front_end(tmp_path):
+    """build_network loads train.front into a frozen front end; the module's conditioning (degraded
+    tokens, blind identity fallback) uses its output; the saved trainable weights carry it, so a bundle
+    rebuilds it without train.front."""
+    from models.iconface import FrontEnd, save_front
+    from models.lora import load_trainable, save_trainable
+    from pipelines.training import IConFaceModule
+
+    f = FrontEnd(8)
+    torch.nn.init.normal_(f.out.weight, std=0.1)
+    save_front(f, tmp_path / "front.safetensors")
+    over = {"backbone": "tiny", "pixel_patch": 4, "memory_tokens": 4, "front_end": 8}
+    cfg = build(TrainConfig, {**over, "front": str(tmp_path / "front.safetensors")}, "train")
+    net, codec, text = build_network(cfg, 16)
+    assert not any(p.requires_grad for p in net.front.parameters())
+    batch = _tiny_batch()
+    assert torch.equal(net.front(batch["lq"]), f(batch["lq"]))
+    ref = _tiny_module()  # the same encoder and init, no front end
+    module = IConFaceModule.from_config(net, codec, ref.id_encoder, text, cfg)
+    cond = module.conditioning(batch)
+    cleaned = f(batch["lq"]).clamp(-1, 1)
+    assert torch.allclose(cond.deg, codec.encode(cleaned), atol=1e-6)
+    assert torch.allclose(cond.z_deg, module.identity(cleaned), atol=1e-5)
+    save_trainable(net, tmp_path / "model")
+    rebuilt, _, _ = build_network(build(TrainConfig, {**over, "front": None}, "train"), 16)
+    load_trainable(rebuilt, tmp_path / "model")
+    assert torch.equal(rebuilt.front(batch["lq"]), f(batch["lq"]))
