@@ -33,6 +33,8 @@ output equals the stock diffusers forward exactly.
   of the identity baseline after 200 steps; with the readout 0.897, below a per-patch linear
   least-squares fit's 0.92). A pretrained FLUX.2 already attends across its in-context tokens: klein
   keeps the paper's scene-only head.
+* **Degradation-removal front end** (ours, `FrontEnd`; DiffBIR's stage 1): a small residual CNN
+  trained beforehand by L2 (stage `train_front`), frozen; the model conditions on its output.
 """
 
 from __future__ import annotations

@@ -338,7 +338,7 @@ class TrainFrontConfig:
     train split with the `degrade` section's online degradations (models.iconface.FrontEnd)."""
 
     width: int = 48
-    steps: int = 2000
+    steps: int = 1500
     batch_size: int = 16
     lr: float = 1e-3
     warmup_steps: int = 100  # then a cosine decay to 0 at `steps`
@@ -588,9 +588,9 @@ class AblateConfig:
     """`ablate`: the variants of paper Table 3 under one short budget."""
 
     variants: tuple[str, ...] = ("concat", "+struct", "+id", "single_route", "full")
-    steps: int = 30
+    steps: int = 60
     batch_size: int = 8
-    val_samples: int = 16
+    val_samples: int = 32
     val_steps: int = 2
     seed: int = 0
 

@@ -40,7 +40,7 @@ from stages._common import load_params, parser, progress_enabled, setup_logging
 COLUMNS = ("n", "psnr", "ssim", "ref_id_primary", "ref_id_evaluator", "gt_id", "copy_score", "copy_pairs")
 PAIRED = ("gt_id", "psnr", "ssim", "copy_score")  # differences to the blind mode, with intervals
 CONTROL = "{k} reference{s} of another person"
-FRONT = "front end alone (stage 1, ours)"
+FRONT = "front end alone"  # ours: the stage-1 output (names must be valid MLflow metric keys)
 
 
 def load_set(root: str, name: str, limit: int, min_refs: int = 0) -> tuple[list[dict], int]:

@@ -231,6 +231,7 @@ def test_evaluate_register_gate_restore_and_serve(project):
         rows = m["sets"][name]
         assert set(rows) == {
             "degraded input",
+            "front end alone",  # the bundle's model has a front end
             "no reference",
             "1 reference",
             "2 references",
@@ -241,6 +242,8 @@ def test_evaluate_register_gate_restore_and_serve(project):
         assert n >= 2 and all(r["n"] == n for r in rows.values())  # every row on the same targets
         assert rows["1 reference"]["copy_pairs"] > 0 and 0 <= rows["1 reference"]["copy_score"] <= 1
         assert -1 <= rows["1 reference"]["ref_id_evaluator"] <= 1 and rows["degraded input"]["psnr"] > 10
+        # the front end was saved at its initialisation (the identity): its row equals the degraded input
+        assert rows["front end alone"]["psnr"] == rows["degraded input"]["psnr"]
         d = m["paired"][name]["1 reference"]["gt_id"]
         assert (
             d["lo"] <= d["diff"] <= d["hi"]
