@@ -58,7 +58,9 @@ def main() -> None:
     t0 = time.perf_counter()
     r = fitmod.fit(cfg, dcfg, "data/shards", encoders, val, steps=args.steps, val_steps=2)
     train_s = time.perf_counter() - t0
-    print(f"probe {' '.join(args.set)}: {args.steps} steps in {train_s:.0f} s ({r.timing['samples_per_s']} samples/s)")
+    print(
+        f"probe {' '.join(args.set)}: {args.steps} steps in {train_s:.0f} s ({r.timing['samples_per_s']} samples/s)"
+    )
     module = r.module.eval()
     results: dict = {"set": args.set, "steps": args.steps, "train_s": round(train_s, 1), "rows": {}}
     for name in args.sets:
@@ -68,7 +70,9 @@ def main() -> None:
         g = embed(encoders.evaluator, gt, ecfg.crop_border)
         lq_ps, lq_ss = psnr_u8(lq, gt), ssim_u8(lq, gt)
         lq_id = cosine(embed(encoders.evaluator, lq, ecfg.crop_border), g)
-        print(f"{name}: n={len(samples)} degraded PSNR {lq_ps.mean():.2f} SSIM {lq_ss.mean():.4f} GT-ID {lq_id.mean():.4f}")
+        print(
+            f"{name}: n={len(samples)} degraded PSNR {lq_ps.mean():.2f} SSIM {lq_ss.mean():.4f} GT-ID {lq_id.mean():.4f}"
+        )
         if getattr(module.net, "front", None) is not None:
             import torch
 
@@ -86,7 +90,9 @@ def main() -> None:
                     src = other[i : i + ev.batch_size] if k < 0 else chunk
                     b = make_batch([s["lq"] for s in chunk], [s["refs"][: abs(k)] for s in src])
                     if k:
-                        b["z_refs"] = module.identity(b["refs"].flatten(0, 1)).unflatten(0, b["refs"].shape[:2])
+                        b["z_refs"] = module.identity(b["refs"].flatten(0, 1)).unflatten(
+                            0, b["refs"].shape[:2]
+                        )
                     outs.append(to_uint8(module.restore(b, steps=steps, guidance=ev.guidance, seed=ev.seed)))
                 out = np.concatenate(outs)
                 ps, ss = psnr_u8(out, gt), ssim_u8(out, gt)
@@ -98,13 +104,19 @@ def main() -> None:
                     f"SSIM {ss.mean():.4f} ({ss.mean() - lq_ss.mean():+.4f}) GT-ID {gid.mean():.4f}"
                 )
                 results["rows"][f"{name}/{steps}/{k}"] = {
-                    "psnr": float(ps.mean()), "ssim": float(ss.mean()), "gt_id": float(gid.mean()),
-                    "psnr_gain": float(d.mean), "psnr_ci": [float(d.lo), float(d.hi)],
+                    "psnr": float(ps.mean()),
+                    "ssim": float(ss.mean()),
+                    "gt_id": float(gid.mean()),
+                    "psnr_gain": float(d.mean),
+                    "psnr_ci": [float(d.lo), float(d.hi)],
                 }
             for a, b_, label in ((1, 0, "1 ref - blind"), (3, 1, "3 refs - 1 ref"), (3, -3, "true - other")):
                 d = paired_bootstrap(ids[a], ids[b_])
                 print(f"  {name} steps={steps} GT-ID {label}: {d.text()} ({d.verdict})")
-                results["rows"][f"{name}/{steps}/{label}"] = {"mean": float(d.mean), "ci": [float(d.lo), float(d.hi)]}
+                results["rows"][f"{name}/{steps}/{label}"] = {
+                    "mean": float(d.mean),
+                    "ci": [float(d.lo), float(d.hi)],
+                }
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -317,7 +317,9 @@ def test_front_end_passes_through_at_init_and_loads_by_width(tmp_path):
     assert torch.equal(g(x), f(x)) and not torch.equal(g(x), x)
     with pytest.raises(ValueError, match=r"front.safetensors: not a front end of width 16"):
         load_front(FrontEnd(16), tmp_path / "front.safetensors")
-    with pytest.raises(FileNotFoundError, match=r"missing.safetensors not found \(run `dvc repro train_front`\)"):
+    with pytest.raises(
+        FileNotFoundError, match=r"missing.safetensors not found \(run `dvc repro train_front`\)"
+    ):
         load_front(FrontEnd(8), tmp_path / "missing.safetensors")
     with pytest.raises(ConfigError, match="front is set but front_end is 0"):
         build(TrainConfig, {"front_end": 0, "front": "x.safetensors"}, "train")
