@@ -200,7 +200,9 @@ FRAMINGS = {
 }
 
 
-def sample_state(seed: int, pool: str, identity_index: int, image_index: int, framing: str = "aligned") -> State:
+def sample_state(
+    seed: int, pool: str, identity_index: int, image_index: int, framing: str = "aligned"
+) -> State:
     """The state of photograph `image_index` of a person: a pure function of its key and the framing
     (the same draws in either framing: only the ranges of roll, scale and shift differ)."""
     if framing not in FRAMINGS:
@@ -228,7 +230,9 @@ def sample_state(seed: int, pool: str, identity_index: int, image_index: int, fr
     )
 
 
-def face_spec(seed: int, pool: str, identity_index: int, image_index: int, framing: str = "aligned") -> FaceSpec:
+def face_spec(
+    seed: int, pool: str, identity_index: int, image_index: int, framing: str = "aligned"
+) -> FaceSpec:
     return FaceSpec(
         sample_identity(seed, pool, identity_index),
         sample_state(seed, pool, identity_index, image_index, framing),

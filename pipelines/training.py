@@ -24,7 +24,14 @@ import torch
 import torch.nn.functional as F
 
 from models.codecs import Flux2VAECodec, LatentCodec, PixelCodec
-from models.iconface import Conditioning, IConFace, IConFaceConfig, build_backbone, identity_anchor, load_front
+from models.iconface import (
+    Conditioning,
+    IConFace,
+    IConFaceConfig,
+    build_backbone,
+    identity_anchor,
+    load_front,
+)
 from models.id_encoder import IRBackbone, raw_embedding
 from models.lora import add_lora
 from models.losses import (

@@ -90,8 +90,13 @@ def validate(net: FrontEnd, shards: str, preset: str, n: int) -> dict:
     out = to_uint8(net(to_unit(lq)).clamp(-1, 1))
     a, b = psnr_u8(out, gt), psnr_u8(lq, gt)
     d = paired_bootstrap(a, b)
-    return {"n": len(gt), "degraded_psnr": round(float(b.mean()), 4), "front_psnr": round(float(a.mean()), 4),
-            "gain": d.as_dict(), "verdict": d.verdict}
+    return {
+        "n": len(gt),
+        "degraded_psnr": round(float(b.mean()), 4),
+        "front_psnr": round(float(a.mean()), 4),
+        "gain": d.as_dict(),
+        "verdict": d.verdict,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -109,8 +114,11 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_front(net, out / "front.safetensors")
-    metrics = {"steps": cfg.steps, "parameters": sum(p.numel() for p in net.parameters()),
-               "final_loss": curve[-1]["loss"]}
+    metrics = {
+        "steps": cfg.steps,
+        "parameters": sum(p.numel() for p in net.parameters()),
+        "final_loss": curve[-1]["loss"],
+    }
     for preset in cfg.val_presets:
         metrics[preset] = validate(net, args.shards, preset, cfg.val_samples)
     write_json(args.metrics, metrics)
@@ -120,7 +128,9 @@ def main(argv: list[str] | None = None) -> None:
     w.writerows(curve)
     write_bytes(args.plot, buf.getvalue().encode())
     gains = ", ".join(f"{k} {v['gain']['diff']:+.2f} dB" for k, v in metrics.items() if isinstance(v, dict))
-    print(f"train_front: {cfg.steps} steps in {time.perf_counter() - t0:.0f} s; PSNR over the degraded input: {gains}")
+    print(
+        f"train_front: {cfg.steps} steps in {time.perf_counter() - t0:.0f} s; PSNR over the degraded input: {gains}"
+    )
 
 
 if __name__ == "__main__":
