@@ -237,7 +237,9 @@ def main(argv: list[str] | None = None) -> None:
         plt.close("all")
         if len(complete) >= 2:
             try:
-                ax = ovm.plot_param_importances(study)
+                # fANOVA fits a random forest: seeded, or the plot differs between identical studies
+                evaluator = optuna.importance.FanovaImportanceEvaluator(seed=cfg.seed)
+                ax = ovm.plot_param_importances(study, evaluator=evaluator)
                 ax.figure.tight_layout()
                 ax.figure.savefig(out / "importance.png", dpi=100)
             except (RuntimeError, ValueError) as exc:  # e.g. all trials with the same score
