@@ -37,18 +37,15 @@ def encode_image(img: np.ndarray) -> str:
 
 
 def decode_image(text: str, name: str) -> np.ndarray:
+    """The image of a base64 column, read by the loader ingest and the CLI use (`load_rgb`: EXIF,
+    alpha, grayscale replicated)."""
+    from pipelines.images import ImageProblem, load_rgb
     from pipelines.restorer import InputError, check_image
 
     try:
         raw = base64.b64decode(text, validate=True)
-        with Image.open(io.BytesIO(raw)) as im:
-            im.load()
-            if im.mode in ("L", "LA", "I", "I;16", "F", "1"):
-                raise InputError(f"{name}: a grayscale image ({im.mode}); the model restores colour photos")
-            arr = np.asarray(im.convert("RGB"))
-    except InputError:
-        raise
-    except Exception as exc:
+        arr, _ = load_rgb(name, data=raw)
+    except (ImageProblem, ValueError) as exc:
         raise InputError(f"{name}: not a base64-encoded image ({exc.__class__.__name__}: {exc})") from exc
     return check_image(arr, name)
 

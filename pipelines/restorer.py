@@ -26,6 +26,7 @@ from PIL import Image
 from models.lora import load_trainable
 from pipelines.config import TrainConfig, as_dict, build
 from pipelines.embedding import load_identity_encoder
+from pipelines.faces import is_grey, to_grey
 from pipelines.training import IConFaceModule, build_network, make_batch, to_uint8
 
 BUNDLE_FORMAT = 1
@@ -73,26 +74,27 @@ def write_bundle(
 
 
 def check_image(img, name: str) -> np.ndarray:
-    """An (H, W, 3) uint8 RGB array from a path or an array, or an InputError naming `name`."""
+    """An (H, W, 3) uint8 RGB array from a path or an array, or an InputError naming `name`.
+
+    Paths are read by `pipelines.images.load_rgb`, the loader ingest uses (EXIF orientation applied,
+    alpha composited over white, grayscale and palette converted), so the CLI, the pyfunc model and the
+    data pipeline see the same pixels. A grayscale photo is replicated to three channels (restored,
+    then returned grey by `Restorer.restore` unless colour is asked for)."""
+    from pipelines.images import ImageProblem, load_rgb
+
     if isinstance(img, str | Path):
         path = Path(img)
         if not path.is_file():
             raise InputError(f"{name}: {path} does not exist")
         try:
-            with Image.open(path) as im:
-                im.load()
-                mode = im.mode
-                arr = np.asarray(im.convert("RGB")) if mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr") else None
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise InputError(f"{name}: {path} is not a readable image ({exc})") from exc
-        if arr is None:
-            raise InputError(
-                f"{name}: {path} is a {mode} (grayscale) image; the model restores colour photos"
-            )
-        img = arr
+            img, _ = load_rgb(path)
+        except ImageProblem as exc:
+            raise InputError(f"{name}: not a readable image ({exc})") from exc
     arr = np.asarray(img)
-    if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 1):
-        raise InputError(f"{name}: a grayscale image; the model restores colour (RGB) photos")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 2 and arr.dtype == np.uint8:
+        arr = np.repeat(arr[..., None], 3, axis=2)  # grayscale: the same luma in R, G and B
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
         raise InputError(f"{name}: expected an RGB image (H, W, 3) uint8, got {arr.shape} {arr.dtype}")
     if min(arr.shape[:2]) < MIN_SIDE:
@@ -181,11 +183,13 @@ class Restorer:
         batch = make_batch([self._fit(x) for x in lq], [[] for _ in lq])
         return to_uint8(self.module.clean(batch["lq"]))
 
-    def restore(self, lq, refs=(), **kw) -> np.ndarray:
-        """One image: `lq` and `refs` as paths or uint8 arrays; returns (R, R, 3) uint8."""
+    def restore(self, lq, refs=(), colour: bool = False, **kw) -> np.ndarray:
+        """One image: `lq` and `refs` as paths or uint8 arrays; returns (R, R, 3) uint8. A grayscale
+        input comes back grey (the luma of the restoration) unless `colour`."""
         refs = list(refs)
         if len(refs) > self.max_refs:
             raise InputError(f"{len(refs)} references given; the model accepts at most {self.max_refs}")
         a = check_image(lq, "degraded image")
         rs = [check_image(r, f"reference {i + 1}") for i, r in enumerate(refs)]
-        return self.restore_batch([a], [rs], **kw)[0]
+        out = self.restore_batch([a], [rs], **kw)[0]
+        return out if colour or not is_grey(a) else to_grey(out)

@@ -1,16 +1,27 @@
 """`refface`: restore photos with a registered (or local) model.
 
-    refface restore LQ.png [--ref R1.png ...] --out OUT.png [--model models:/refface@champion]
+    refface restore PHOTO.jpg [--ref R1.jpg ...] --out OUT.png [--model models:/refface@champion]
+                    [--aligned] [--only-center-face] [--upscale N] [--save-faces DIR] [--colour]
     refface restore LQ1.png LQ2.png FOLDER/ [--ref R1.png ...] --out OUT_FOLDER/
                     [--side-by-side GRID.png] [--steps N] [--seed S]
 
 `--model` is an MLflow model URI (default `models:/refface@champion`, tracking URI from
 MLFLOW_TRACKING_URI or sqlite:///mlflow.db) or a local restorer bundle folder (data/evaluate/bundle).
 The model is loaded once; several photos (files or folders of them) are restored one after the other
-with the same references, each written to `OUT_FOLDER/<name>.png`, with per-image progress. The output
-has the model's resolution. Bad input (not an image, more than 3 references, grayscale, too small, a
-model alias nobody holds) ends with a one-line error naming it and exit status 2; in a batch the other
-photos are still restored. Without MLFLOW_TRACKING_URI and without ./mlflow.db the CLI creates no
+with the same references, each written to `OUT_FOLDER/<name>.png`, with per-image progress.
+
+Any photo (pipelines.faces): every face is detected (dlib), aligned to the model's input (FFHQ
+alignment: `--landmarks 5`, the default, puts the eyes on the FFHQ template; `--landmarks 68` is the
+ffhq-dataset quad), restored, and pasted back with the inverse transform and a feathered mask: the
+output has the photo's size (times `--upscale N`) and pixels away from every face are unchanged.
+`--only-center-face` restores one face; `--save-faces DIR` writes the crops; `--aligned` takes the
+photos as aligned crops (output at the model's resolution). References are detected and aligned the
+same way and must show exactly one face. Grayscale photos are restored and come back grey (`--colour`
+keeps the colour output); EXIF orientation and alpha are handled by the loader ingest uses.
+
+Bad input (not an image, more than 3 references, no face, a reference with several faces, too small,
+a model alias nobody holds) ends with a one-line error naming it and exit status 2; in a batch the
+other photos are still restored. Without MLFLOW_TRACKING_URI and without ./mlflow.db the CLI creates no
 tracking database: it says which command makes one.
 """
 
@@ -74,9 +85,55 @@ def inputs_of(items: list[str]) -> list[Path]:
     return out
 
 
+def _aligner(args, resolution: int):
+    from pipelines.faces import FaceAligner
+
+    try:
+        return FaceAligner(
+            resolution, landmarks=args.landmarks, detector=args.detector, folder=args.landmark_models
+        )
+    except (FileNotFoundError, ImportError) as exc:
+        raise SystemExit(f"error: face detection unavailable: {exc}") from exc
+
+
+def restore_photo(restorer, aligner, photo: Path, refs, args):
+    """(output image, aligned crops, restored crops) for one photo.
+
+    With an aligner: detect, align, restore every face (or the centre one), paste back at the photo's
+    size times `--upscale`. Without (`--aligned`): the photo is the model's input, the output has the
+    model's resolution."""
+    from pipelines.faces import FaceError, center_face, is_grey, paste_back, to_grey
+    from pipelines.restorer import InputError, check_image
+
+    img = check_image(photo, f"degraded image {photo}")
+    grey = is_grey(img) and not args.colour
+    if aligner is None:
+        out = restorer.restore_batch([img], [refs], steps=args.steps, seed=args.seed)[0]
+        out = to_grey(out) if grey else out
+        return out, [restorer._fit(img)], [out]
+    faces = aligner.detect(img)
+    if not faces:
+        raise InputError(
+            str(
+                FaceError(
+                    "no_face", f"degraded image {photo}: no face found (an aligned crop? use --aligned)"
+                )
+            )
+        )
+    if args.only_center_face:
+        faces = [center_face(faces, img.shape)]
+    crops = [aligner.align(img, f) for f in faces]
+    restored = list(restorer.restore_batch(crops, [refs] * len(crops), steps=args.steps, seed=args.seed))
+    if grey:
+        restored = [to_grey(r) for r in restored]
+    return paste_back(img, faces, restored, args.upscale), crops, restored
+
+
 def restore_main(args: argparse.Namespace) -> int:
     if len(args.ref) > 3:
         raise SystemExit(f"error: {len(args.ref)} references given; the model accepts at most 3")
+    if args.upscale < 1:
+        raise SystemExit(f"error: --upscale {args.upscale}: must be a positive integer")
     photos = inputs_of(args.lq)
     many = len(photos) > 1 or any(Path(x).is_dir() for x in args.lq)
     out_dir = Path(args.out) if many or Path(args.out).is_dir() else None
@@ -91,39 +148,57 @@ def restore_main(args: argparse.Namespace) -> int:
     start = time.perf_counter() - t0
     from PIL import Image
 
+    from pipelines.faces import FaceError
     from pipelines.restorer import InputError, check_image
     from pipelines.viz import save_grid
 
+    aligner = None if args.aligned else _aligner(args, restorer.resolution)
     try:
-        refs = [check_image(r, f"reference {r}") for r in args.ref]
-    except InputError as exc:
+        refs = []
+        for r in args.ref:
+            img = check_image(r, f"reference {r}")
+            if aligner is not None:
+                img = aligner.align(img, aligner.one_face(img, f"reference {r}"))
+            refs.append(img)
+    except (InputError, FaceError) as exc:
         raise SystemExit(f"error: {exc}") from exc
-    failed, times = [], []
+    failed, times, n_faces = [], [], 0
     for i, photo in enumerate(photos, 1):
         target = out_dir / f"{photo.stem}.png" if out_dir is not None else Path(args.out)
         t = time.perf_counter()
         try:
-            lq = check_image(photo, f"degraded image {photo}")
-            out = restorer.restore(lq, refs, steps=args.steps, seed=args.seed)
+            out, crops, restored = restore_photo(restorer, aligner, photo, refs, args)
         except InputError as exc:
             failed.append(str(photo))
             print(f"[{i}/{len(photos)}] error: {exc}", file=sys.stderr)
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(out).save(target)
+        grey = out.ndim == 3 and (out[..., 0] == out[..., 1]).all() and (out[..., 1] == out[..., 2]).all()
+        Image.fromarray(out[..., 0] if grey and not args.colour else out).save(target)
+        n_faces += len(crops)
+        if args.save_faces:
+            faces_dir = Path(args.save_faces)
+            faces_dir.mkdir(parents=True, exist_ok=True)
+            for k, (c, r) in enumerate(zip(crops, restored)):
+                Image.fromarray(c).save(faces_dir / f"{photo.stem}_{k:02d}_aligned.png")
+                Image.fromarray(r).save(faces_dir / f"{photo.stem}_{k:02d}_restored.png")
         times.append(time.perf_counter() - t)
-        print(f"[{i}/{len(photos)}] {photo} -> {target} ({out.shape[1]}x{out.shape[0]}, {times[-1]:.2f} s)")
+        print(
+            f"[{i}/{len(photos)}] {photo} -> {target} ({out.shape[1]}x{out.shape[0]}, "
+            f"{len(crops)} face(s), {times[-1]:.2f} s)"
+        )
         if args.side_by_side:
             # With references, the blind restoration (same seed) sits beside the referenced one.
-            blind = [restorer.restore(lq, [], steps=args.steps, seed=args.seed)] if refs else []
-            row = [restorer._fit(lq), *[restorer._fit(r) for r in refs], out, *blind]
+            lq = crops[0]
+            blind = [restorer.restore_batch([lq], [[]], steps=args.steps, seed=args.seed)[0]] if refs else []
+            row = [lq, *[restorer._fit(r) for r in refs], restored[0], *blind]
             labels = ["degraded", *[f"ref{j + 1}" for j in range(len(refs))], "restored"]
             labels += ["restored, no reference"] if refs else []
             save_grid(args.side_by_side, [row], title=" | ".join(labels), col_labels=labels, cell=128)
     per = sum(times) / len(times) if times else 0.0
     print(
-        f"refface: restored {len(times)} of {len(photos)} photo(s) with {len(refs)} reference(s); "
-        f"model load {start:.1f} s, {per:.2f} s per photo"
+        f"refface: restored {len(times)} of {len(photos)} photo(s), {n_faces} face(s), with {len(refs)} "
+        f"reference(s); model load {start:.1f} s, {per:.2f} s per photo"
         + (f"; failed: {', '.join(failed)}" if failed else "")
     )
     return 2 if failed else 0
@@ -146,6 +221,27 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--side-by-side", help="also write degraded | references | restored to this PNG")
     r.add_argument("--steps", type=int, default=None, help="sampling steps (default: the bundle's)")
     r.add_argument("--seed", type=int, default=None, help="sampling seed (default: the bundle's)")
+    r.add_argument(
+        "--aligned", action="store_true", help="the photos and references are already aligned face crops"
+    )
+    r.add_argument("--only-center-face", action="store_true", help="restore only the face nearest the centre")
+    r.add_argument(
+        "--upscale", type=int, default=1, help="output = photo x N (background resized, faces restored)"
+    )
+    r.add_argument("--save-faces", help="also write each aligned and restored face crop to this folder")
+    r.add_argument(
+        "--colour", action="store_true", help="a grayscale photo comes back in colour (default: grey)"
+    )
+    r.add_argument(
+        "--landmarks",
+        type=int,
+        choices=(5, 68),
+        default=5,
+        help="5: eyes onto the FFHQ template (CC0 model, default); 68: the ffhq-dataset quad (iBUG 300-W "
+        "model: non-commercial terms)",
+    )
+    r.add_argument("--detector", choices=("hog", "cnn"), default="hog", help="dlib face detector")
+    r.add_argument("--landmark-models", default=None, help="folder of dlib's .dat files (default: installed)")
     args = p.parse_args(argv)
     try:
         code = restore_main(args)

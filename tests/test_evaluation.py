@@ -82,8 +82,9 @@ def test_gate_rules():
 
 
 def test_bad_inputs_name_what_is_wrong(tmp_path):
-    with pytest.raises(InputError, match="grayscale"):
-        check_image(np.zeros((64, 64), np.uint8), "lq")
+    # grayscale photos are restored (issue 14): replicated to three channels
+    grey = check_image(np.full((64, 64), 7, np.uint8), "lq")
+    assert grey.shape == (64, 64, 3) and (grey == 7).all()
     with pytest.raises(InputError, match="too small"):
         check_image(np.zeros((16, 16, 3), np.uint8), "lq")
     (tmp_path / "x.png").write_bytes(b"not an image")
@@ -94,9 +95,8 @@ def test_bad_inputs_name_what_is_wrong(tmp_path):
     with pytest.raises(InputError, match="not a base64-encoded image"):
         decode_image("%%%", "row 0 lq")
     buf = io.BytesIO()
-    Image.new("L", (64, 64)).save(buf, format="PNG")
-    with pytest.raises(InputError, match="grayscale"):
-        decode_image(base64.b64encode(buf.getvalue()).decode(), "row 0 lq")
+    Image.new("L", (64, 64), 9).save(buf, format="PNG")
+    assert (decode_image(base64.b64encode(buf.getvalue()).decode(), "row 0 lq") == 9).all()
 
 
 # ---- end to end -------------------------------------------------------------------------------------
@@ -320,6 +320,7 @@ def test_evaluate_register_gate_restore_and_serve(project):
             tmp,
             "stages.cli",
             "restore",
+            "--aligned",  # these are aligned crops of the synthetic album
             str(tmp / "lq.png"),
             *refs,
             "--out",
@@ -336,6 +337,7 @@ def test_evaluate_register_gate_restore_and_serve(project):
         tmp,
         "stages.cli",
         "restore",
+        "--aligned",
         str(tmp / "lq.png"),
         "--out",
         str(tmp / "o.png"),
@@ -348,6 +350,7 @@ def test_evaluate_register_gate_restore_and_serve(project):
         tmp,
         "stages.cli",
         "restore",
+        "--aligned",
         str(tmp / "lq.png"),
         *["--ref", str(tmp / "ref.png")] * 4,
         "--out",
@@ -366,6 +369,7 @@ def test_evaluate_register_gate_restore_and_serve(project):
         tmp,
         "stages.cli",
         "restore",
+        "--aligned",
         str(album),
         "--ref",
         str(tmp / "ref.png"),

@@ -186,6 +186,7 @@ def test_fresh_clone_restores_mlflow_and_the_champion_without_retraining(project
             "-m",
             "stages.cli",
             "restore",
+            "--aligned",
             str(photos[0]),
             "--ref",
             str(photos[1]),
