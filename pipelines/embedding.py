@@ -46,6 +46,10 @@ def load_encoders(ecfg: EmbedConfig, encoders_dir: str | Path | None) -> Encoder
     """The `embed` section's primary encoder and `<encoders_dir>/evaluator.safetensors` (else the primary,
     with a printed note)."""
     primary, name, _ = load_identity_encoder(ecfg.encoder, ecfg.checkpoint)
+    if ecfg.evaluator == "dlib_resnet":
+        from pipelines.faces import DlibResNet
+
+        return Encoders(primary, DlibResNet(ecfg.face_models), name, ecfg.crop_border)
     ev = Path(encoders_dir) / "evaluator.safetensors" if encoders_dir else None
     if ev is not None and ev.is_file():
         return Encoders(primary, load_identity_encoder("small_ir", str(ev))[0], name, ecfg.crop_border)

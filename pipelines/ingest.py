@@ -12,11 +12,14 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 from tqdm import tqdm
 
 from pipelines.config import IngestConfig
-from pipelines.images import ImageProblem, load_rgb
+from pipelines.faces import FaceError
+from pipelines.images import ImageProblem, load_rgb, png_bytes
+from pipelines.io import write_bytes
 from pipelines.sources import SourceListing
 
 
@@ -39,7 +42,19 @@ def _duplicate(item, first_id: str, first_identity: str | None, how: str) -> dic
     return {"reason": "duplicate", "detail": f"{item.path}: {how} {first_id}"}
 
 
-def ingest(listing: SourceListing, cfg: IngestConfig, progress: bool = True) -> IngestResult:
+def ingest(
+    listing: SourceListing,
+    cfg: IngestConfig,
+    progress: bool = True,
+    aligner=None,
+    aligned_dir: str | Path | None = None,
+    face_policy: str = "one",
+) -> IngestResult:
+    """Validate every listed image. With an `aligner` (pipelines.faces.FaceAligner; `source.align:
+    ffhq`), every photo that passes is detected and aligned, the crop written to `aligned_dir/<image
+    id>.png` and used downstream (`path`); the original stays in `source_path`, the landmarks and the
+    transform in `face`. No face, several faces (policy `one`) or a face below the aligner's minimum
+    are quarantined with that reason."""
     manifest, quarantine = [], []
     for p in listing.problems:
         quarantine.append({"image_id": None, **p})
@@ -79,10 +94,22 @@ def ingest(listing: SourceListing, cfg: IngestConfig, progress: bool = True) -> 
             continue
         by_bytes[sha] = (item.image_id, item.identity)
         by_pixels[psha] = (item.image_id, item.identity)
+        extra, path = {}, item.path
+        if aligner is not None:
+            try:
+                face = aligner.one_face(arr, item.path, face_policy)
+            except FaceError as exc:
+                quarantine.append({**base, "reason": exc.reason, "detail": str(exc)})
+                continue
+            crop = aligner.align(arr, face)
+            path = str(Path(aligned_dir) / f"{item.image_id}.png")
+            write_bytes(path, png_bytes(crop))
+            extra = {"source_path": item.path, "face": face.record()}
+            h, w = crop.shape[:2]
         manifest.append(
             {
                 "image_id": item.image_id,
-                "path": item.path,
+                "path": path,
                 "relpath": item.relpath,
                 "identity": item.identity,
                 "split": item.split,
@@ -94,6 +121,7 @@ def ingest(listing: SourceListing, cfg: IngestConfig, progress: bool = True) -> 
                 "format": info.format,
                 "conversions": info.conversions,
                 "status": "ok",
+                **extra,
             }
         )
     manifest.sort(key=lambda r: r["image_id"])

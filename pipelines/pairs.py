@@ -30,13 +30,19 @@ def unit(emb: np.ndarray) -> np.ndarray:
     return emb / np.linalg.norm(emb, axis=1, keepdims=True).clip(1e-12)
 
 
-def graph_components(emb: np.ndarray, link_distance: float, block: int = 2048) -> np.ndarray:
-    """Connected components (N,) of the graph linking images at cosine distance < `link_distance`.
+def graph_components(
+    emb: np.ndarray, link_distance: float, block: int = 2048, metric: str = "cosine"
+) -> np.ndarray:
+    """Connected components (N,) of the graph linking images at distance < `link_distance`: cosine
+    distance (ArcFace/AdaFace-type encoders), or Euclidean (`metric="euclidean"`: dlib's descriptors).
 
     Blocked so that memory stays O(block · N) for FFHQ-sized sets. Component ids are the smallest
     member index, so the result does not depend on processing order.
     """
-    e = unit(emb.astype(np.float32))
+    if metric not in ("cosine", "euclidean"):
+        raise ValueError(f"unknown metric {metric!r}; valid: cosine, euclidean")
+    e = unit(emb.astype(np.float32)) if metric == "cosine" else emb.astype(np.float32)
+    sq = (e * e).sum(1)
     n = len(e)
     parent = np.arange(n)
 
@@ -48,10 +54,13 @@ def graph_components(emb: np.ndarray, link_distance: float, block: int = 2048) -
             parent[a], a = root, parent[a]
         return root
 
-    thr = 1.0 - link_distance
     for i in range(0, n, block):
-        sim = e[i : i + block] @ e.T  # (b, N)
-        rows, cols = np.nonzero(sim > thr)
+        dot = e[i : i + block] @ e.T  # (b, N)
+        if metric == "cosine":
+            linked = dot > 1.0 - link_distance
+        else:
+            linked = sq[i : i + block, None] + sq[None, :] - 2 * dot < link_distance**2
+        rows, cols = np.nonzero(linked)
         for r, c in zip(rows + i, cols):
             if c > r:
                 ra, rb = find(r), find(int(c))
@@ -139,6 +148,7 @@ def build_pairs(
     cfg: PairsConfig,
     labelled: bool,
     mapping: list[dict] | None = None,
+    grouping: np.ndarray | None = None,
 ) -> tuple[list[dict], list[dict], list[dict], dict]:
     """The pairs of a dataset.
 
@@ -149,7 +159,10 @@ def build_pairs(
     ids = [r["image_id"] for r in manifest]
     index = {iid: i for i, iid in enumerate(ids)}
     e = unit(emb.astype(np.float64))
-    comp = graph_components(emb, cfg.link_distance)
+    if grouping is None:
+        comp = graph_components(emb, cfg.link_distance)
+    else:  # dlib's descriptors (embed.grouping: dlib_resnet), linked at its own Euclidean threshold
+        comp = graph_components(grouping, cfg.dlib_link_distance, metric="euclidean")
     graph_label = np.array([f"g_{ids[c]}" for c in comp])
     labels = np.array([r["identity"] or "" for r in manifest])
     use_label = {"auto": labelled, "label": True, "graph": False}[cfg.identity_from]

@@ -4,7 +4,8 @@
 
 Writes `embeddings.npy` (N, D) float32 raw vectors (unit direction times the encoder's norm, the
 quality proxy) in manifest order, and `embeddings.json` with the image ids, the encoder's name and
-the sha256 of its checkpoint.
+the sha256 of its checkpoint. With `embed.grouping: dlib_resnet` (real photos) also `grouping.npy`:
+dlib's 128-d face descriptors, which `pairs` links by Euclidean distance (its authors' 0.6).
 """
 
 from __future__ import annotations
@@ -37,6 +38,24 @@ def main(argv: list[str] | None = None) -> None:
     np.save(buf, emb)
     write_bytes(out / "embeddings.npy", buf.getvalue())
     norms = np.linalg.norm(emb, axis=1)
+    grouping = None
+    if cfg.grouping == "dlib_resnet":
+        from tqdm import tqdm
+
+        from pipelines.faces import DlibResNet
+        from pipelines.images import load_rgb, sha256_file
+
+        net = DlibResNet(cfg.face_models)
+        vecs = [
+            net.describe(load_rgb(r["path"])[0])
+            for r in tqdm(manifest, desc="dlib descriptors", unit="img", disable=not progress_enabled())
+        ]
+        buf = io.BytesIO()
+        np.save(buf, np.stack(vecs) if vecs else np.zeros((0, 128), np.float32))
+        write_bytes(out / "grouping.npy", buf.getvalue())
+        grouping = {"encoder": "dlib_resnet", "metric": "euclidean", "sha256": sha256_file(net.path)}
+    elif (out / "grouping.npy").exists():
+        (out / "grouping.npy").unlink()
     write_json(
         out / "embeddings.json",
         {
@@ -47,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
             "checkpoint_sha256": sha,
             "dim": int(emb.shape[1]),
             "crop_border": cfg.crop_border,
+            # only when it is not the primary encoder's (the default's file stays as it was)
+            **({"grouping": grouping} if cfg.grouping != "primary" else {}),
         },
     )
     print(

@@ -4,11 +4,14 @@
 
 Writes `manifest.jsonl` (one row per usable image), `quarantine.jsonl` (one row per rejected file or
 CSV row, with a reason), `mapping.jsonl` (ffhq_ref: the released reference lists, as validated) and
-`source.json`; counts per reason go to the metrics file.
+`source.json`; counts per reason go to the metrics file. With `source.align: ffhq` (raw albums) every
+photo is detected and aligned first (pipelines.faces) and its crop written to `aligned/<image id>.png`,
+which the later stages read.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from pipelines.config import as_dict
@@ -30,8 +33,23 @@ def main(argv: list[str] | None = None) -> None:
         listing = list_source(src)
     except SourceError as exc:
         raise SystemExit(f"error: {exc}") from exc
-    result = ingest(listing, cfg, progress=progress_enabled())
     out = Path(args.out)
+    aligner, aligned_dir = None, out / "aligned"
+    if aligned_dir.exists():
+        shutil.rmtree(aligned_dir)
+    if src.align == "ffhq":
+        from pipelines.faces import FaceAligner
+
+        aligner = FaceAligner(
+            src.align_size, src.landmarks, folder=src.landmark_models, min_face=src.min_face
+        )
+        print(
+            f"  aligning every photo to {src.align_size} px ({src.landmarks} landmarks, faces: {src.face_policy})"
+        )
+    result = ingest(
+        listing, cfg, progress=progress_enabled(), aligner=aligner, aligned_dir=aligned_dir,
+        face_policy=src.face_policy,
+    )  # fmt: skip
     write_jsonl(out / "manifest.jsonl", result.manifest)
     write_jsonl(out / "quarantine.jsonl", result.quarantine)
     write_jsonl(out / "mapping.jsonl", listing.mapping or [])

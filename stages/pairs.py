@@ -37,13 +37,19 @@ def main(argv: list[str] | None = None) -> None:
     meta = read_json(embd / "embeddings.json")
     if meta["image_ids"] != [r["image_id"] for r in manifest]:
         raise SystemExit(f"error: {embd} does not match {ing / 'manifest.jsonl'}; re-run `dvc repro embed`")
+    grouping = None
+    if meta.get("grouping", {}).get("encoder") == "dlib_resnet":
+        grouping = np.load(embd / "grouping.npy")
+        print(f"  identities grouped by dlib's face ResNet (Euclidean < {cfg.dlib_link_distance})")
     try:
         identities, pairs, unpaired, metrics = build_pairs(
-            manifest, emb, cfg, source["labelled"], mapping or None
+            manifest, emb, cfg, source["labelled"], mapping or None, grouping
         )
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from exc
     metrics["encoder"] = meta["encoder"]
+    if grouping is not None:
+        metrics["grouping"] = "dlib_resnet"
     out = Path(args.out)
     write_jsonl(out / "identities.jsonl", identities)
     write_jsonl(out / "pairs.jsonl", pairs)

@@ -213,3 +213,153 @@ def test_grey_exif_and_faceless_photos(tmp_path, hopper, bundle):
         "restore", str(src), "--ref", str(src), "--model", str(bundle), "--out", str(tmp_path / "r.png")
     )
     assert code == 0, err
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> np.ndarray:
+    data = pytest.importorskip("skimage.data")
+    return data.astronaut()[:300, 100:400]  # her face (the full photo also shows the flag and a patch)
+
+
+def _save(path: Path, img: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path)
+
+
+def test_raw_album_is_aligned_at_ingest_and_bad_photos_quarantined(tmp_path, hopper, astronaut):
+    """`source.align: ffhq`: every photo of a raw album is detected and aligned before ingest's checks;
+    no face, several faces and a face too small are quarantined with that reason; the crop, the
+    landmarks and the transform are recorded."""
+    import json
+
+    import yaml
+
+    from stages.ingest import main as ingest_main
+
+    root = tmp_path / "album"
+    small = np.asarray(Image.fromarray(hopper).resize((307, 360), Image.Resampling.LANCZOS))
+    tiny = np.asarray(Image.fromarray(hopper).resize((154, 180), Image.Resampling.LANCZOS))
+    _save(root / "hopper" / "orig.png", hopper)
+    _save(root / "hopper" / "mirror.png", hopper[:, ::-1])
+    _save(root / "hopper" / "crop.png", hopper[60:480, 40:470])
+    _save(root / "hopper" / "small.png", small)
+    _save(root / "hopper" / "tiny.png", tiny)
+    _save(root / "astronaut" / "face.png", astronaut)
+    _save(root / "astronaut" / "mirror.png", astronaut[:, ::-1])
+    group = np.concatenate([hopper[90:390, 120:420], astronaut], axis=1)
+    _save(root / "astronaut" / "group.png", group)
+    _save(root / "astronaut" / "wall.png", np.full((120, 160, 3), 90, np.uint8))
+    pp = tmp_path / "params.yaml"
+    source = {
+        "kind": "folder_by_identity",
+        "root": str(root),
+        "align": "ffhq",
+        "align_size": 64,
+        "min_face": 64,
+    }
+    pp.write_text(yaml.safe_dump({"source": source}))
+    out = tmp_path / "ingest"
+    ingest_main(["--params", str(pp), "--out", str(out), "--metrics", str(tmp_path / "m.json")])
+    manifest = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    quarantine = {
+        Path(q["item"]).name: q for q in map(json.loads, (out / "quarantine.jsonl").read_text().splitlines())
+    }
+    assert sorted(r["image_id"] for r in manifest) == [
+        "astronaut_face", "astronaut_mirror", "hopper_crop", "hopper_mirror", "hopper_orig", "hopper_small",
+    ]  # fmt: skip
+    assert {k: q["reason"] for k, q in quarantine.items()} == {
+        "group.png": "several_faces",
+        "wall.png": "no_face",
+        "tiny.png": "face_too_small",
+    }
+    assert "group.png: 2 faces found" in quarantine["group.png"]["detail"]
+    for r in manifest:
+        crop = np.asarray(Image.open(r["path"]))
+        assert crop.shape == (64, 64, 3) and (r["width"], r["height"]) == (64, 64)
+        assert Path(r["source_path"]).parent.name == r["identity"] and len(r["face"]["landmarks"]) == 5
+    # the same photo, mirrored, lands on the same crop mirrored (alignment is geometric, not a guess)
+    a = np.asarray(Image.open(out / "aligned" / "hopper_orig.png")).astype(int)
+    b = np.asarray(Image.open(out / "aligned" / "hopper_mirror.png")).astype(int)[:, ::-1]
+    assert np.abs(a - b).mean() < 12
+    # a second run writes the same bytes
+    first = (out / "manifest.jsonl").read_bytes(), (out / "aligned" / "hopper_small.png").read_bytes()
+    ingest_main(["--params", str(pp), "--out", str(out), "--metrics", str(tmp_path / "m.json")])
+    assert first == (
+        (out / "manifest.jsonl").read_bytes(),
+        (out / "aligned" / "hopper_small.png").read_bytes(),
+    )
+
+
+def test_unlabelled_real_album_becomes_identities_with_dlib(tmp_path, hopper, astronaut):
+    """An unlabelled folder of ordinary photos (one person's flips, crops and rescales, another person)
+    → ingest with `align: ffhq` → embed with dlib's face ResNet for grouping → pairs: the two people."""
+    import json
+
+    import yaml
+
+    from stages.embed import main as embed_main
+    from stages.ingest import main as ingest_main
+    from stages.pairs import main as pairs_main
+
+    root = tmp_path / "photos"
+    small = np.asarray(Image.fromarray(hopper).resize((300, 352), Image.Resampling.LANCZOS))
+    for name, img in {
+        "a.png": hopper,
+        "b.png": hopper[:, ::-1],
+        "c.png": hopper[40:520, 20:500],
+        "d.png": small,
+        "e.png": astronaut,
+        "f.png": astronaut[:, ::-1],
+        "g.png": np.asarray(Image.fromarray(astronaut).resize((240, 240), Image.Resampling.LANCZOS)),
+    }.items():
+        _save(root / name, img)
+    enc = write_encoders(tmp_path / "encoders")
+    pp = tmp_path / "params.yaml"
+    pp.write_text(
+        yaml.safe_dump(
+            {
+                "source": {
+                    "kind": "unlabelled_folder",
+                    "root": str(root),
+                    "align": "ffhq",
+                    "align_size": 128,
+                },
+                "embed": {"checkpoint": str(enc / "primary.safetensors"), "grouping": "dlib_resnet"},
+                "pairs": {"split_fractions": {"train": 1.0, "val": 0.0, "test": 0.0}},
+            }
+        )
+    )
+    ing, emb = tmp_path / "ingest", tmp_path / "emb"
+    ingest_main(["--params", str(pp), "--out", str(ing), "--metrics", str(tmp_path / "i.json")])
+    embed_main(["--params", str(pp), "--ingest", str(ing), "--out", str(emb)])
+    meta = json.loads((emb / "embeddings.json").read_text())
+    assert meta["grouping"]["encoder"] == "dlib_resnet" and np.load(emb / "grouping.npy").shape == (7, 128)
+    pairs_main(
+        ["--params", str(pp), "--ingest", str(ing), "--embeddings", str(emb), "--out", str(tmp_path / "p"),
+         "--metrics", str(tmp_path / "p.json")]
+    )  # fmt: skip
+    rows = [json.loads(x) for x in (tmp_path / "p" / "identities.jsonl").read_text().splitlines()]
+    people = {}
+    for r in rows:
+        people.setdefault(r["identity"], set()).add(r["image_id"])
+    assert sorted(map(sorted, people.values())) == [["a", "b", "c", "d"], ["e", "f", "g"]]
+    assert json.loads((tmp_path / "p.json").read_text())["grouping"] == "dlib_resnet"
+
+
+def test_dlib_resnet_as_the_evaluator(tmp_path, hopper, astronaut):
+    """`embed.evaluator: dlib_resnet`: GT-ID measured by dlib's face ResNet on aligned crops."""
+    from pipelines.config import EmbedConfig
+    from pipelines.embedding import load_encoders
+    from pipelines.evaluation import cosine, embed
+    from pipelines.faces import FaceAligner
+
+    enc = write_encoders(tmp_path / "encoders")
+    encoders = load_encoders(
+        EmbedConfig(checkpoint=str(enc / "primary.safetensors"), evaluator="dlib_resnet"),
+        tmp_path / "encoders",
+    )
+    al = FaceAligner(128)
+    crops = np.stack([al.align(x, al.one_face(x, "x")) for x in (hopper, hopper[:, ::-1], astronaut)])
+    e = embed(encoders.evaluator, crops)
+    same, other = cosine(e[0:1], e[1:2])[0], cosine(e[0:1], e[2:3])[0]
+    assert e.shape == (3, 128) and same > 0.95 and other < same - 0.05, (same, other)
