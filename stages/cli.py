@@ -96,12 +96,16 @@ def _aligner(args, resolution: int):
         raise SystemExit(f"error: face detection unavailable: {exc}") from exc
 
 
-def restore_photo(restorer, aligner, photo: Path, refs, args):
-    """(output image, aligned crops, restored crops) for one photo.
+def restore_photo(restorer, aligner, photo: Path, refs, args, matcher=None):
+    """(output image, aligned crops, restored crops, grey) for one photo.
 
     With an aligner: detect, align, restore every face (or the centre one), paste back at the photo's
-    size times `--upscale`. Without (`--aligned`): the photo is the model's input, the output has the
-    model's resolution."""
+    size times `--upscale`. References go to the face they show: with several faces in the photo,
+    dlib's face ResNet (`matcher`) gives them to the faces within its same-person distance (0.6) of the
+    references' mean descriptor; the other faces are restored without references. Without an aligner
+    (`--aligned`) the photo is the model's input and the output has the model's resolution."""
+    import numpy as np
+
     from pipelines.faces import FaceError, center_face, is_grey, paste_back, to_grey
     from pipelines.restorer import InputError, check_image
 
@@ -110,26 +114,44 @@ def restore_photo(restorer, aligner, photo: Path, refs, args):
     if aligner is None:
         out = restorer.restore_batch([img], [refs], steps=args.steps, seed=args.seed)[0]
         out = to_grey(out) if grey else out
-        return out, [restorer._fit(img)], [out]
+        return out, [restorer._fit(img)], [out], grey
     faces = aligner.detect(img)
     if not faces:
-        raise InputError(
-            str(
-                FaceError(
-                    "no_face", f"degraded image {photo}: no face found (an aligned crop? use --aligned)"
-                )
-            )
-        )
+        msg = f"degraded image {photo}: no face found (an aligned crop? use --aligned)"
+        raise InputError(str(FaceError("no_face", msg)))
     if args.only_center_face:
         faces = [center_face(faces, img.shape)]
     crops = [aligner.align(img, f) for f in faces]
-    restored = list(restorer.restore_batch(crops, [refs] * len(crops), steps=args.steps, seed=args.seed))
+    face_refs = [refs] * len(crops)
+    if refs and len(crops) > 1 and matcher is not None:
+        net, ref_mean = matcher
+        dist = [float(np.linalg.norm(net.describe(c) - ref_mean)) for c in crops]
+        face_refs = [refs if d < net.THRESHOLD else [] for d in dist]
+        print(
+            f"  {photo}: {len(crops)} faces; references given to face(s) "
+            f"{[k for k, r in enumerate(face_refs) if r]} (dlib distance < {net.THRESHOLD}: "
+            f"{', '.join(f'{d:.2f}' for d in dist)})"
+        )
+    restored = list(restorer.restore_batch(crops, face_refs, steps=args.steps, seed=args.seed))
     if grey:
         restored = [to_grey(r) for r in restored]
-    return paste_back(img, faces, restored, args.upscale), crops, restored
+    return paste_back(img, faces, restored, args.upscale), crops, restored, grey
 
 
 def restore_main(args: argparse.Namespace) -> int:
+    if args.aligned:
+        ignored = [
+            name
+            for name, on in (
+                ("--upscale", args.upscale != 1),
+                ("--only-center-face", args.only_center_face),
+                ("--landmarks", args.landmarks != 5),
+                ("--detector", args.detector != "hog"),
+            )
+            if on
+        ]
+        if ignored:
+            raise SystemExit(f"error: {', '.join(ignored)} act on detected faces; --aligned skips detection")
     if len(args.ref) > 3:
         raise SystemExit(f"error: {len(args.ref)} references given; the model accepts at most 3")
     if args.upscale < 1:
@@ -141,14 +163,19 @@ def restore_main(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: --out {args.out}: several photos need a folder, not an image file")
     if many and args.side_by_side:
         raise SystemExit("error: --side-by-side takes one photo")
+    stems = [p.stem for p in photos]
+    twice = sorted({s for s in stems if stems.count(s) > 1})
+    if out_dir is not None and twice:
+        raise SystemExit(f"error: several photos named {', '.join(twice)}: their outputs would overwrite each other")
     # The model is found (or refused) before torch and the model code are imported: a wrong --model or a
     # missing tracking store answers in about a second.
     t0 = time.perf_counter()
     restorer = load_restorer(args.model)
     start = time.perf_counter() - t0
+    import numpy as np
     from PIL import Image
 
-    from pipelines.faces import FaceError
+    from pipelines.faces import FaceError, to_grey
     from pipelines.restorer import InputError, check_image
     from pipelines.viz import save_grid
 
@@ -162,19 +189,28 @@ def restore_main(args: argparse.Namespace) -> int:
             refs.append(img)
     except (InputError, FaceError) as exc:
         raise SystemExit(f"error: {exc}") from exc
+    matcher = None
+    if refs and aligner is not None and not args.only_center_face:
+        from pipelines.faces import DlibResNet
+
+        net = DlibResNet(args.landmark_models)
+        matcher = (net, np.mean([net.describe(r) for r in refs], axis=0))
     failed, times, n_faces = [], [], 0
     for i, photo in enumerate(photos, 1):
         target = out_dir / f"{photo.stem}.png" if out_dir is not None else Path(args.out)
         t = time.perf_counter()
         try:
-            out, crops, restored = restore_photo(restorer, aligner, photo, refs, args)
+            out, crops, restored, grey = restore_photo(restorer, aligner, photo, refs, args, matcher)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(out[..., 0] if grey else out).save(target)
         except InputError as exc:
             failed.append(str(photo))
             print(f"[{i}/{len(photos)}] error: {exc}", file=sys.stderr)
             continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        grey = out.ndim == 3 and (out[..., 0] == out[..., 1]).all() and (out[..., 1] == out[..., 2]).all()
-        Image.fromarray(out[..., 0] if grey and not args.colour else out).save(target)
+        except Exception as exc:  # one photo never ends a batch: named, and the others go on
+            failed.append(str(photo))
+            print(f"[{i}/{len(photos)}] error: {photo}: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+            continue
         n_faces += len(crops)
         if args.save_faces:
             faces_dir = Path(args.save_faces)
@@ -189,10 +225,13 @@ def restore_main(args: argparse.Namespace) -> int:
         )
         if args.side_by_side:
             # With references, the blind restoration (same seed) sits beside the referenced one.
+            # the first face (in reading order) when the photo shows several
             lq = crops[0]
             blind = [restorer.restore_batch([lq], [[]], steps=args.steps, seed=args.seed)[0]] if refs else []
+            blind = [to_grey(b) for b in blind] if grey else blind
             row = [lq, *[restorer._fit(r) for r in refs], restored[0], *blind]
-            labels = ["degraded", *[f"ref{j + 1}" for j in range(len(refs))], "restored"]
+            labels = ["degraded" + (f" (face 1 of {len(crops)})" if len(crops) > 1 else ""),
+                      *[f"ref{j + 1}" for j in range(len(refs))], "restored"]  # fmt: skip
             labels += ["restored, no reference"] if refs else []
             save_grid(args.side_by_side, [row], title=" | ".join(labels), col_labels=labels, cell=128)
     per = sum(times) / len(times) if times else 0.0
