@@ -33,7 +33,7 @@ def _init(cfg: SynthesizeConfig) -> None:
 
 def _render_one(job: tuple[str, int, int]) -> tuple[str, int, int, bytes, dict]:
     pool, i, j = job
-    spec = face_spec(_CFG.seed, pool, i, j, _CFG.framing)
+    spec = face_spec(_CFG.seed, pool, i, j, _CFG.framing, _CFG.identity_cues)
     img = render(spec, _CFG.render_size, _CFG.image_size)
     return pool, i, j, png_bytes(img), spec.to_json()
 
@@ -76,7 +76,11 @@ def main(argv: list[str] | None = None) -> None:
     for i in range(cfg.grid_identities):
         rows.append(
             [
-                render(face_spec(cfg.seed, "album", i, j, cfg.framing), cfg.render_size, cfg.render_size)
+                render(
+                    face_spec(cfg.seed, "album", i, j, cfg.framing, cfg.identity_cues),
+                    cfg.render_size,
+                    cfg.render_size,
+                )
                 for j in range(cfg.grid_images)
             ]
         )

@@ -119,3 +119,27 @@ def test_aligned_framing_keeps_every_other_draw():
     assert set(FRAMINGS) == {"aligned", "wild"}
     with pytest.raises(ValueError, match="unknown framing 'tilted'"):
         sample_state(7, "album", 4, 0, "tilted")
+
+
+def test_identity_cues_fine_shares_colour_and_shape_mixed_keeps_the_first_draws():
+    """`fine` (the default): people share a few skin tones, hair colours and a narrow face shape, and
+    differ in marks, brows and iris; `mixed` reproduces the first default's identities draw for draw."""
+    import pytest
+
+    from pipelines.synthetic import _HAIR_COLOURS, _SKIN_TONES, IDENTITY_CUES
+
+    fine = [sample_identity(7, "album", i) for i in range(60)]
+    mixed = [sample_identity(7, "album", i, "mixed") for i in range(60)]
+    # the first default's person 5 (values recorded before `identity_cues` existed)
+    assert mixed[5].skin == (184.9, 116.42, 82.44) and mixed[5].moles == ((0.3311, 0.3164, 0.0487),)
+
+    def nearest(colour, palette):
+        return int(np.argmin(((palette - np.asarray(colour)) ** 2).sum(1)))
+
+    assert {nearest(f.skin, _SKIN_TONES) for f in fine} <= set(IDENTITY_CUES["fine"]["skin"])
+    assert {nearest(f.hair, _HAIR_COLOURS) for f in fine} <= set(IDENTITY_CUES["fine"]["hair"])
+    assert np.ptp([f.face_aspect for f in fine]) < 0.5 * np.ptp([m.face_aspect for m in mixed])
+    assert min(len(f.moles) for f in fine) >= 2 and len({f.moles for f in fine}) == 60  # marks identify
+    assert fine[5] == face_spec(7, "album", 5, 2).identity  # the default
+    with pytest.raises(ValueError, match="unknown identity cues 'coarse'"):
+        sample_identity(7, "album", 0, "coarse")
