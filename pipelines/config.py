@@ -29,7 +29,18 @@ PRESET_NAMES = (
     "refldm_severe",
     "iconface_mixed",
 )
-WEIGHT_METRICS = ("lpips", "musiq", "clipiqa", "maniqa", "fid")
+WEIGHT_METRICS = (
+    "lpips",
+    "lpips_vgg",
+    "lpips_heads",
+    "dists",
+    "dists_weights",
+    "fid",
+    "fid_stats",
+    "clipiqa",
+    "musiq",
+    "maniqa",
+)
 
 
 class ConfigError(ValueError):
@@ -569,8 +580,8 @@ class EvaluateConfig:
     copy_tau: float = 12.0
     grid_samples: int = 6
     threads: int = 2
-    weights: dict[str, str | None] = field(  # lpips/musiq/clipiqa/maniqa/fid: local paths
-        default_factory=lambda: {"lpips": None, "musiq": None, "clipiqa": None, "maniqa": None, "fid": None}
+    weights: dict[str, str | None] = field(  # local files of the weight metrics (pipelines.quality)
+        default_factory=lambda: dict.fromkeys(WEIGHT_METRICS)
     )
 
     def validate(self, where: str) -> None:

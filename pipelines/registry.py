@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover
     PythonModel = object
 
 REF_COLUMNS = ("ref1", "ref2", "ref3")
-LOWER_IS_BETTER = ("copy_score",)
+LOWER_IS_BETTER = ("copy_score", "lpips", "lpips_vgg", "dists", "fid")  # pipelines.quality for the last four
 
 
 def encode_image(img: np.ndarray) -> str:

@@ -29,8 +29,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipelines.embedding import load_encoders
-from pipelines.evaluation import NO_WEIGHT_METRICS, copy_score, cosine, embed, psnr_u8, ssim_u8
+from pipelines.evaluation import copy_score, cosine, embed, psnr_u8, ssim_u8
 from pipelines.io import write_bytes, write_json
+from pipelines.quality import LOWER_IS_BETTER, PER_TARGET, WeightMetrics, load_weight_metrics
 from pipelines.restorer import Restorer, write_bundle
 from pipelines.shards import decode_sample, iter_raw, shard_paths, validate_shards
 from pipelines.stats import paired_bootstrap
@@ -59,9 +60,12 @@ def load_set(root: str, name: str, limit: int, min_refs: int = 0) -> tuple[list[
     return out, seen
 
 
-def per_target(outs, samples, prim, evaluator, tau, border) -> dict[str, np.ndarray]:
+def per_target(
+    outs, samples, prim, evaluator, tau, border, wm: WeightMetrics | None = None
+) -> dict[str, np.ndarray]:
     """Per-target metrics (N,) of outputs `outs`. Ref-ID and the copy score are taken against each
-    target's first true reference (in every row, the blind mode and the control included)."""
+    target's first true reference (in every row, the blind mode and the control included); LPIPS,
+    DISTS and CLIP-IQA when their weights are configured (`wm`)."""
     gt = np.stack([s["gt"] for s in samples])
     ref0 = np.stack([s["refs"][0] for s in samples])
     e_out_p, e_out_e = embed(prim, outs, border), embed(evaluator, outs, border)
@@ -76,6 +80,7 @@ def per_target(outs, samples, prim, evaluator, tau, border) -> dict[str, np.ndar
         "ref_id_primary": cosine(e_out_p, embed(prim, ref0, border)),
         "ref_id_evaluator": cosine(e_out_e, embed(evaluator, ref0, border)),
         "copy_score": np.array(copies, np.float64),
+        **(wm.per_target(outs, gt) if wm is not None else {}),
     }
 
 
@@ -86,6 +91,9 @@ def summarise(values: dict[str, np.ndarray]) -> dict:
         m[k] = round(float(np.mean(values[k])), 4)
     m["copy_score"] = round(float(copies.mean()), 4) if len(copies) else None
     m["copy_pairs"] = int(len(copies))
+    for k in PER_TARGET:
+        if k in values:
+            m[k] = round(float(np.mean(values[k])), 4)
     return m
 
 
@@ -109,7 +117,22 @@ def other_person(samples: list[dict], pool: list[dict], k: int) -> list[list]:
     return out
 
 
-def markdown(results: dict, paired: dict, not_computed: dict, model: str, seed: int) -> str:
+def markdown(
+    results: dict, paired: dict, not_computed: dict, model: str, seed: int, files: dict | None = None
+) -> str:
+    files = files or {}
+    extra = [
+        c for c in (*PER_TARGET, "fid") if any(c in m for rows in results.values() for m in rows.values())
+    ]
+    arrow = {c: "↓" if c in LOWER_IS_BETTER else "↑" for c in extra}
+    names = {
+        "lpips": "LPIPS",
+        "lpips_vgg": "LPIPS (vgg)",
+        "dists": "DISTS",
+        "clipiqa": "CLIP-IQA",
+        "fid": "FID",
+    }
+    paired_cols = [*PAIRED, *(c for c in extra if c in PER_TARGET)]
     lines = [f"# Evaluation of {model}", ""]
     lines.append(
         "Layout of the IConFace paper's Tables 1–2: one block per evaluation set, the degraded input as a "
@@ -126,9 +149,10 @@ def markdown(results: dict, paired: dict, not_computed: dict, model: str, seed: 
             "",
             f"## {name}",
             "",
-            "| row | n | PSNR ↑ | SSIM ↑ | Ref-ID (primary) ↑ | Ref-ID (evaluator) ↑ | GT-ID ↑ | copy ↓ (pairs) |",
+            "| row | n | PSNR ↑ | SSIM ↑ | Ref-ID (primary) ↑ | Ref-ID (evaluator) ↑ | GT-ID ↑ | copy ↓ (pairs) |"
+            + "".join(f" {names[c]} {arrow[c]} |" for c in extra),
         ]
-        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(extra))
         for row, m in rows.items():
 
             def f(v):
@@ -137,21 +161,26 @@ def markdown(results: dict, paired: dict, not_computed: dict, model: str, seed: 
             lines.append(
                 f"| {row} | {m['n']} | {m['psnr']:.2f} | {f(m['ssim'])} | {f(m['ref_id_primary'])} | "
                 f"{f(m['ref_id_evaluator'])} | {f(m['gt_id'])} | {f(m['copy_score'])} ({m['copy_pairs']}) |"
+                + "".join(f" {f(m.get(c))} |" for c in extra)
             )
         lines += [
             "",
             f"Paired differences to the blind mode (same targets; mean [95 % bootstrap interval], seed {seed}); "
             "an interval that contains 0 is no difference:",
             "",
-            "| row | Δ GT-ID | Δ PSNR (dB) | Δ SSIM | Δ copy | verdict on GT-ID |",
-            "|---|---:|---:|---:|---:|---|",
+            "| row | Δ GT-ID | Δ PSNR (dB) | Δ SSIM | Δ copy |"
+            + "".join(f" Δ {names[c]} |" for c in paired_cols[len(PAIRED) :])
+            + " verdict on GT-ID |",
+            "|---|---:|---:|---:|---:|" + "---:|" * (len(paired_cols) - len(PAIRED)) + "---|",
         ]
         for row, d in paired[name].items():
             if row == "true vs another person":
                 continue
             cells = [
-                "—" if d[m]["n"] == 0 else f"{d[m]['diff']:+.4f} [{d[m]['lo']:+.4f}, {d[m]['hi']:+.4f}]"
-                for m in PAIRED
+                "—"
+                if m not in d or d[m]["n"] == 0
+                else f"{d[m]['diff']:+.4f} [{d[m]['lo']:+.4f}, {d[m]['hi']:+.4f}]"
+                for m in paired_cols
             ]
             lines.append(f"| {row} | " + " | ".join(cells) + f" | {d['gt_id']['verdict']} |")
         c = paired[name].get("true vs another person")
@@ -162,6 +191,17 @@ def markdown(results: dict, paired: dict, not_computed: dict, model: str, seed: 
                 f"{c['diff']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}] — {c['verdict']}"
                 + (" (the model reads who the references show)" if c["verdict"] == "higher" else ""),
             ]
+    if "fid" in extra:
+        lines += [
+            "",
+            "FID is one number per row (the row's outputs against the reference statistics), without an "
+            "interval: on a few tens of targets it is dominated by its own sampling error.",
+        ]
+    if files:
+        lines += ["", "## Weights", "", "| column | key | file | sha256 |", "|---|---|---|---|"]
+        lines += [
+            f"| {c} | {f['key']} | {f['file']} | `{f['sha256']}` |" for c, fs in files.items() for f in fs
+        ]
     lines += ["", "## Not computed", ""]
     lines += [f"- {k}: {v}" for k, v in not_computed.items()]
     return "\n".join(lines) + "\n"
@@ -210,7 +250,9 @@ def main(argv: list[str] | None = None) -> None:
     for a in ("--eval-sets", "--model", "--encoders", "--out", "--metrics", "--report", "--plot"):
         p.add_argument(a, required=True)
     p.add_argument("--report-grid", help="also copy the severe set's grid here (committed beside the report)")
-    p.add_argument("--real-photo", help="also restore a real photo end to end and write the before/after here")
+    p.add_argument(
+        "--real-photo", help="also restore a real photo end to end and write the before/after here"
+    )
     args = p.parse_args(argv)
     setup_logging()
     cfgs = load_params(args.params, "evaluate", "train", "embed", "shards")
@@ -232,14 +274,9 @@ def main(argv: list[str] | None = None) -> None:
     restorer = Restorer(bundle, threads=cfg.threads)
     encoders = load_encoders(ecfg, args.encoders)
     prim, evaluator, border = restorer.encoder, encoders.evaluator, ecfg.crop_border
-    not_computed = {
-        k: (
-            f"weights configured at {path}, but loading {k} weights is not implemented yet"
-            if (path := cfg.weights.get(k))
-            else f"no local weights (set evaluate.weights.{k}; nothing is downloaded at run time)"
-        )
-        for k in NO_WEIGHT_METRICS
-    }
+    wm = load_weight_metrics(cfg.weights)
+    not_computed = dict(wm.not_computed)
+    paired_cols = (*PAIRED, *(c for c in wm.columns if c in PER_TARGET))
     if encoders.fallback:
         not_computed["ref_id_evaluator"] = encoders.fallback
 
@@ -267,31 +304,41 @@ def main(argv: list[str] | None = None) -> None:
                 f"{max(kmax, 1)} references (of {seen}); need at least 2 for a paired comparison"
             )
         lq = [s["lq"] for s in samples]
-        values = {"degraded input": per_target(np.stack(lq), samples, prim, evaluator, cfg.copy_tau, border)}
+        row_outs = {"degraded input": np.stack(lq)}
+        values = {
+            "degraded input": per_target(np.stack(lq), samples, prim, evaluator, cfg.copy_tau, border, wm)
+        }
         front = restorer.front_only(lq)
         if front is not None:  # stage 1 alone: what the transformer adds is the difference to it
-            values[FRONT] = per_target(front, samples, prim, evaluator, cfg.copy_tau, border)
+            values[FRONT] = per_target(front, samples, prim, evaluator, cfg.copy_tau, border, wm)
+            row_outs[FRONT] = front
         outputs = {}
         for k in cfg.modes:
             outs = restore(lq, [s["refs"][:k] for s in samples])
             label = "no reference" if k == 0 else f"{k} reference{'s' if k > 1 else ''}"
-            values[label] = per_target(outs, samples, prim, evaluator, cfg.copy_tau, border)
+            values[label] = per_target(outs, samples, prim, evaluator, cfg.copy_tau, border, wm)
+            row_outs[label] = outs
             outputs[k] = {s["key"]: o for s, o in zip(samples, outs)}
             bar.update(1)
         k_ctl = max(kmax, 1)
         pool = samples if not cfg.samples else load_set(args.eval_sets, name, 0, k_ctl)[0]
         outs = restore(lq, other_person(samples, pool, k_ctl))
         control = CONTROL.format(k=k_ctl, s="s" if k_ctl > 1 else "")
-        values[control] = per_target(outs, samples, prim, evaluator, cfg.copy_tau, border)
+        values[control] = per_target(outs, samples, prim, evaluator, cfg.copy_tau, border, wm)
+        row_outs[control] = outs
         bar.update(1)
         results[name] = {row: summarise(v) for row, v in values.items()}
+        if wm.inception is not None:
+            ref_stats = wm.reference_stats(np.stack([s["gt"] for s in samples]))
+            for row, o in row_outs.items():
+                results[name][row]["fid"] = round(wm.fid(o, ref_stats), 4)
         blind = values.get("no reference")
         paired[name] = {}
         for row, v in values.items():
             if blind is None or row in ("no reference",):
                 continue
             paired[name][row] = {}
-            for m in PAIRED:
+            for m in paired_cols:
                 r = paired_bootstrap(v[m], blind[m], seed=cfg.seed)
                 paired[name][row][m] = {**r.as_dict(), "verdict": r.verdict}
         true_label = "no reference" if k_ctl == 0 else f"{k_ctl} reference{'s' if k_ctl > 1 else ''}"
@@ -336,6 +383,7 @@ def main(argv: list[str] | None = None) -> None:
         "sets": results,
         "paired": paired,
         "not_computed": not_computed,
+        "weights": wm.files,
         "config": {
             "steps": cfg.steps,
             "guidance": cfg.guidance,
@@ -350,7 +398,9 @@ def main(argv: list[str] | None = None) -> None:
         write_bytes(args.report_grid, (out / f"grid_{name}.png").read_bytes())
     if args.real_photo:
         print(real_photo_figure(restorer, args.real_photo))
-    write_bytes(args.report, markdown(results, paired, not_computed, "data/train/model", cfg.seed).encode())
+    write_bytes(
+        args.report, markdown(results, paired, not_computed, "data/train/model", cfg.seed, wm.files).encode()
+    )
     Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
     with open(args.plot, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["set", "row", *COLUMNS])

@@ -70,6 +70,15 @@ def test_gate_rules():
     assert not ok and any("regresses by 0.5000 > 0.3" in w for w in why)
     ok, why = decide({**champ, "s/1 reference/copy_score": 0.3}, champ, g, up, targets(base))
     assert not ok and any("copy_score" in w and "regresses" in w for w in why)  # lower is better
+    # LPIPS is a guard like any metric, lower is better (pipelines.quality)
+    gl = Gate(g.primary, 0.0, {"s/1 reference/lpips": 0.01})
+    ok, why = decide(
+        {**champ, "s/1 reference/lpips": 0.25}, {**champ, "s/1 reference/lpips": 0.2}, gl, up, targets(base)
+    )
+    assert not ok and any("lpips" in w and "regresses by 0.0500" in w for w in why)
+    assert decide(
+        {**champ, "s/1 reference/lpips": 0.15}, {**champ, "s/1 reference/lpips": 0.2}, gl, up, targets(base)
+    )[0]
     # inside the noise: the interval includes zero, so no promotion
     noisy = targets(base + np.where(np.arange(30) % 2, 0.05, -0.05))
     ok, why = decide(champ, champ, g, noisy, targets(base))
@@ -255,9 +264,10 @@ def test_evaluate_register_gate_restore_and_serve(project):
                 "no difference",
             )
         )
-    assert set(m["not_computed"]) == {"lpips", "musiq", "clipiqa", "maniqa", "fid"}
+    assert set(m["not_computed"]) == {"lpips", "dists", "musiq", "clipiqa", "maniqa", "fid"}
     report = (tmp / "ev_a.md").read_text()
-    assert "| degraded input |" in report and "## severe" in report and "lpips: no local weights" in report
+    assert "| degraded input |" in report and "## severe" in report
+    assert "lpips: no local weights: set evaluate.weights.lpips to torchvision's AlexNet" in report
     assert "Paired differences to the blind mode" in report and "3 references of another person" in report
     assert (tmp / "ev_a" / "grid_severe.png").is_file()
     targets = json.loads((tmp / "ev_a" / "per_target.json").read_text())
@@ -453,3 +463,62 @@ def test_evaluate_register_gate_restore_and_serve(project):
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_evaluate_with_weight_metrics(project):
+    """LPIPS (alex) and DISTS from files written in their official formats: a column per row, paired
+    intervals against the blind mode, the files named with their sha256; a truncated file is reported as
+    not computed, naming it, and the evaluation goes on."""
+    import torch
+
+    from pipelines import iqa
+    from tests.test_iqa import torchvision_file
+
+    tmp, pp, params, env = project
+    w = tmp / "weights"
+    w.mkdir(exist_ok=True)
+    torch.manual_seed(0)
+    alex = torchvision_file(w / "alexnet-owt-7be5be79.pth", iqa.AlexNetFeatures())
+    vgg = torchvision_file(w / "vgg16-397923af.pth", iqa.VGG16Features())
+    (w / "heads").mkdir(exist_ok=True)
+    chans = (64, 192, 384, 256, 256)
+    torch.save(
+        {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate(chans)},
+        w / "heads" / "alex.pth",
+    )
+    torch.save({"alpha": torch.rand(1, 1475, 1, 1), "beta": torch.rand(1, 1475, 1, 1)}, w / "dists.pt")
+    cut = w / "cut.pt"
+    cut.write_bytes((w / "dists.pt").read_bytes()[:100])
+    weights = {
+        "lpips": str(alex),
+        "lpips_heads": str(w / "heads"),
+        "dists": str(vgg),
+        "dists_weights": str(w / "dists.pt"),
+    }
+    pw = tmp / "params_w.yaml"
+    pw.write_text(yaml.safe_dump({**params, "evaluate": {**params["evaluate"], "weights": weights}}))
+    m = _evaluate(tmp, pw, env, tmp / "model", "w")
+    rows = m["sets"]["severe"]
+    assert all(0 <= r["lpips"] and 0 <= r["dists"] <= 1 for r in rows.values())
+    d = m["paired"]["severe"]["1 reference"]["lpips"]
+    assert d["lo"] <= d["diff"] <= d["hi"] and d["n"] == rows["1 reference"]["n"]
+    assert set(m["not_computed"]) == {"musiq", "clipiqa", "maniqa", "fid"}
+    assert {f["file"] for f in m["weights"]["lpips"]} == {"alexnet-owt-7be5be79.pth", "alex.pth"}
+    report = (tmp / "ev_w.md").read_text()
+    assert "LPIPS ↓" in report and "Δ DISTS" in report and "## Weights" in report
+    assert iqa_sha(alex) in report
+    # a truncated alpha/beta file: DISTS not computed, the file named; LPIPS still there
+    pw.write_text(
+        yaml.safe_dump(
+            {**params, "evaluate": {**params["evaluate"], "weights": {**weights, "dists_weights": str(cut)}}}
+        )
+    )
+    m = _evaluate(tmp, pw, env, tmp / "model", "w2")
+    assert "cut.pt" in m["not_computed"]["dists"] and "lpips" in m["sets"]["severe"]["no reference"]
+
+
+def iqa_sha(path) -> str:
+    from pipelines.images import sha256_file
+
+    return sha256_file(path)
