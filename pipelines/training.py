@@ -241,6 +241,31 @@ class OptimConfig:
     lr_schedule: str = "constant"  # constant (the recipe) | cosine (warm-up, then cosine decay to 0)
     warmup_steps: int = 0
     total_steps: int = 0  # the cosine's length (max_steps)
+    id_views: int = 0  # ours: identity loss on random shifted/blurred views of the output (0 = the paper)
+
+
+def random_views(img: torch.Tensor, n: int, g: torch.Generator, shift: int = 2) -> list[torch.Tensor]:
+    """`n` random views of images (B, 3, H, W) for the identity loss (ours): each shifted by up to `shift`
+    pixels (replicate border) and blurred by a Gaussian with σ in [0, 1] px, per sample. The encoder's
+    embedding averaged over views rewards what survives small shifts and blur (marks, brows, colours)
+    rather than pixel patterns only that encoder reacts to: without views the model raised the primary
+    encoder's Ref-ID by 0.024 while the independent evaluator moved by 0.005."""
+    b, _, h, w = img.shape
+    pad = F.pad(img, (shift,) * 4, mode="replicate")
+    x = torch.arange(-2, 3, dtype=img.dtype, device=img.device)
+    views = []
+    for _ in range(n):
+        dy, dx = (torch.randint(0, 2 * shift + 1, (2, b), generator=g)).tolist()
+        v = torch.stack([pad[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(b)])
+        sig = torch.rand(b, generator=g).to(img) * 1.0 + 1e-3
+        k1 = torch.exp(-(x[None] ** 2) / (2 * sig[:, None] ** 2))
+        k1 = k1 / k1.sum(1, keepdim=True)  # (B, 5)
+        k2 = (k1[:, :, None] * k1[:, None, :]).repeat_interleave(3, 0)[:, None]  # (B*3, 1, 5, 5)
+        v = F.conv2d(
+            F.pad(v, (2, 2, 2, 2), mode="replicate").reshape(1, b * 3, h + 4, w + 4), k2, groups=b * 3
+        )
+        views.append(v.reshape(b, 3, h, w))
+    return views
 
 
 def lr_factor(step: int, schedule: str, warmup: int, total: int) -> float:
@@ -314,6 +339,7 @@ class IConFaceModule(L.LightningModule):
             cfg.lr_schedule,
             cfg.warmup_steps,
             cfg.max_steps,
+            cfg.id_views,
         )
         return cls(
             net,
@@ -392,7 +418,15 @@ class IConFaceModule(L.LightningModule):
         e_out = e_ref = e_gt = None
         if bool(has_ref.any()) and self.weights.lambda_id > 0:
             img = self.codec.decode(x0_hat)  # decode ẑ0
-            e_out = F.normalize(self.identity(img), dim=-1)
+            if self.optim.id_views:
+                e_out = F.normalize(
+                    torch.stack([self.identity(v) for v in random_views(img, self.optim.id_views, g)]).mean(
+                        0
+                    ),
+                    dim=-1,
+                )
+            else:
+                e_out = F.normalize(self.identity(img), dim=-1)
             e_ref = identity_anchor(batch["z_refs"], batch["ref_mask"], cond.z_deg, self.net.cfg.temperature)
             e_gt = F.normalize(batch["z_gt"], dim=-1)
         u_fm, target = fm_operands(u_hat, velocity_target(z0, noise), sigma, self.optim.prediction)
