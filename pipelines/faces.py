@@ -350,7 +350,9 @@ def is_grey(img: np.ndarray, tolerance: int = 2) -> bool:
     """Whether an (H, W, 3) image is grey: channels equal within `tolerance` (a grayscale photo
     replicated, or a grey scan whose JPEG left a little chroma noise)."""
     x = img.astype(np.int16)
-    return bool(np.abs(x[..., 0] - x[..., 1]).max() <= tolerance and np.abs(x[..., 1] - x[..., 2]).max() <= tolerance)
+    return bool(
+        np.abs(x[..., 0] - x[..., 1]).max() <= tolerance and np.abs(x[..., 1] - x[..., 2]).max() <= tolerance
+    )
 
 
 def to_grey(img: np.ndarray) -> np.ndarray:

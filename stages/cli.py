@@ -166,7 +166,9 @@ def restore_main(args: argparse.Namespace) -> int:
     stems = [p.stem for p in photos]
     twice = sorted({s for s in stems if stems.count(s) > 1})
     if out_dir is not None and twice:
-        raise SystemExit(f"error: several photos named {', '.join(twice)}: their outputs would overwrite each other")
+        raise SystemExit(
+            f"error: several photos named {', '.join(twice)}: their outputs would overwrite each other"
+        )
     # The model is found (or refused) before torch and the model code are imported: a wrong --model or a
     # missing tracking store answers in about a second.
     t0 = time.perf_counter()
