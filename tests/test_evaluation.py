@@ -471,9 +471,9 @@ def test_evaluate_with_weight_metrics(project):
     intervals against the blind mode, the files named with their sha256; a truncated file is reported as
     not computed, naming it, and the evaluation goes on."""
     import torch
+    from test_iqa import torchvision_file
 
     from pipelines import iqa
-    from tests.test_iqa import torchvision_file
 
     tmp, pp, params, env = project
     w = tmp / "weights"

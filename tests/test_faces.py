@@ -7,9 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_encoders
 from PIL import Image
-
-from tests.conftest import write_encoders
 
 pytest.importorskip("dlib")
 
