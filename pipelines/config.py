@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 # The names a params.yaml may use. The registries behind them (models.iconface.BACKBONES and VARIANTS,
-# pipelines.degradations.PRESETS, pipelines.evaluation.NO_WEIGHT_METRICS) are checked to hold exactly
+# pipelines.degradations.PRESETS, pipelines.quality.WEIGHT_FILES) are checked to hold exactly
 # these names (tests/test_config.py); keeping them here keeps this module free of project imports, so
 # that a change to the model does not rerun the stages that only read their params.
 BACKBONE_NAMES = ("tiny", "small", "klein_base_4b")

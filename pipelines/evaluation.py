@@ -22,20 +22,6 @@ import torch.nn.functional as F
 
 from models.id_encoder import IRBackbone, raw_embedding
 
-# evaluate.weights keys (pipelines.quality.WEIGHT_FILES says what each file is)
-NO_WEIGHT_METRICS = (
-    "lpips",
-    "lpips_vgg",
-    "lpips_heads",
-    "dists",
-    "dists_weights",
-    "fid",
-    "fid_stats",
-    "clipiqa",
-    "musiq",
-    "maniqa",
-)
-
 
 def psnr_u8(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-image PSNR (N,) of uint8 batches (N, H, W, 3)."""

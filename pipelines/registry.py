@@ -21,13 +21,15 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from pipelines.quality import LOWER_IS_BETTER as QUALITY_LOWER_IS_BETTER
+
 try:  # the pyfunc base class; imported lazily elsewhere so that pipelines do not need mlflow at import
     from mlflow.pyfunc import PythonModel
 except ImportError:  # pragma: no cover
     PythonModel = object
 
 REF_COLUMNS = ("ref1", "ref2", "ref3")
-LOWER_IS_BETTER = ("copy_score", "lpips", "lpips_vgg", "dists", "fid")  # pipelines.quality for the last four
+LOWER_IS_BETTER = ("copy_score", *QUALITY_LOWER_IS_BETTER)
 
 
 def encode_image(img: np.ndarray) -> str:

@@ -94,10 +94,10 @@ def test_name_lists_match_their_registries():
     from models.iconface import BACKBONES, VARIANTS
     from pipelines.config import BACKBONE_NAMES, PRESET_NAMES, VARIANT_NAMES, WEIGHT_METRICS
     from pipelines.degradations import PRESETS
-    from pipelines.evaluation import NO_WEIGHT_METRICS
+    from pipelines.quality import WEIGHT_FILES
 
     assert tuple(BACKBONES) == BACKBONE_NAMES and tuple(VARIANTS) == VARIANT_NAMES
-    assert tuple(PRESETS) == PRESET_NAMES and tuple(NO_WEIGHT_METRICS) == WEIGHT_METRICS
+    assert tuple(PRESETS) == PRESET_NAMES and tuple(WEIGHT_FILES) == WEIGHT_METRICS
 
 
 @pytest.mark.parametrize(

@@ -107,7 +107,9 @@ def test_lpips_heads_from_lpips_package_without_importing_it(files, tmp_path, mo
     (pkg / "weights" / "v0.1" / "alex.pth").write_bytes(files["alex_heads"].read_bytes())
     m = iqa.load_lpips(files["alex"], "alex")
     assert "lpips" not in sys.modules
-    torch.testing.assert_close(m.heads[0].data, torch.load(files["alex_heads"])["lin0.model.1.weight"])
+    torch.testing.assert_close(
+        m.heads[0].data, torch.load(files["alex_heads"], weights_only=True)["lin0.model.1.weight"]
+    )
 
 
 def test_lpips_heads_without_package(files, monkeypatch):
@@ -160,13 +162,13 @@ def test_truncated_files_are_clear_errors(files, tmp_path):
 
 
 def test_wrong_keys_and_shapes_are_clear_errors(files, tmp_path):
-    sd = torch.load(files["alex"])
+    sd = torch.load(files["alex"], weights_only=True)
     sd["features.10.w"] = sd.pop("features.10.weight")
     torch.save(sd, p := tmp_path / "renamed.pth")
     with raises_naming(ValueError, p, "missing key features.10.weight"):
         iqa.AlexNetFeatures.from_file(p)
 
-    sd = torch.load(files["alex"])
+    sd = torch.load(files["alex"], weights_only=True)
     sd["features.0.weight"] = sd["features.0.weight"][:32]
     torch.save(sd, p := tmp_path / "shape.pth")
     with raises_naming(ValueError, p, "expected shape (64, 3, 11, 11)"):
