@@ -35,6 +35,10 @@ output equals the stock diffusers forward exactly.
   keeps the paper's scene-only head.
 * **Degradation-removal front end** (ours, `FrontEnd`; DiffBIR's stage 1): a small residual CNN
   trained beforehand by L2 (stage `train_front`), frozen; the model conditions on its output.
+* **RefSTAR's transfer** (shared/papers/003_..., models.refstar; off by default): `Conditioning.ref_tokens`
+  masks reference tokens in conflict regions out of every attention, like padding; `reference_route:
+  decoupled` replaces the joint softmax of every block by eq. 4 (the reference attended separately and
+  added), with per-block reference K/V adapters (`dca`).
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ VARIANTS: dict[str, dict[str, bool]] = {
 }
 
 T_SCENE, T_DEG, T_REF0 = 0, 2, 10
+ROUTES = ("in_context", "decoupled")  # how the scene reads the reference tokens (models.refstar)
 
 
 # ==================================================================================================
@@ -325,10 +330,18 @@ class IConFaceConfig:
     max_refs: int = 3
     deg_readout: bool = False  # ours (module docstring); the paper's head reads the scene tokens only
     front_end: int = 0  # ours: width of the degradation-removal front end (FrontEnd); 0 = off (the paper)
+    # RefSTAR (models.refstar): in_context = one joint attention over [scene; deg; refs] (its eq. 3, the
+    # paper's IConFace); decoupled = eq. 4 in every block, with rank-`decoupled_rank` reference K/V
+    # adapters and the scale λ = decoupled_scale
+    reference_route: str = "in_context"
+    decoupled_scale: float = 1.0
+    decoupled_rank: int = 16
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown IConFace variant {self.variant!r}; valid: {', '.join(VARIANTS)}")
+        if self.reference_route not in ROUTES:
+            raise ValueError(f"unknown reference route {self.reference_route!r}; valid: {', '.join(ROUTES)}")
 
 
 @dataclass
@@ -346,6 +359,9 @@ class Conditioning:
     z_refs: torch.Tensor
     z_deg: torch.Tensor
     text: torch.Tensor
+    # RefSTAR (models.refstar.token_keep): (B, R, h·w) bool, False = a reference token in a conflict or
+    # ignore region, masked as a key everywhere like a padded reference; None = every token kept
+    ref_tokens: torch.Tensor | None = None
 
 
 class IConFace(nn.Module):
@@ -377,6 +393,11 @@ class IConFace(nn.Module):
         else:
             self.pool_base = self.pool_detail = None
             self.xattn = None
+        self.dca = None  # RefSTAR's decoupled cross-attention (eq. 4): reference K/V adapters per block
+        if cfg.reference_route == "decoupled":
+            from models.refstar import install_decoupled
+
+            self.dca = install_decoupled(transformer, cfg.decoupled_rank)
 
     def pathway_parameters(self) -> list[nn.Parameter]:
         """The trainable parameters that are ours (not LoRA): pathways, poolers, cross-attentions."""
@@ -411,14 +432,27 @@ class IConFace(nn.Module):
         txt = cond.text if use_text else torch.zeros_like(cond.text)
         n_txt = txt.shape[1]
 
-        # Key mask for padded references: (B, 1, 1, L_txt + L_img), True = attend.
+        # Key mask for padded references and (RefSTAR) masked reference tokens: (B, 1, 1, L_txt + L_img),
+        # True = attend.
         attn_kwargs = None
-        if r and not bool(cond.ref_mask[:, :r].all()):
+        tok = cond.ref_tokens
+        decoupled = r and self.cfg.reference_route == "decoupled"
+        if r and (
+            decoupled
+            or not bool(cond.ref_mask[:, :r].all())
+            or (tok is not None and not bool(tok[:, :r].all()))
+        ):
             keep = torch.ones(b, n_txt + x.shape[1], dtype=torch.bool, device=dev)
             for i in range(r):
                 s = n_txt + (2 + i) * n_img
-                keep[:, s : s + n_img] = cond.ref_mask[:, i : i + 1]
+                ok = cond.ref_mask[:, i : i + 1]  # (B, 1)
+                keep[:, s : s + n_img] = ok if tok is None else ok & tok[:, i]
             attn_kwargs = {"attention_mask": keep[:, None, None, :]}
+            if decoupled:  # eq. 4 replaces the joint softmax (models.refstar.decoupled_attention)
+                from models.refstar import RefSplit
+
+                s0 = n_txt + 2 * n_img
+                attn_kwargs = {"ref_split": RefSplit(s0, s0 + r * n_img, keep, self.cfg.decoupled_scale)}
 
         # ---- stock embedders and modulation (as Flux2Transformer2DModel.forward) ---------------------
         timestep = sigma.to(x.dtype) * 1000

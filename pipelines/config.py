@@ -20,6 +20,8 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 # that a change to the model does not rerun the stages that only read their params.
 BACKBONE_NAMES = ("tiny", "small", "klein_base_4b")
 VARIANT_NAMES = ("concat", "+struct", "+id", "single_route", "full")
+# ablate rows of RefSTAR's transfer (pipelines.refstar.ABLATE_ROWS), besides the IConFace variants
+REFSTAR_ROW_NAMES = ("refstar_in_context", "refstar_decoupled", "refstar_decoupled_cycle")
 PRESET_NAMES = (
     "realesrgan",
     "bsrgan",
@@ -458,8 +460,51 @@ class TrainConfig:
     val_guidance: float = 1.0  # the embedded default's prompt is synthetic: guidance has nothing to amplify
     val_preset: str = "refldm_severe"
     experiment: str = "refface"
+    # ---- RefSTAR's transfer with masks (shared/papers/003_..., models/refstar.py, pipelines/refstar.py) ----
+    # The shards the train stage reads (dvc.yaml: `--shards ${train.shards}` and a dep on that folder):
+    # data/shards, or data/refsel/shards for reference_masks: refsel.
+    shards: str = "data/shards"
+    # none = IConFace (masks unused); refsel = the refsel stage's masks (annotated / predicted), which
+    # needs shards: data/refsel/shards; truth = the synthetic ground-truth masks of data/shards (ours: the
+    # oracle). A reference token is kept when >= mask_token_keep of its pixels are consistent.
+    reference_masks: Literal["none", "refsel", "truth"] = "none"
+    mask_token_keep: float = 0.5
+    # in_context = one joint attention (RefSTAR eq. 3; the IConFace paper); decoupled = eq. 4 in every
+    # block with scale decoupled_scale (eq. 4: 1) and rank-decoupled_rank reference K/V adapters
+    reference_route: Literal["in_context", "decoupled"] = "in_context"
+    decoupled_scale: float = 1.0
+    decoupled_rank: int = 16
+    # Mask-Compatible Cycle-Consistency loss (eq. 5) in the total of eq. 7: λ_GT·L_GT + λ_cycle·L_cycle
+    cycle_loss: bool = False
+    lambda_gt: float = 1.0
+    lambda_cycle: float = 1.5
+    cycle_lambda_l1: float = 1.0
+    cycle_lambda_id: float = 1.2
+    cycle_lambda_perc: float = (
+        0.8  # only with cycle_lpips (torchvision AlexNet weights); else the term is off
+    )
+    cycle_lpips: str | None = None  # alexnet-owt-7be5be79.pth
+    cycle_lpips_heads: str | None = None  # LPIPS v0.1 alex.pth; default: the installed lpips package's
+    # max (ours): the cycle restores from the sampler's start σ = sigma_max (no clean signal in its input,
+    # like the paper's one-step restorer); train: at the step's drawn σ (its noisy input holds (1-σ)·I_Ref)
+    cycle_sigma: Literal["max", "train"] = "max"
 
     def validate(self, where: str) -> None:
+        if not 0 < self.mask_token_keep <= 1:
+            raise ConfigError(f"{where}.mask_token_keep must lie in (0, 1] (got {self.mask_token_keep})")
+        if self.decoupled_rank < 0:
+            raise ConfigError(f"{where}.decoupled_rank must be 0 or more (got {self.decoupled_rank})")
+        if self.cycle_loss and self.max_refs < 1:
+            raise ConfigError(f"{where}.cycle_loss needs references (max_refs >= 1)")
+        if self.cycle_lpips_heads and not self.cycle_lpips:
+            raise ConfigError(f"{where}.cycle_lpips_heads is set but cycle_lpips (the backbone) is not")
+        for name in ("cycle_lpips", "cycle_lpips_heads"):
+            path = getattr(self, name)
+            if path is not None:
+                from pathlib import Path
+
+                if not Path(path).exists():
+                    raise ConfigError(f"{where}.{name}: {path} does not exist; give a local path or null")
         if self.backbone not in BACKBONE_NAMES:
             raise ConfigError(
                 f"{where}.backbone: unknown backbone {self.backbone!r}; valid: {', '.join(BACKBONE_NAMES)}"
@@ -635,9 +680,10 @@ class AblateConfig:
     seed: int = 0
 
     def validate(self, where: str) -> None:
-        bad = [v for v in self.variants if v not in VARIANT_NAMES]
+        valid = VARIANT_NAMES + REFSTAR_ROW_NAMES
+        bad = [v for v in self.variants if v not in valid]
         if bad or not self.variants:
-            raise ConfigError(f"{where}.variants: unknown {bad}; valid: {', '.join(VARIANT_NAMES)}")
+            raise ConfigError(f"{where}.variants: unknown {bad}; valid: {', '.join(valid)}")
 
 
 @dataclass(frozen=True)

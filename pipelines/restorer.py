@@ -7,9 +7,17 @@ A bundle is a folder that rebuilds the network from the trainable weights and th
     model/           trainable weights (LoRA in diffusers' format, pathways, backbone when trained), safetensors
     encoder.safetensors   the primary identity encoder (embeds the references and the degraded input)
     prompt.safetensors    the cached prompt embedding (klein) when train.prompt_cache is set
+    refsel.safetensors    the RefSel mask model, when given (RefSTAR: a model trained with masks)
 
 The frozen klein backbone and the VAE are NOT copied (several GB): `train.json` keeps their local paths.
 Used by the evaluate stage, the MLflow pyfunc model and `refface restore`.
+
+Conflict masks (RefSTAR, pipelines.refstar): `restore_batch(..., ref_masks=)` takes `"predict"` (the
+RefSel U-Net predicts each reference's mask from the degraded input and the reference: no annotation
+needed), `"none"`, or the masks themselves (contract PNG values 0/1/255 in the reference's grid); the
+default is `"predict"` for a model trained with masks (`train.reference_masks` not `none`), else
+`"none"`. The RefSel model comes from the bundle's `refsel.safetensors`, else the `refsel` argument,
+else data/refsel/model.safetensors. `last_masks` records which masks the last call used.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from pipelines.training import IConFaceModule, build_network, make_batch, to_uin
 
 BUNDLE_FORMAT = 1
 MIN_SIDE = 32
+DEFAULT_REFSEL = "data/refsel/model.safetensors"  # the refsel stage's model
 
 
 class InputError(ValueError):
@@ -48,6 +57,7 @@ def write_bundle(
     guidance: float = 1.0,
     seed: int = 42,
     crop_border: float = 0.0,
+    refsel_model: str | Path | None = None,
 ) -> Path:
     out = Path(out)
     if out.exists():
@@ -56,6 +66,8 @@ def write_bundle(
     for f in sorted(Path(trainable_dir).glob("*.safetensors")):
         shutil.copyfile(f, out / "model" / f.name)
     shutil.copyfile(encoder_path, out / "encoder.safetensors")
+    if refsel_model is not None:  # RefSTAR: the mask model travels with a model trained with masks
+        shutil.copyfile(refsel_model, out / "refsel.safetensors")
     train = as_dict(cfg)
     if cfg.prompt_cache:
         shutil.copyfile(cfg.prompt_cache, out / "prompt.safetensors")
@@ -107,7 +119,7 @@ def check_image(img, name: str) -> np.ndarray:
 class Restorer:
     """Restores degraded faces with 0–max_refs references; images in and out are uint8 RGB."""
 
-    def __init__(self, bundle: str | Path, threads: int | None = None):
+    def __init__(self, bundle: str | Path, threads: int | None = None, refsel: str | Path | None = None):
         bundle = Path(bundle)
         meta_file = bundle / "bundle.json"
         if not meta_file.is_file():
@@ -134,6 +146,65 @@ class Restorer:
         ).eval()
         self.resolution = int(self.meta["resolution"])
         self.max_refs = int(self.meta["max_refs"])
+        # RefSTAR: where the RefSel model comes from, and the masks of the last call
+        own = bundle / "refsel.safetensors"
+        self.refsel_path = own if own.is_file() else Path(refsel) if refsel else Path(DEFAULT_REFSEL)
+        self._refsel = None
+        self.masks_default = "none" if self.cfg.reference_masks == "none" else "predict"
+        self.last_masks: dict = {"source": "none"}
+
+    def refsel_model(self):
+        """(RefSel U-Net, its version) loaded once from `refsel_path`; a missing file is an InputError."""
+        if self._refsel is None:
+            from pipelines.refsel import load_model, model_version
+
+            if not self.refsel_path.is_file():
+                raise InputError(
+                    f"predicting conflict masks needs a RefSel model: {self.refsel_path} does not exist "
+                    "(run `dvc repro refsel`, pass --refsel-model, or --ref-masks none)"
+                )
+            self._refsel = (load_model(self.refsel_path), model_version(self.refsel_path))
+        return self._refsel
+
+    def _masks(self, lq: list[np.ndarray], refs: list[list[np.ndarray]], ref_masks) -> list | None:
+        """The masks for make_batch by `ref_masks` (see the module docstring); sets `last_masks`."""
+        mode = self.masks_default if ref_masks is None else ref_masks
+        if not any(refs):
+            self.last_masks = {"source": "none"}
+            return None
+        if isinstance(mode, str):
+            if mode == "none":
+                self.last_masks = {"source": "none"}
+                return None
+            if mode != "predict":
+                raise InputError(f"ref_masks {mode!r}: valid: none, predict, or one mask per reference")
+            from pipelines.refstar import predict_masks
+
+            model, version = self.refsel_model()
+            self.last_masks = {"source": "predicted", "model": version}
+            return predict_masks(model, lq, refs)
+        if len(mode) != len(refs) or any(len(m) != len(r) for m, r in zip(mode, refs)):
+            raise InputError("ref_masks: give one mask per reference of every image")
+        out = []
+        for i, ms in enumerate(mode):
+            row = []
+            for j, m in enumerate(ms):
+                m = np.asarray(m)
+                if m.ndim != 2 or m.dtype != np.uint8 or not np.isin(m, (0, 1, 255)).all():
+                    raise InputError(
+                        f"mask of reference {j + 1} (image {i}): expected a single-channel uint8 mask with "
+                        f"values 0 (consistent), 1 (conflict), 255 (ignore); got {m.shape} {m.dtype}"
+                    )
+                if m.shape != (self.resolution, self.resolution):
+                    m = np.asarray(
+                        Image.fromarray(m).resize(
+                            (self.resolution, self.resolution), Image.Resampling.NEAREST
+                        )
+                    )
+                row.append(m)
+            out.append(row)
+        self.last_masks = {"source": "given"}
+        return out
 
     def _fit(self, img: np.ndarray) -> np.ndarray:
         if img.shape[:2] == (self.resolution, self.resolution):
@@ -150,15 +221,18 @@ class Restorer:
         steps: int | None = None,
         guidance: float | None = None,
         seed: int | None = None,
+        ref_masks=None,
     ) -> np.ndarray:
-        """(B, R, R, 3) uint8 restorations at the model's resolution R; refs[i] holds 0–max_refs images."""
+        """(B, R, R, 3) uint8 restorations at the model's resolution R; refs[i] holds 0–max_refs images;
+        `ref_masks`: "predict", "none", masks per reference, or None for the model's default."""
         if len(lq) != len(refs):
             raise InputError(f"{len(lq)} degraded images but {len(refs)} reference lists")
         for i, r in enumerate(refs):
             if len(r) > self.max_refs:
                 raise InputError(f"image {i}: {len(r)} references; the model accepts at most {self.max_refs}")
         s = self.meta["sampler"]
-        batch = make_batch([self._fit(x) for x in lq], [[self._fit(r) for r in rs] for rs in refs])
+        lq_f, refs_f = [self._fit(x) for x in lq], [[self._fit(r) for r in rs] for rs in refs]
+        batch = make_batch(lq_f, refs_f, ref_masks=self._masks(lq_f, refs_f, ref_masks))
         if batch["refs"].shape[1]:
             # The references are embedded as the shard embeddings were (the module applies the crop).
             batch["z_refs"] = self.module.identity(batch["refs"].flatten(0, 1)).unflatten(
@@ -191,5 +265,7 @@ class Restorer:
             raise InputError(f"{len(refs)} references given; the model accepts at most {self.max_refs}")
         a = check_image(lq, "degraded image")
         rs = [check_image(r, f"reference {i + 1}") for i, r in enumerate(refs)]
+        if kw.get("ref_masks") is not None and not isinstance(kw["ref_masks"], str):
+            kw["ref_masks"] = [list(kw["ref_masks"])]  # one mask per reference of this one image
         out = self.restore_batch([a], [rs], **kw)[0]
         return out if colour or not is_grey(a) else to_grey(out)

@@ -48,6 +48,7 @@ from models.prompt import load_prompt_cache, synthetic_prompt
 from models.sampler import sample
 from pipelines.degradations import get_preset
 from pipelines.refschedule import draw_refs
+from pipelines.refstar import RefstarSettings, add_cycle, degrade_reference
 from pipelines.shards import iter_samples
 from pipelines.stream import DegradationStream
 
@@ -67,6 +68,9 @@ class Batch(TypedDict, total=False):
     lq, gt (B, 3, H, W); refs (B, R, 3, H, W) zero-padded to R slots with ref_mask (B, R) marking the
     real ones; z_refs (B, R, D) raw reference embeddings (zeros in padded slots); z_gt (B, D); keys;
     wanted / got: the schedule's drawn and realised reference counts (training only).
+    RefSTAR (pipelines.refstar), when asked for: ref_consistent (B, R, H, W) float, M = 1 where the
+    reference may be transferred (0 in padded slots); ref_lq (B, 3, H, W) the degraded slot-0 reference
+    of the cycle loss (zeros where a sample has none).
     """
 
     keys: list[str]
@@ -78,6 +82,8 @@ class Batch(TypedDict, total=False):
     z_gt: torch.Tensor
     wanted: list[int]
     got: list[int]
+    ref_consistent: torch.Tensor
+    ref_lq: torch.Tensor
 
 
 def make_batch(
@@ -90,12 +96,16 @@ def make_batch(
     gt: np.ndarray | list[np.ndarray] | None = None,
     z_gt: np.ndarray | list[np.ndarray] | None = None,
     keys: list[str] | None = None,
+    ref_masks: list[list[np.ndarray | None]] | None = None,
+    ref_lq: list[np.ndarray | None] | None = None,
 ) -> Batch:
     """Pad each sample's references (uint8 (H, W, 3), 0..slots of them) into a `Batch`.
 
     `slots`: the number of reference slots R (default: the largest count in the batch). `z_refs`: the
     matching raw embeddings per sample, or None (then zeros of width `dim`; the restorer embeds the
-    images itself).
+    images itself). `ref_masks`: per sample, the contract conflict mask (H, W) uint8 of each reference
+    (RefSTAR; → `ref_consistent`); a missing one is an error naming the sample. `ref_lq`: per sample, the
+    degraded first reference or None (→ `ref_lq`).
     """
     lq = np.stack([np.asarray(x, np.uint8) for x in lq])
     b, h, w = lq.shape[:3]
@@ -119,6 +129,30 @@ def make_batch(
         "ref_mask": torch.from_numpy(mask),
         "z_refs": torch.from_numpy(z),
     }
+    if ref_masks is not None:
+        from models.refstar import consistent_region
+
+        m = np.zeros((b, r, h, w), np.uint8)
+        valid = np.zeros((b, r), bool)
+        for i, ms in enumerate(ref_masks):
+            for j in range(min(len(refs[i]), r)):
+                mk = ms[j] if j < len(ms) else None
+                if mk is None or np.asarray(mk).shape != (h, w):
+                    raise ValueError(
+                        f"sample {out['keys'][i]}: reference {j} has "
+                        + (
+                            "no conflict mask"
+                            if mk is None
+                            else f"a {np.asarray(mk).shape} mask for {h}x{w} images"
+                        )
+                        + "; train.reference_masks needs a mask (refmask{i}.png) on every reference"
+                    )
+                m[i, j], valid[i, j] = mk, True
+        out["ref_consistent"] = (
+            consistent_region(torch.from_numpy(m)) * torch.from_numpy(valid)[..., None, None]
+        )
+    if ref_lq is not None:
+        out["ref_lq"] = to_unit(np.stack([np.zeros((h, w, 3), np.uint8) if x is None else x for x in ref_lq]))
     if gt is not None:
         out["gt"] = to_unit(np.stack([np.asarray(x, np.uint8) for x in gt]))
     if z_gt is not None:
@@ -126,12 +160,33 @@ def make_batch(
     return out
 
 
-def collate(batch: dict, schedule: tuple[float, ...], max_refs: int, seed: int, epoch: int) -> Batch:
+def collate(
+    batch: dict,
+    schedule: tuple[float, ...],
+    max_refs: int,
+    seed: int,
+    epoch: int,
+    masks: bool = False,
+    ref_preset: str | None = None,
+) -> Batch:
     """A stream batch → a `Batch`; draws each sample's references by the schedule (distinct, never
-    duplicated), padded to the batch's largest drawn count; `wanted` / `got` record the draws."""
+    duplicated), padded to the batch's largest drawn count; `wanted` / `got` record the draws.
+
+    RefSTAR (pipelines.refstar): `masks` takes the chosen references' conflict masks (the stream's
+    `masks`); `ref_preset` degrades each sample's first chosen reference for the cycle loss (here in the
+    training process: 1 ms per 64 px image)."""
     b = len(batch["keys"])
-    draws = [draw_refs(len(batch["refs"][i]), schedule, seed, batch["keys"][i], epoch) for i in range(b)]
+    keys = batch["keys"]
+    draws = [draw_refs(len(batch["refs"][i]), schedule, seed, keys[i], epoch) for i in range(b)]
     chosen = [d.chosen[:max_refs] for d in draws]
+    extra = {}
+    if masks:
+        extra["ref_masks"] = [[batch["masks"][i][k] for k in c] for i, c in enumerate(chosen)]
+    if ref_preset is not None:
+        extra["ref_lq"] = [
+            degrade_reference(batch["refs"][i][c[0]], ref_preset, seed, keys[i], c[0], epoch) if c else None
+            for i, c in enumerate(chosen)
+        ]
     out = make_batch(
         batch["lq"],
         [[batch["refs"][i][k] for k in c] for i, c in enumerate(chosen)],
@@ -140,6 +195,7 @@ def collate(batch: dict, schedule: tuple[float, ...], max_refs: int, seed: int, 
         gt=batch["gt"],
         z_gt=batch["gt_emb"],
         keys=list(batch["keys"]),
+        **extra,
     )
     out["wanted"] = [d.wanted for d in draws]
     out["got"] = [len(c) for c in chosen]
@@ -149,9 +205,18 @@ def collate(batch: dict, schedule: tuple[float, ...], max_refs: int, seed: int, 
 class StreamIterable(torch.utils.data.IterableDataset):
     """Endless epochs of a DegradationStream, collated, starting after `start_batches` consumed ones."""
 
-    def __init__(self, stream: DegradationStream, schedule, max_refs: int, seed: int):
+    def __init__(
+        self,
+        stream: DegradationStream,
+        schedule,
+        max_refs: int,
+        seed: int,
+        masks: bool = False,
+        ref_preset: str | None = None,
+    ):
         super().__init__()
         self.stream, self.schedule, self.max_refs, self.seed = stream, schedule, max_refs, seed
+        self.masks, self.ref_preset = masks, ref_preset  # RefSTAR (collate)
         self.start_batches = 0
         self.wait_s = 0.0
 
@@ -171,7 +236,9 @@ class StreamIterable(torch.utils.data.IterableDataset):
                 except StopIteration:
                     break
                 self.wait_s += time.perf_counter() - t
-                out = collate(raw, self.schedule, self.max_refs, self.seed, epoch)
+                out = collate(
+                    raw, self.schedule, self.max_refs, self.seed, epoch, self.masks, self.ref_preset
+                )
                 out["epoch"] = epoch
                 yield out
             epoch, skip = epoch + 1, 0
@@ -217,7 +284,16 @@ class StreamDataModule(L.LightningDataModule):
             world_size=world,
             inline=self.inline,
         )
-        self.dataset = StreamIterable(stream, self.schedule, self.max_refs, self.seed)
+        # RefSTAR: masks and the cycle's degraded reference when the module trains with them
+        rs = getattr(self.trainer.lightning_module, "refstar", None) if self.trainer else None
+        self.dataset = StreamIterable(
+            stream,
+            self.schedule,
+            self.max_refs,
+            self.seed,
+            masks=bool(rs and rs.masks),
+            ref_preset=self.preset if rs and rs.cycle else None,
+        )
 
     def train_dataloader(self):
         if self.trainer is not None:
@@ -299,9 +375,14 @@ class IConFaceModule(L.LightningModule):
         optim: OptimConfig | None = None,
         weights: LossWeights | None = None,
         crop_border: float = 0.0,
+        refstar: RefstarSettings | None = None,
+        perceptual: torch.nn.Module | None = None,
     ):
         super().__init__()
         self.net, self.codec = net, codec
+        # RefSTAR's masks and cycle loss (pipelines.refstar); `perceptual` = LPIPS for ℓ_perc of eq. 5
+        self.refstar = refstar or RefstarSettings()
+        self.cycle_perceptual = perceptual
         self.optim, self.weights = optim or OptimConfig(), weights or LossWeights()
         self.crop_border = crop_border
         self.id_encoder = id_encoder.eval().requires_grad_(False)
@@ -341,6 +422,11 @@ class IConFaceModule(L.LightningModule):
             cfg.max_steps,
             cfg.id_views,
         )
+        perceptual = None
+        if getattr(cfg, "cycle_loss", False):
+            from pipelines.refstar import load_perceptual
+
+            perceptual, _ = load_perceptual(cfg)
         return cls(
             net,
             codec,
@@ -349,6 +435,8 @@ class IConFaceModule(L.LightningModule):
             optim,
             LossWeights(lambda_id=cfg.lambda_id, lambda_h=cfg.lambda_h),
             crop_border,
+            RefstarSettings.from_config(cfg),
+            perceptual,
         )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -393,7 +481,16 @@ class IConFaceModule(L.LightningModule):
         )
         with torch.no_grad():
             z_deg = self.identity(lq)
-        return Conditioning(deg, refs, batch["ref_mask"], batch["z_refs"], z_deg, self.text.expand(b, -1, -1))
+        tokens = None
+        if r and "ref_consistent" in batch:  # RefSTAR: conflict-region reference tokens leave the attention
+            from models.refstar import token_keep
+
+            tokens = token_keep(
+                batch["ref_consistent"].to(deg), tuple(deg.shape[-2:]), self.refstar.token_keep
+            )
+        return Conditioning(
+            deg, refs, batch["ref_mask"], batch["z_refs"], z_deg, self.text.expand(b, -1, -1), tokens
+        )
 
     def predict(
         self, z: torch.Tensor, sigma: torch.Tensor, cond: Conditioning
@@ -431,6 +528,8 @@ class IConFaceModule(L.LightningModule):
             e_gt = F.normalize(batch["z_gt"], dim=-1)
         u_fm, target = fm_operands(u_hat, velocity_target(z0, noise), sigma, self.optim.prediction)
         terms = iconface_loss(u_fm, target, sigma, e_out, e_ref, e_gt, has_ref, self.weights)
+        if self.refstar.cycle:  # RefSTAR eq. 5 in the total of eq. 7
+            terms = add_cycle(self, batch, x0_hat, sigma, terms, g)
         self.mix.update(batch["got"])
         self.shortfall += sum(w - g_ for w, g_ in zip(batch["wanted"], batch["got"]))
         self.samples += b
@@ -531,6 +630,9 @@ def build_network(cfg, z_dim: int) -> tuple[IConFace, object, dict]:
             # budget (models.iconface, "Degraded readout"); a pretrained one keeps the paper's head.
             deg_readout=cfg.weights is None and cfg.prediction == "x0_residual",
             front_end=cfg.front_end,
+            reference_route=cfg.reference_route,
+            decoupled_scale=cfg.decoupled_scale,
+            decoupled_rank=cfg.decoupled_rank,
         ),
     )
     if cfg.front_end:
@@ -556,6 +658,7 @@ def validation_batch(shards: str, cfg, max_refs: int) -> Batch:
         samples.append((s, lq))
     if not samples:
         raise ValueError(f"{shards} has no val samples to validate on")
+    masks = getattr(cfg, "reference_masks", "none") != "none"  # RefSTAR: the shards' masks, as in training
     return make_batch(
         [lq for _, lq in samples],
         [s["refs"][:max_refs] for s, _ in samples],
@@ -565,6 +668,7 @@ def validation_batch(shards: str, cfg, max_refs: int) -> Batch:
         gt=[s["gt"] for s, _ in samples],
         z_gt=[s["gt_emb"] for s, _ in samples],
         keys=[s["key"] for s, _ in samples],
+        ref_masks=[s["masks"][:max_refs] for s, _ in samples] if masks else None,
     )
 
 

@@ -8,11 +8,18 @@ same seed for `ablate.steps` steps on the same stream and is evaluated on the sa
 (`train.val_preset`). Every variant is an MLflow run nested under one `ablate` run. With the CPU budget
 of the embedded default the differences are within noise; the stage is the harness that GPU configs
 fill in (raise `ablate.steps`).
+
+RefSTAR's rows (pipelines.refstar.ABLATE_ROWS; list them in `ablate.variants`): `refstar_in_context`
+(conflict masks, one joint softmax: eq. 3), `refstar_decoupled` (eq. 4), `refstar_decoupled_cycle`
+(+ the cycle loss, eqs. 5 and 7), each on `train.variant` with the masks of the shards ablate reads
+(data/shards: the synthetic ground truth; refsel shards: annotated / predicted).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -20,6 +27,7 @@ from tqdm import tqdm
 from pipelines.embedding import load_encoders
 from pipelines.fit import SCORE, fit
 from pipelines.io import write_bytes, write_json
+from pipelines.refstar import ABLATE_ROWS, ablate_overrides, mask_provenance
 from pipelines.shards import validate_shards
 from pipelines.stats import paired_bootstrap
 from pipelines.tracking import mark_run, tracking_uri
@@ -54,18 +62,34 @@ def main(argv: list[str] | None = None) -> None:
 
     mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_experiment(tcfg.experiment)
+    masks, val_masked = None, val
+    if any(v in ABLATE_ROWS for v in cfg.variants):  # RefSTAR rows: the masks of these shards
+        option = (
+            "refsel"
+            if json.loads((Path(args.shards) / "index.json").read_text()).get("mask_model")
+            else "truth"
+        )
+        try:
+            masks = {"option": option, **mask_provenance(args.shards, option)}
+        except ValueError as exc:
+            raise SystemExit(f"error: {exc}") from exc
+        # the same targets, degradations and references, with their masks
+        val_masked = validation_batch(args.shards, replace(base, reference_masks=option), base.max_refs)
     results, per_target = {}, {}
     with mlflow.start_run(run_name="ablate") as parent:
         mlflow.log_params(
             {"steps": cfg.steps, "variants": ",".join(cfg.variants), "val_preset": tcfg.val_preset}
         )
         for variant in tqdm(cfg.variants, desc="ablate", unit="variant", disable=not progress_enabled()):
+            over = (
+                ablate_overrides(variant, masks["option"]) if variant in ABLATE_ROWS else {"variant": variant}
+            )
             r = fit(
-                replace(base, variant=variant),
+                replace(base, **over),
                 dcfg,
                 args.shards,
                 encoders,
-                val,
+                val_masked if variant in ABLATE_ROWS else val,
                 steps=cfg.steps,
                 val_steps=cfg.val_steps,
                 inline=True,
@@ -92,7 +116,15 @@ def main(argv: list[str] | None = None) -> None:
         f"`{tcfg.backbone}`, prediction `{tcfg.prediction}`) and is evaluated on {len(val['keys'])} validation "
         f"targets degraded with `{tcfg.val_preset}`. ID-GT: cosine to the target with the evaluator encoder. "
         f"Degraded input: PSNR {lq['lq_psnr']:.2f} dB, ID-GT {lq['lq_id_sim']:.4f}. MLflow: the `ablate` run "
-        "of experiment `" + tcfg.experiment + "`.",
+        "of experiment `"
+        + tcfg.experiment
+        + "`."
+        + (
+            f" RefSTAR rows (variant `{tcfg.variant}`): conflict masks `{masks['option']}` "
+            f"({', '.join(f'{k} {n}' for k, n in masks['provenance'].items())} masks in the train split)."
+            if masks
+            else ""
+        ),
         "",
         "| variant | " + " | ".join(c[1] for c in COLUMNS) + " |",
         "|---|" + "---:|" * len(COLUMNS),
@@ -129,22 +161,31 @@ def main(argv: list[str] | None = None) -> None:
             for c in (row["previous"], row["concat"])
         ]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
-    ordered = [
-        f"{names[i - 1]} < {v}"
-        for i, v in enumerate(names)
-        if i and paired[v]["previous"] and paired[v]["previous"]["verdict"] == "higher"
-    ]
-    not_ordered = [
-        f"{names[i - 1]} vs {v}: {paired[v]['previous']['verdict']}"
-        for i, v in enumerate(names)
-        if i and paired[v]["previous"] and paired[v]["previous"]["verdict"] != "higher"
-    ]
+
+    def steps_of(ok: bool) -> list[str]:
+        """Table 3's steps between consecutive IConFace variants (RefSTAR rows apart) that hold (ok) or not."""
+        return [
+            f"{names[i - 1]} < {v}" if ok else f"{names[i - 1]} vs {v}: {paired[v]['previous']['verdict']}"
+            for i, v in enumerate(names)
+            if i
+            and v not in ABLATE_ROWS
+            and names[i - 1] not in ABLATE_ROWS
+            and paired[v]["previous"]
+            and (paired[v]["previous"]["verdict"] == "higher") == ok
+        ]
+
+    ordered, not_ordered = steps_of(True), steps_of(False)
     lines += [
         "",
         "The paper's order (Table 3) is concat < +struct < +id < single_route < full on ID-GT.",
         f"Holds here (interval clear of zero): {', '.join(ordered) or 'no step'}.",
         f"Does not hold (no difference or reversed): {', '.join(not_ordered) or 'none'}.",
     ]
+    if masks:
+        lines += [
+            "RefSTAR (its Table 2): the decoupled cross-attention and the cycle loss each raise ID-GT and ID-Ref; "
+            "read the RefSTAR rows against the row before them.",
+        ]
     write_bytes(args.report, ("\n".join(lines) + "\n").encode())
     write_json(
         args.metrics, {v: {**{k: m[k] for k, _ in COLUMNS}, "paired": paired[v]} for v, m in results.items()}

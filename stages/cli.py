@@ -4,6 +4,14 @@
                     [--aligned] [--only-center-face] [--upscale N] [--save-faces DIR] [--colour]
     refface restore LQ1.png LQ2.png FOLDER/ [--ref R1.png ...] --out OUT_FOLDER/
                     [--side-by-side GRID.png] [--steps N] [--seed S]
+    refface restore LQ.png --aligned --ref R1.png --ref-masks predict [--refsel-model M.safetensors]
+    refface restore LQ.png --aligned --ref R1.png --ref-mask M1.png
+
+Conflict masks (RefSTAR): `--ref-masks predict` has the RefSel model (the bundle's, `--refsel-model`, or
+data/refsel/model.safetensors) predict each reference's mask from the degraded face and the reference;
+`--ref-mask FILE` (once per `--ref`, in order; with `--aligned`) gives them (PNG, 0 consistent,
+1 conflict, 255 ignore, in the reference's grid); `--ref-masks none` uses none. The default (`auto`)
+predicts for a model trained with masks and uses none otherwise. The summary line says which.
 
 `--model` is an MLflow model URI (default `models:/refface@champion`, tracking URI from
 MLFLOW_TRACKING_URI or sqlite:///mlflow.db) or a local restorer bundle folder (data/evaluate/bundle).
@@ -111,8 +119,10 @@ def restore_photo(restorer, aligner, photo: Path, refs, args, matcher=None):
 
     img = check_image(photo, f"degraded image {photo}")
     grey = is_grey(img) and not args.colour
+    masks = getattr(args, "resolved_masks", None)  # RefSTAR: "predict" | "none" | mask files | None
     if aligner is None:
-        out = restorer.restore_batch([img], [refs], steps=args.steps, seed=args.seed)[0]
+        rm = [masks] if masks is not None and not isinstance(masks, str) else masks
+        out = restorer.restore_batch([img], [refs], steps=args.steps, seed=args.seed, ref_masks=rm)[0]
         out = to_grey(out) if grey else out
         return out, [restorer._fit(img)], [out], grey
     faces = aligner.detect(img)
@@ -132,7 +142,9 @@ def restore_photo(restorer, aligner, photo: Path, refs, args, matcher=None):
             f"{[k for k, r in enumerate(face_refs) if r]} (dlib distance < {net.THRESHOLD}: "
             f"{', '.join(f'{d:.2f}' for d in dist)})"
         )
-    restored = list(restorer.restore_batch(crops, face_refs, steps=args.steps, seed=args.seed))
+    restored = list(
+        restorer.restore_batch(crops, face_refs, steps=args.steps, seed=args.seed, ref_masks=masks)
+    )
     if grey:
         restored = [to_grey(r) for r in restored]
     return paste_back(img, faces, restored, args.upscale), crops, restored, grey
@@ -154,6 +166,19 @@ def restore_main(args: argparse.Namespace) -> int:
             raise SystemExit(f"error: {', '.join(ignored)} act on detected faces; --aligned skips detection")
     if len(args.ref) > 3:
         raise SystemExit(f"error: {len(args.ref)} references given; the model accepts at most 3")
+    if args.ref_mask:  # RefSTAR: mask files, one per reference, in the aligned reference's grid
+        if not args.aligned:
+            raise SystemExit(
+                "error: --ref-mask needs --aligned (a mask lies in the aligned reference's pixel grid)"
+            )
+        if len(args.ref_mask) != len(args.ref):
+            raise SystemExit(
+                f"error: {len(args.ref_mask)} --ref-mask for {len(args.ref)} --ref: give one per reference"
+            )
+        if args.ref_masks != "auto":
+            raise SystemExit(
+                f"error: --ref-mask gives the masks; it cannot go with --ref-masks {args.ref_masks}"
+            )
     if args.upscale < 1:
         raise SystemExit(f"error: --upscale {args.upscale}: must be a positive integer")
     photos = inputs_of(args.lq)
@@ -177,6 +202,15 @@ def restore_main(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
+    if args.refsel_model:
+        restorer.refsel_path = Path(args.refsel_model)
+    ref_masks = None if args.ref_masks == "auto" else args.ref_masks  # RefSTAR (module docstring)
+    if args.ref_mask:
+        try:
+            ref_masks = [np.asarray(Image.open(f)) for f in args.ref_mask]
+        except OSError as exc:
+            raise SystemExit(f"error: --ref-mask: not a readable mask image ({exc})") from exc
+
     from pipelines.faces import FaceError, to_grey
     from pipelines.restorer import InputError, check_image
     from pipelines.viz import save_grid
@@ -197,6 +231,7 @@ def restore_main(args: argparse.Namespace) -> int:
 
         net = DlibResNet(args.landmark_models)
         matcher = (net, np.mean([net.describe(r) for r in refs], axis=0))
+    args.resolved_masks = ref_masks
     failed, times, n_faces = [], [], 0
     for i, photo in enumerate(photos, 1):
         target = out_dir / f"{photo.stem}.png" if out_dir is not None else Path(args.out)
@@ -239,10 +274,18 @@ def restore_main(args: argparse.Namespace) -> int:
     per = sum(times) / len(times) if times else 0.0
     print(
         f"refface: restored {len(times)} of {len(photos)} photo(s), {n_faces} face(s), with {len(refs)} "
-        f"reference(s); model load {start:.1f} s, {per:.2f} s per photo"
+        f"reference(s), masks {_masks_said(restorer)}; model load {start:.1f} s, {per:.2f} s per photo"
         + (f"; failed: {', '.join(failed)}" if failed else "")
     )
     return 2 if failed else 0
+
+
+def _masks_said(restorer) -> str:
+    """Which conflict masks the last restoration used (RefSTAR), for the summary line."""
+    m = getattr(restorer, "last_masks", None) or {"source": "none"}
+    return {"predicted": f"predicted by {m.get('model')}", "given": "from --ref-mask files"}.get(
+        m["source"], "none"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -283,6 +326,24 @@ def main(argv: list[str] | None = None) -> None:
     )
     r.add_argument("--detector", choices=("hog", "cnn"), default="hog", help="dlib face detector")
     r.add_argument("--landmark-models", default=None, help="folder of dlib's .dat files (default: installed)")
+    r.add_argument(
+        "--ref-masks",
+        choices=("auto", "none", "predict"),
+        default="auto",
+        help="conflict masks of the references (RefSTAR): predict = the RefSel model; auto = predict for a "
+        "model trained with masks, none otherwise",
+    )
+    r.add_argument(
+        "--ref-mask",
+        action="append",
+        default=[],
+        help="a reference's conflict mask PNG (one per --ref; --aligned)",
+    )
+    r.add_argument(
+        "--refsel-model",
+        default=None,
+        help="RefSel model (default: the bundle's, else data/refsel/model.safetensors)",
+    )
     args = p.parse_args(argv)
     try:
         code = restore_main(args)

@@ -3,6 +3,11 @@
     python -m stages.train --shards data/shards --encoders data/encoders --out data/train \
         --metrics metrics/train.json --plot plots/train_loss.csv
 
+dvc.yaml passes `--shards ${train.shards}` (and depends on that folder): RefSTAR's masks
+(`train.reference_masks: refsel`) read the refsel stage's shards, `train.shards: data/refsel/shards`; the
+stage checks that the shards hold the masks asked for and records their provenance (metrics
+`reference_masks`, MLflow params `masks.*`).
+
 Writes `data/train/model/` (LoRA in diffusers' format + pathway weights, safetensors),
 `data/train/ckpt/` (the full resume state, kept between runs: a killed run resumes from `last.ckpt`
 and continues the same MLflow run), the metrics file and the loss curve. MLflow: `MLFLOW_TRACKING_URI`
@@ -85,11 +90,11 @@ def shards_hash(shards: str) -> str:
     if lock.is_file():
         import yaml
 
-        for out in (
-            (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get("shards", {}).get("outs", [])
-        ):
-            if out.get("path") == shards:
-                return f"md5:{out.get('md5')}"
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        for name in ("shards", "refsel"):  # data/shards, or data/refsel/shards (RefSTAR's masks)
+            for out in stages.get(name, {}).get("outs", []):
+                if out.get("path") == shards:
+                    return f"md5:{out.get('md5')}"
     return "sha256:" + hashlib.sha256((Path(shards) / "index.json").read_bytes()).hexdigest()
 
 
@@ -128,10 +133,20 @@ def main(argv: list[str] | None = None) -> None:
     cfg, dcfg, ecfg = cfgs["train"], cfgs["degrade"], cfgs["embed"]
     validate_shards(args.shards)
     encoders = load_encoders(ecfg, args.encoders)
+    masks = None
     try:
         build_network(cfg, encoders.primary.cfg.embedding_dim)  # fails on a bad backbone before any start
+        if cfg.reference_masks != "none":  # RefSTAR: the shards must hold the masks asked for
+            from pipelines.refstar import mask_provenance
+
+            masks = {"option": cfg.reference_masks, **mask_provenance(args.shards, cfg.reference_masks)}
+            print(f"train: reference masks {cfg.reference_masks} from {args.shards}: {masks['provenance']}")
+        if cfg.cycle_loss:
+            from pipelines.refstar import load_perceptual
+
+            print(f"train: cycle loss (RefSTAR eq. 5), perceptual term {load_perceptual(cfg)[1]}")
         val = validation_batch(args.shards, cfg, cfg.max_refs)
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}") from exc
 
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -170,6 +185,10 @@ def main(argv: list[str] | None = None) -> None:
         client.set_tag(run_id, "git_commit", git_commit())
         client.set_tag(run_id, "shards_hash", shards_hash(args.shards))
         client.set_tag(run_id, "hardware", json.dumps(hardware()))
+        if masks is not None:  # RefSTAR: where the masks came from
+            client.log_param(run_id, "masks.mask_model", str(masks["mask_model"]))
+            for kind, n in masks["provenance"].items():
+                client.log_param(run_id, f"masks.{kind}", n)
     else:
         print(f"train: resuming MLflow run {run_id} from {resume}")
 
@@ -224,6 +243,8 @@ def main(argv: list[str] | None = None) -> None:
 
     save_trainable(result.module.net, out / "model")
     metrics = result.metrics
+    if masks is not None:
+        metrics["reference_masks"] = masks
     grid = sample_grid(val, result.outputs)
     _log_grid(client, run_id, grid, "grids/final.png")
     from pipelines.images import png_bytes

@@ -78,7 +78,12 @@ def make_shards(
 
 
 def make_pair_shards(
-    root: Path, identities: tuple[int, int, int] = (6, 2, 3), images: int = 4, size: int = 32, seed: int = 3
+    root: Path,
+    identities: tuple[int, int, int] = (6, 2, 3),
+    images: int = 4,
+    size: int = 32,
+    seed: int = 3,
+    emb_dim: int = 4,
 ) -> Path:
     """Shards by the contract (index.json, meta with refs, synthetic ground-truth masks, conflict types)
     for identities split (train, val, test): each image of an identity is a target, the others its refs."""
@@ -119,8 +124,8 @@ def make_pair_shards(
                         "conflict_types": [conflict_kinds(specs[t], specs[j]) for j in refs],
                     }
                     s["meta.json"] = _json.dumps(meta, sort_keys=True).encode()
-                    s["gt_emb.npy"] = npy_bytes(np.full(4, i, np.float32))
-                    s["ref_emb.npy"] = npy_bytes(np.ones((len(refs), 4), np.float32))
+                    s["gt_emb.npy"] = npy_bytes(np.full(emb_dim, i, np.float32))
+                    s["ref_emb.npy"] = npy_bytes(np.ones((len(refs), emb_dim), np.float32))
                     yield s
 
         entries = write_split(root, split, samples(), 16)
