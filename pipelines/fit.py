@@ -68,7 +68,8 @@ def fit(
 ) -> FitResult:
     """Train `cfg` (for `steps` optimiser steps, default cfg.max_steps) and validate on `val`.
 
-    `shards`: a shard folder (its `train` split) or a list of shard files. `report(step, score)` is
+    `shards`: a shard folder (its `train` split) or a list of shard files; folders and files may be URLs
+    (`s3://bucket/prefix`, credentials from the environment: `pipelines.storage`). `report(step, score)` is
     called every `report_every` steps with the validation SCORE and may raise to stop (Optuna pruning).
     `checkpoint`: a Lightning ModelCheckpoint (the train stage); `resume`: a `last.ckpt` to continue.
     `inline`: degrade in this process instead of Ray tasks (a short run that is itself a Ray task).

@@ -193,11 +193,15 @@ class StreamDataModule(L.LightningDataModule):
         shuffle: bool = True,
         ray_cpus: int | None = None,
         inline: bool = False,
+        storage_options: dict | None = None,
     ):
+        """`shard_paths`: shard files or URLs (`pipelines.storage`); `storage_options` for URLs (fsspec's
+        keyword arguments; by default credentials come from the environment)."""
         super().__init__()
         self.paths, self.preset, self.seed = shard_paths, preset, seed
         self.batch_size, self.max_in_flight, self.shuffle = batch_size, max_in_flight, shuffle
         self.schedule, self.max_refs, self.ray_cpus, self.inline = schedule, max_refs, ray_cpus, inline
+        self.storage_options = storage_options
         self.dataset: StreamIterable | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -217,6 +221,7 @@ class StreamDataModule(L.LightningDataModule):
             rank=rank,
             world_size=world,
             inline=self.inline,
+            storage_options=self.storage_options,
         )
         self.dataset = StreamIterable(stream, self.schedule, self.max_refs, self.seed)
 
