@@ -241,7 +241,7 @@ def connect(num_cpus: int | None = None) -> str:
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     return ray.get_runtime_context().gcs_address
 
 
