@@ -211,3 +211,55 @@ def test_face_classic_applies_gfpgans_colour_augmentation():
     a = get_preset("face_classic")(img, np.random.default_rng(7))
     b = get_preset("face_classic")(img, np.random.default_rng(7))
     assert np.array_equal(a[0], b[0]) and a[1] == b[1]
+
+
+# Digests of every preset's output bytes, computed with the code BEFORE the speed work of issue 16 item 6
+# (commit fb4e122) on this OpenCV build (opencv-python-headless 4.12.0.88, numpy 2.2.6, albumentations
+# 2.0.8). Optimisations must leave them unchanged: same (image, seed, key, epoch) -> same bytes. The
+# inputs are smooth random images built here (not the face renderer, which may change on its own).
+def _digest_inputs(size: int) -> list[np.ndarray]:
+    import cv2
+
+    rngs = [np.random.default_rng(s) for s in (0, 1)]
+    return [
+        cv2.resize(
+            r.integers(0, 256, (size // 8, size // 8, 3)).astype(np.uint8),
+            (size, size),
+            interpolation=cv2.INTER_CUBIC,
+        )
+        for r in rngs
+    ]
+
+
+def _preset_digest(name: str, size: int, n: int) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    imgs = _digest_inputs(size)
+    for i in range(n):
+        h.update(D.degrade(imgs[i % 2], name, 3, f"digest{i}", i % 3).image.tobytes())
+    return h.hexdigest()[:16]
+
+
+PINNED_DIGESTS = {
+    ("bsrgan", 64, 48): "44e70ba3079b6c2c",
+    ("bsrgan", 512, 8): "c2c3586cb4cae102",
+    ("face_classic", 64, 48): "69e130629d4d137c",
+    ("face_classic", 512, 8): "f606b88c14003749",
+    ("iconface_mixed", 64, 48): "817779c74586260d",
+    ("iconface_mixed", 512, 8): "692a0be2f9b12896",
+    ("realesrgan", 64, 48): "83ff6e948de4c021",
+    ("realesrgan", 512, 8): "41e509d7a9fe0e93",
+    ("refldm_moderate", 64, 48): "a4049ffc27fcaa43",
+    ("refldm_moderate", 512, 8): "322ed4b1e311c777",
+    ("refldm_severe", 64, 48): "137f5c0a96c919fc",
+    ("refldm_severe", 512, 8): "689865a1fb718c0d",
+    ("refldm_train", 64, 48): "27f9b8c0d92ef2b1",
+    ("refldm_train", 512, 8): "ca505809434b5435",
+}
+
+
+@pytest.mark.parametrize("name,size,n", sorted(PINNED_DIGESTS))
+def test_preset_outputs_are_pinned(name, size, n):
+    """Byte-identical outputs to the pinned digests (speed changes must not change what is computed)."""
+    assert _preset_digest(name, size, n) == PINNED_DIGESTS[(name, size, n)]
