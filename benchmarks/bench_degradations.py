@@ -45,6 +45,7 @@ from collections import defaultdict
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")  # BasicSR hands imencode a float image: a warning a call
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
@@ -145,36 +146,58 @@ def faces(size: int, count: int = 4) -> list[np.ndarray]:
     return [render(face_spec(i, "album", i, 0), size, size) for i in range(count)]
 
 
-def rate(fn, imgs: list[np.ndarray], n: int) -> float:
-    """Images/s of fn(image, i) over n images (after one warm-up call)."""
-    fn(imgs[0], -1)
-    t = time.perf_counter()
+def rate(fn, imgs: list[np.ndarray], n: int) -> tuple[float, float]:
+    """(images/s by the wall clock, images/s by this process's CPU time) of fn(image, i), i < n, after one
+    warm-up call. One thread, so CPU time is the per-core cost, less exposed to other load on the machine."""
+    fn(imgs[0], 0)
+    t, c = time.perf_counter(), time.process_time()
     for i in range(n):
         fn(imgs[i % len(imgs)], i)
-    return n / (time.perf_counter() - t)
+    return n / (time.perf_counter() - t), n / (time.process_time() - c)
 
 
-def ours(name: str):
-    preset = D.PRESETS[name]
-    return lambda img, i: preset(img, D.sample_rng(0, f"k{i}", 0))
+def balanced(n: int, kind_of) -> list:
+    """The first n/2 draws of each kernel kind ("iso", "aniso") among i = 0, 1, ...: the recipes' 50/50
+    mix exactly. The 2-D blur of an anisotropic kernel costs ~10x the separable one, so a small sample
+    that is not balanced would tilt the rate (the first 24 keys hold only 8 anisotropic draws)."""
+    got: dict[str, list] = {"iso": [], "aniso": []}
+    i = 0
+    while min(len(v) for v in got.values()) < n // 2:
+        k = kind_of(i)
+        if len(got[k]) < n // 2:
+            got[k].append(i)
+        i += 1
+    return sorted(got["iso"] + got["aniso"])
 
 
-def theirs(fn, bd):
-    def run(img, i):
-        np.random.seed(i & 0xFFFFFFFF)  # BasicSR draws from the global numpy and `random` generators
+def ours(name: str, n: int):
+    preset, tiny = D.PRESETS[name], np.zeros((16, 16, 3), np.uint8)
+    keys = [f"k{i}" for i in balanced(n, lambda i: preset(tiny, D.sample_rng(0, f"k{i}", 0))[1]["kernel"])]
+    return lambda img, i: preset(img, D.sample_rng(0, keys[i], 0))
+
+
+def theirs(fn, bd, n: int):
+    def kind_of(i):  # random_mixed_kernels' first draw: random.choices(kernel_list, kernel_prob)
         random.seed(i)
+        return random.choices(["iso", "aniso"], [0.5, 0.5])[0]
+
+    seeds = balanced(n, kind_of)
+
+    def run(img, i):
+        np.random.seed(seeds[i])  # BasicSR draws from the global numpy and `random` generators
+        random.seed(seeds[i])
         return fn(bd, img)
 
     return run
 
 
-def interleaved(rows: dict, imgs: list[np.ndarray], n: int, rounds: int) -> dict[str, float]:
-    """Median images/s of each row, the rows run one after the other in each of `rounds` rounds."""
+def interleaved(rows: dict, imgs: list[np.ndarray], n: int, rounds: int) -> dict[str, tuple[float, float]]:
+    """Median (wall, CPU) images/s of each row, the rows run one after the other in each of `rounds` rounds."""
     got = defaultdict(list)
     for _ in range(rounds):
         for name, fn in rows.items():
             got[name].append(rate(fn, imgs, n))
-    return {name: statistics.median(v) for name, v in got.items()}
+    return {name: tuple(statistics.median(x) for x in zip(*v, strict=True)) for name, v in got.items()}
 
 
 # ==================================================================================================
@@ -199,18 +222,19 @@ CV2_OPS = {"sepFilter2D": "blur: cv2.sepFilter2D (separable)", "filter2D": "blur
 
 
 def profile(name: str, imgs: list[np.ndarray], n: int) -> tuple[float, dict[str, float]]:
-    """(ms per image, {label: ms per image}) of preset `name`, by wrapping the module's operators."""
+    """(ms per image, {label: ms per image}) of preset `name`, by wrapping the module's operators; process
+    CPU time (one thread), so that other load on the machine does not land in whichever op it interrupts."""
     spent: dict[str, float] = defaultdict(float)
     stack: list[float] = []  # child time accumulated by the frames on the call stack
 
     def timed(label, fn):
         def wrapper(*args, **kwargs):
             stack.append(0.0)
-            t = time.perf_counter()
+            t = time.process_time()
             try:
                 return fn(*args, **kwargs)
             finally:
-                dt = time.perf_counter() - t
+                dt = time.process_time() - t
                 child = stack.pop()
                 lab = label
                 if label == "resize":  # down or back, told apart by the output size
@@ -232,13 +256,13 @@ def profile(name: str, imgs: list[np.ndarray], n: int) -> tuple[float, dict[str,
         for k, label in OPS.items():
             setattr(D, k, timed(label, saved[k]))
         D.cv2 = proxy
-        preset = D.PRESETS[name]  # the lambdas look the operators up at call time
-        preset(imgs[0], D.sample_rng(0, "warm", 0))
+        run = ours(name, n)  # the presets look the operators up at call time
+        run(imgs[0], 0)
         spent.clear()
-        t = time.perf_counter()
+        t = time.process_time()
         for i in range(n):
-            preset(imgs[i % len(imgs)], D.sample_rng(0, f"k{i}", 0))
-        total = time.perf_counter() - t
+            run(imgs[i % len(imgs)], i)
+        total = time.process_time() - t
     finally:
         for k, f in saved.items():
             setattr(D, k, f)
@@ -250,9 +274,99 @@ def profile(name: str, imgs: list[np.ndarray], n: int) -> tuple[float, dict[str,
 
 def print_profile(name: str, imgs: list[np.ndarray], n: int) -> None:
     total, ops = profile(name, imgs, n)
-    print(f"--- profile of ours: {name}, 512², one thread, {n} images: {total:.2f} ms/image ---")
+    print(f"--- profile of ours: {name}, 512², one thread, {n} images: {total:.2f} ms/image (CPU time) ---")
     for label, ms in sorted(ops.items(), key=lambda kv: -kv[1]):
         print(f"  {label:40s} {ms:7.2f} ms  {100 * ms / total:5.1f} %")
+
+
+# ==================================================================================================
+# Proposal (not used by the package): the 2-D blur as one float64 FFT
+# ==================================================================================================
+
+
+def fft_filter2d_f64(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """cv2.filter2D's correlation (reflect-101 borders) as one float64 FFT over the whole image, all
+    channels at once, cast to float32. OpenCV's DFT path computes the same sum in float64 too (256² tiles,
+    one channel at a time, its own slower float64 DFT), so the two differ only where the float64 results,
+    ~1e-16 apart, fall on opposite sides of a float32 rounding boundary."""
+    import scipy.fft as sf
+
+    kh, kw = kernel.shape
+    h, w = img.shape[:2]
+    pad = cv2.copyMakeBorder(img, kh // 2, kh // 2, kw // 2, kw // 2, cv2.BORDER_REFLECT_101)
+    size = (sf.next_fast_len(pad.shape[0], real=True), sf.next_fast_len(pad.shape[1], real=True))
+    spec = sf.rfft2(pad.astype(np.float64), s=size, axes=(0, 1), workers=1)
+    spec *= sf.rfft2(kernel[::-1, ::-1].astype(np.float64), s=size, workers=1)[..., None]
+    out = sf.irfft2(spec, s=size, axes=(0, 1), workers=1)
+    return out[kh - 1 : kh - 1 + h, kw - 1 : kw - 1 + w].astype(np.float32)
+
+
+def proposal_figures(imgs: list[np.ndarray], n: int, rounds: int, bd) -> None:
+    """What replacing the 2-D `cv2.filter2D` of `filter2d` by `fft_filter2d_f64` would change: blurred
+    float32 values, preset output bytes (anisotropic draws only: the iso ones do not take that path),
+    and the rates against BasicSR."""
+    rng = np.random.default_rng(0)
+    floats = [D._to_float(x) for x in imgs]
+    diff = total = 0
+    t_cv = t_fft = 0.0
+    for i in range(n):
+        lo, hi = ((0.1, 10.0), (8.0, 16.0))[i % 2]  # face_classic's and refldm_severe's σ ranges
+        k = D.anisotropic_gaussian_kernel(
+            41, rng.uniform(lo, hi), rng.uniform(lo, hi), rng.uniform(-3.14, 3.14)
+        )
+        x = floats[i % len(floats)]
+        c = time.process_time()
+        a = cv2.filter2D(x, -1, k, borderType=cv2.BORDER_REFLECT_101)
+        t_cv += time.process_time() - c
+        c = time.process_time()
+        b = fft_filter2d_f64(x, k)
+        t_fft += time.process_time() - c
+        diff += int(np.count_nonzero(a != b))
+        total += a.size
+    print(f"--- proposal: 2-D blur as one float64 FFT ({n} anisotropic 41×41 kernels, 512²) ---")
+    print(
+        f"blurred float32 values differing from cv2.filter2D: {diff} of {total}; CPU ms per call: "
+        f"cv2.filter2D {t_cv / n * 1000:.1f}, float64 FFT {t_fft / n * 1000:.1f}"
+    )
+    real_cv2 = D.cv2
+    proxy = types.SimpleNamespace(
+        **{k: getattr(real_cv2, k) for k in dir(real_cv2) if not k.startswith("__")}
+    )
+    proxy.filter2D = lambda x, ddepth, kernel, borderType: fft_filter2d_f64(x, kernel)
+    for name in ("face_classic", "refldm_severe"):
+        preset, tiny = D.PRESETS[name], np.zeros((16, 16, 3), np.uint8)
+        keys = [
+            f"k{i}" for i in range(4 * n) if preset(tiny, D.sample_rng(0, f"k{i}", 0))[1]["kernel"] == "aniso"
+        ]
+        keys = keys[:n]
+        old = [preset(imgs[i % len(imgs)], D.sample_rng(0, k, 0))[0] for i, k in enumerate(keys)]
+        D.cv2 = proxy
+        try:
+            new = [preset(imgs[i % len(imgs)], D.sample_rng(0, k, 0))[0] for i, k in enumerate(keys)]
+            rows = {name: ours(name, n)}
+            if bd is not None:  # BasicSR calls cv2 itself: the patch of D.cv2 does not reach it
+                rows["BasicSR"] = theirs(
+                    {"face_classic": gfpgan_lq, "refldm_severe": refldm_severe_lq}[name], bd, n
+                )
+            med = interleaved(rows, imgs, n, rounds)
+        finally:
+            D.cv2 = real_cv2
+        bad = [(a, b) for a, b in zip(old, new, strict=True) if not np.array_equal(a, b)]
+        line = f"{name}: {len(bad)} of {len(keys)} anisotropic outputs differ"
+        if bad:
+            d = np.concatenate([(a.astype(np.int16) - b).ravel() for a, b in bad])
+            mse = float(np.mean(d.astype(np.float64) ** 2))
+            line += (
+                f" ({np.count_nonzero(d)} bytes, max |diff| {np.abs(d).max()}, PSNR over them "
+                f"{10 * math.log10(255**2 / mse):.1f} dB)"
+            )
+        print(line)
+        fast = med[name]
+        line = f"  {name} with the proposal: {fast[0]:.1f} | {fast[1]:.1f} images/s (wall | CPU)"
+        if "BasicSR" in med:
+            base = med["BasicSR"]
+            line += f", BasicSR {base[0]:.1f} | {base[1]:.1f}: {fast[0] / base[0]:.2f}x | {fast[1] / base[1]:.2f}x"
+        print(line)
 
 
 # ==================================================================================================
@@ -305,37 +419,47 @@ def stream_figures(n_samples: int = 512) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--n", type=int, default=24, help="images per rate measurement")
+    p.add_argument("--n", type=int, default=24, help="images per rate measurement (even)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--no-stream", action="store_true")
     p.add_argument("--no-presets", action="store_true", help="skip the rate of every preset")
+    p.add_argument("--proposal", action="store_true", help="measure the float64-FFT 2-D blur proposal")
     args = p.parse_args()
-    if hasattr(cv2.utils, "logging"):  # BasicSR hands imencode a float image: one warning per call
-        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
     imgs = faces(512)
     bd = load_basicsr_degradations()
-    rows = {"face_classic": ours("face_classic"), "refldm_severe": ours("refldm_severe")}
+    n = args.n
+    rows = {"face_classic": ours("face_classic", n), "refldm_severe": ours("refldm_severe", n)}
     if bd is not None:
-        rows["BasicSR GFPGAN"] = theirs(gfpgan_lq, bd)
-        rows["BasicSR ReF-LDM severe"] = theirs(refldm_severe_lq, bd)
-    med = interleaved(rows, imgs, args.n, args.rounds)
-    print(f"--- 512², one thread, {args.n} images × {args.rounds} interleaved rounds, median images/s ---")
+        rows["BasicSR GFPGAN"] = theirs(gfpgan_lq, bd, n)
+        rows["BasicSR ReF-LDM severe"] = theirs(refldm_severe_lq, bd, n)
+    med = interleaved(rows, imgs, n, args.rounds)
+    print(
+        f"--- 512², one thread, {n} images (half iso, half aniso kernels) × {args.rounds} interleaved "
+        "rounds, median images/s (wall clock | process CPU time) ---"
+    )
     for o, b in (("face_classic", "BasicSR GFPGAN"), ("refldm_severe", "BasicSR ReF-LDM severe")):
+        line = f"{o:14s} ours {med[o][0]:6.1f} | {med[o][1]:6.1f}"
         if b in med:
-            print(f"{o:14s} ours {med[o]:6.1f}   {b:24s} {med[b]:6.1f}   ratio {med[o] / med[b]:.2f}x")
-        else:
-            print(f"{o:14s} ours {med[o]:6.1f}")
+            line += (
+                f"   {b:22s} {med[b][0]:6.1f} | {med[b][1]:6.1f}   ratio "
+                f"{med[o][0] / med[b][0]:.2f}x | {med[o][1] / med[b][1]:.2f}x"
+            )
+        print(line)
     if not args.no_profile:
         for name in ("face_classic", "refldm_severe"):
             print_profile(name, imgs, 2 * args.n)
+    if args.proposal:
+        proposal_figures(imgs, args.n, args.rounds, bd)
     if not args.no_presets:
         for size in (512, 64):
             small = imgs if size == 512 else faces(size)
             n = args.n if size == 512 else args.n * 10
             print(f"--- every preset, {size}x{size}, one thread ---")
             for name in D.PRESETS:
-                print(f"{name:16s} {rate(ours(name), small, n):8.1f} images/s")
+                preset = D.PRESETS[name]
+                wall, cpu = rate(lambda x, i, p=preset: p(x, D.sample_rng(0, f"k{i}", 0)), small, n)
+                print(f"{name:16s} {wall:8.1f} images/s (CPU time: {cpu:8.1f})")
     if not args.no_stream:
         stream_figures()
 

@@ -213,6 +213,22 @@ def test_face_classic_applies_gfpgans_colour_augmentation():
     assert np.array_equal(a[0], b[0]) and a[1] == b[1]
 
 
+def test_to_u8_equals_the_numpy_formula_on_ties_and_out_of_range_values():
+    """_to_u8 (clip + cv2.convertScaleAbs) = clip(round(255·x), 0, 255) with round half to even."""
+    ties = ((np.arange(256) + 0.5) / 255).astype(np.float32)  # 255·x lands on or next to k + 0.5
+    near = np.concatenate([np.nextafter(ties, np.float32(-1)), ties, np.nextafter(ties, np.float32(2))])
+    rand = np.random.default_rng(0).uniform(-0.5, 1.5, 30000).astype(np.float32)
+    x = np.concatenate([near, rand, np.array([-np.inf, -1e30, -0.0, 0.0, 1.0, 1e30, np.inf], np.float32)])
+    x = x[: x.size // 3 * 3].reshape(-1, 1, 3)
+    want = np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
+    assert np.array_equal(D._to_u8(x), want)
+    assert D._to_u8(x[..., :1]).shape == x[..., :1].shape  # a single channel keeps its axis
+    x64 = x.astype(np.float64)  # float64 keeps the numpy formula (its products round differently)
+    assert np.array_equal(D._to_u8(x64), np.clip(np.round(x64 * 255.0), 0, 255).astype(np.uint8))
+    u = np.arange(256, dtype=np.uint8).reshape(16, 16, 1)
+    assert np.array_equal(D._to_u8(D._to_float(u)), u)  # the round trip gfpgan_colour skips
+
+
 # Digests of every preset's output bytes, computed with the code BEFORE the speed work of issue 16 item 6
 # (commit fb4e122) on this OpenCV build (opencv-python-headless 4.12.0.88, numpy 2.2.6, albumentations
 # 2.0.8). Optimisations must leave them unchanged: same (image, seed, key, epoch) -> same bytes. The
