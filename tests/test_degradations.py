@@ -231,8 +231,10 @@ def test_to_u8_equals_the_numpy_formula_on_ties_and_out_of_range_values():
 
 # Digests of every preset's output bytes, computed with the code BEFORE the speed work of issue 16 item 6
 # (commit fb4e122) on this OpenCV build (opencv-python-headless 4.12.0.88, numpy 2.2.6, albumentations
-# 2.0.8). Optimisations must leave them unchanged: same (image, seed, key, epoch) -> same bytes. The
-# inputs are smooth random images built here (not the face renderer, which may change on its own).
+# 2.0.8) on an x86-64 CPU with AVX-512 (OpenCV dispatches SIMD kernels by CPU; another SIMD level may round
+# its float filters differently and then needs its own digests). Optimisations must leave them unchanged:
+# same (image, seed, key, epoch) -> same bytes. The inputs are smooth random images built here (not the
+# face renderer, which may change on its own).
 def _digest_inputs(size: int) -> list[np.ndarray]:
     import cv2
 
