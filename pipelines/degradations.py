@@ -256,7 +256,7 @@ def _to_u8(img: np.ndarray) -> np.ndarray:
     """float -> uint8 round(255·clip(x, 0, 1)), rounding half to even.
 
     Ours: cv2.convertScaleAbs (multiply by 255 in float32, round half to even, saturate) after the clip
-    gives the same bytes as `np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)` for every float32
+    gives the same bytes as `np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)` for every non-NaN float32
     (checked for all 1,065,353,217 float32 values in [0, 1]; below 0 and above 1 both saturate) in two
     passes instead of four. Its absolute value is never reached: the clip comes first. Other dtypes take
     the numpy formula (OpenCV would scale a float64 in float32).
