@@ -109,9 +109,12 @@ def sinc_kernel(size: int, omega_c: float) -> np.ndarray:
 def filter2d(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     """Convolve every channel with `kernel` (reflect-101 borders, as BasicSR's filter2D).
 
-    A separable kernel (rank 1: isotropic or axis-aligned Gaussians, most of the classic face recipe's
-    41×41 blurs) runs as two 1-D passes, O(k) instead of O(k²) per pixel; the result equals the 2-D
-    convolution up to float rounding.
+    A separable kernel (rank 1: isotropic or axis-aligned Gaussians, half of the classic face recipes'
+    41×41 blurs) runs as two 1-D passes (ours), O(k) instead of O(k²) per pixel; the result equals the
+    2-D convolution up to float rounding. Any other kernel goes to `cv2.filter2D`, which for k² ≥ 130
+    (float32) takes OpenCV's DFT path (`crossCorr`: float64 DFTs of 256² tiles, channel by channel): at
+    512² that one call is ~90 % of a `refldm_severe` image with an anisotropic kernel. BasicSR calls
+    `cv2.filter2D` for every kernel. See benchmarks/bench_degradations.py for the per-op profile.
     """
     if kernel.shape[0] >= 7:
         u, sv, vt = np.linalg.svd(kernel.astype(np.float64))
@@ -139,10 +142,18 @@ def resize(img: np.ndarray, height: int, width: int, mode: str) -> np.ndarray:
 
 
 def gaussian_noise(img: np.ndarray, sigma: float, gray: bool, rng: np.random.Generator) -> np.ndarray:
-    """img + n, n ~ N(0, (σ/255)²) per pixel; `gray` uses one noise map for all channels. Clipped to [0, 1]."""
+    """img + n, n ~ N(0, (σ/255)²) per pixel; `gray` uses one noise map for all channels. Clipped to [0, 1].
+
+    The draws are float64 standard normals cast to float32 (kept as they are: the stream of a seed).
+    """
     h, w, c = img.shape
-    n = rng.standard_normal((h, w, 1) if gray else (h, w, c)).astype(np.float32) * (sigma / 255.0)
-    return np.clip(img + n, 0.0, 1.0)
+    n = rng.standard_normal((h, w, 1) if gray else (h, w, c)).astype(np.float32)
+    n *= sigma / 255.0  # in place (ours): the same float32 products as `n * (sigma / 255.0)`
+    if gray:
+        n = img + n
+    else:
+        n += img
+    return np.clip(n, 0.0, 1.0, out=n)
 
 
 def poisson_noise(img: np.ndarray, scale: float, gray: bool, rng: np.random.Generator) -> np.ndarray:
@@ -163,8 +174,7 @@ _JITTER = A.ColorJitter(p=1.0)
 
 def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
     """JPEG round trip at integer `quality` (albumentations ImageCompression: libjpeg via OpenCV)."""
-    u8 = np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
-    return _JPEG.apply(u8, quality=int(quality), image_type=".jpg").astype(np.float32) / 255.0
+    return _to_float(_JPEG.apply(_to_u8(img), quality=int(quality), image_type=".jpg"))
 
 
 def color_jitter(
@@ -236,11 +246,24 @@ Preset = Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, dict]]
 
 
 def _to_float(img: np.ndarray) -> np.ndarray:
-    return img.astype(np.float32) / 255.0
+    """uint8 -> float32 x / 255 (the division in place: one array fewer than `astype(...) / 255.0`)."""
+    out = img.astype(np.float32)
+    out /= 255.0
+    return out
 
 
 def _to_u8(img: np.ndarray) -> np.ndarray:
-    return np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
+    """float -> uint8 round(255·clip(x, 0, 1)), rounding half to even.
+
+    Ours: cv2.convertScaleAbs (multiply by 255 in float32, round half to even, saturate) after the clip
+    gives the same bytes as `np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)` for every non-NaN float32
+    (checked for all 1,065,353,217 float32 values in [0, 1]; below 0 and above 1 both saturate) in two
+    passes instead of four. Its absolute value is never reached: the clip comes first. Other dtypes take
+    the numpy formula (OpenCV would scale a float64 in float32).
+    """
+    if img.dtype != np.float32:
+        return np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
+    return cv2.convertScaleAbs(np.clip(img, 0.0, 1.0), alpha=255.0).reshape(img.shape)
 
 
 def _noise(img, rng, gauss_prob, gauss_range, poisson_range, gray_prob, log):
@@ -450,13 +473,17 @@ def gfpgan_colour(img_u8: np.ndarray, log: dict, rng: np.random.Generator) -> tu
     """GFPGAN's colour augmentation of the degraded image (FFHQDegradationDataset): a per-channel shift
     with p 0.3, a ColorJitter with p 0.3, grayscale with p 0.01 (GFPGAN_COLOUR)."""
     c = GFPGAN_COLOUR
-    img = img_u8.astype(np.float32) / 255.0
+    # uint8 -> float -> uint8 is the identity on all 256 values, so the conversion is made only when an
+    # operation fires (ours: half of the images pass through untouched, the same bytes).
+    img = None
     out = {}
     if rng.uniform() < c["shift_p"]:
+        img = _to_float(img_u8)
         shift = rng.uniform(-c["shift"], c["shift"], 3).astype(np.float32) / 255.0
         img = np.clip(img + shift, 0, 1)
         out["color_shift"] = [round(float(v) * 255, 3) for v in shift]
     if rng.uniform() < c["pt_p"]:
+        img = _to_float(img_u8) if img is None else img
         b, ct, sat, hue = c["pt"]
         f = {
             "brightness": float(rng.uniform(1 - b, 1 + b)),
@@ -468,10 +495,11 @@ def gfpgan_colour(img_u8: np.ndarray, log: dict, rng: np.random.Generator) -> tu
         img = color_jitter(img, f["brightness"], f["contrast"], f["saturation"], f["hue"], order)
         out["color_jitter"] = {**f, "order": order}
     if rng.uniform() < c["gray_p"]:
+        img = _to_float(img_u8) if img is None else img
         g = img @ np.array([0.299, 0.587, 0.114], np.float32)
         img = np.repeat(g[..., None], 3, axis=2)
         out["gray"] = True
-    return _to_u8(np.clip(img, 0, 1)), {**log, **out}
+    return (img_u8 if img is None else _to_u8(img)), {**log, **out}
 
 
 STRENGTH_BUCKETS = ((0.0, 3.0), (4.0, 8.0), (9.0, 16.0))

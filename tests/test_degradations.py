@@ -211,3 +211,73 @@ def test_face_classic_applies_gfpgans_colour_augmentation():
     a = get_preset("face_classic")(img, np.random.default_rng(7))
     b = get_preset("face_classic")(img, np.random.default_rng(7))
     assert np.array_equal(a[0], b[0]) and a[1] == b[1]
+
+
+def test_to_u8_equals_the_numpy_formula_on_ties_and_out_of_range_values():
+    """_to_u8 (clip + cv2.convertScaleAbs) = clip(round(255·x), 0, 255) with round half to even."""
+    ties = ((np.arange(256) + 0.5) / 255).astype(np.float32)  # 255·x lands on or next to k + 0.5
+    near = np.concatenate([np.nextafter(ties, np.float32(-1)), ties, np.nextafter(ties, np.float32(2))])
+    rand = np.random.default_rng(0).uniform(-0.5, 1.5, 30000).astype(np.float32)
+    x = np.concatenate([near, rand, np.array([-np.inf, -1e30, -0.0, 0.0, 1.0, 1e30, np.inf], np.float32)])
+    x = x[: x.size // 3 * 3].reshape(-1, 1, 3)
+    want = np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
+    assert np.array_equal(D._to_u8(x), want)
+    assert D._to_u8(x[..., :1]).shape == x[..., :1].shape  # a single channel keeps its axis
+    x64 = x.astype(np.float64)  # float64 keeps the numpy formula (its products round differently)
+    assert np.array_equal(D._to_u8(x64), np.clip(np.round(x64 * 255.0), 0, 255).astype(np.uint8))
+    u = np.arange(256, dtype=np.uint8).reshape(16, 16, 1)
+    assert np.array_equal(D._to_u8(D._to_float(u)), u)  # the round trip gfpgan_colour skips
+
+
+# Digests of every preset's output bytes, computed with the code BEFORE the speed work of issue 16 item 6
+# (commit fb4e122) on this OpenCV build (opencv-python-headless 4.12.0.88, numpy 2.2.6, albumentations
+# 2.0.8) on an x86-64 CPU with AVX-512 (OpenCV dispatches SIMD kernels by CPU; another SIMD level may round
+# its float filters differently and then needs its own digests). Optimisations must leave them unchanged:
+# same (image, seed, key, epoch) -> same bytes. The inputs are smooth random images built here (not the
+# face renderer, which may change on its own).
+def _digest_inputs(size: int) -> list[np.ndarray]:
+    import cv2
+
+    rngs = [np.random.default_rng(s) for s in (0, 1)]
+    return [
+        cv2.resize(
+            r.integers(0, 256, (size // 8, size // 8, 3)).astype(np.uint8),
+            (size, size),
+            interpolation=cv2.INTER_CUBIC,
+        )
+        for r in rngs
+    ]
+
+
+def _preset_digest(name: str, size: int, n: int) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    imgs = _digest_inputs(size)
+    for i in range(n):
+        h.update(D.degrade(imgs[i % 2], name, 3, f"digest{i}", i % 3).image.tobytes())
+    return h.hexdigest()[:16]
+
+
+PINNED_DIGESTS = {
+    ("bsrgan", 64, 48): "44e70ba3079b6c2c",
+    ("bsrgan", 512, 8): "c2c3586cb4cae102",
+    ("face_classic", 64, 48): "69e130629d4d137c",
+    ("face_classic", 512, 8): "f606b88c14003749",
+    ("iconface_mixed", 64, 48): "817779c74586260d",
+    ("iconface_mixed", 512, 8): "692a0be2f9b12896",
+    ("realesrgan", 64, 48): "83ff6e948de4c021",
+    ("realesrgan", 512, 8): "41e509d7a9fe0e93",
+    ("refldm_moderate", 64, 48): "a4049ffc27fcaa43",
+    ("refldm_moderate", 512, 8): "322ed4b1e311c777",
+    ("refldm_severe", 64, 48): "137f5c0a96c919fc",
+    ("refldm_severe", 512, 8): "689865a1fb718c0d",
+    ("refldm_train", 64, 48): "27f9b8c0d92ef2b1",
+    ("refldm_train", 512, 8): "ca505809434b5435",
+}
+
+
+@pytest.mark.parametrize("name,size,n", sorted(PINNED_DIGESTS))
+def test_preset_outputs_are_pinned(name, size, n):
+    """Byte-identical outputs to the pinned digests (speed changes must not change what is computed)."""
+    assert _preset_digest(name, size, n) == PINNED_DIGESTS[(name, size, n)]
