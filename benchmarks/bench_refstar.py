@@ -2,13 +2,15 @@
 masks, the decoupled cross-attention (eq. 4) and the Mask-Compatible Cycle-Consistency loss (eq. 5),
 each against the plain IConFace step, measured in the same process.
 
-    python benchmarks/bench_refstar.py [--steps 8] [--batch 8] [--backbone small]
+    python benchmarks/bench_refstar.py [--steps 8] [--batch 8] [--backbone small] [--threads 1]
 
 The embedded default's `train` config (params.yaml) on synthetic 64 px faces with 0–3 references by the
 schedule, forward + backward + AdamW step of `IConFaceModule.training_step` (no Ray, no Lightning: the
 data path is not what differs). The configurations run round-robin, one step each per round, so that
-a load change on the machine hits them alike; the figure is the median step time, and the ratio is
-against the plain step of the same rounds.
+a load change on the machine hits them alike; the figures are the median step time (wall) and the
+median CPU time of the process per step (less sensitive to other processes on a shared machine), each
+with its ratio to the plain step of the same rounds. One torch thread by default: on a 2-core machine
+shared with other jobs, two threads spin-wait and a step's CPU time varied tenfold (1.4 to 15 s).
 """
 
 from __future__ import annotations
@@ -83,12 +85,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8, help="timed steps per configuration (after 1 warm-up)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--backbone", default="small")
+    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     from models.id_encoder import IRBackbone, IRConfig
     from pipelines.config import TrainConfig, build
     from pipelines.training import IConFaceModule, build_network
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     params = yaml.safe_load((ROOT / "params.yaml").read_text()) or {}
     base = build(TrainConfig, {**params["train"], "backbone": args.backbone, "front": None}, "train")
     enc = IRBackbone(IRConfig(64, (1, 1, 2, 1), (16, 16, 32, 64, 128), 512, stem_stride=2)).eval()
@@ -108,24 +111,25 @@ def main() -> None:
                 batch_ = {k: v for k, v in batch.items() if k not in ("ref_consistent", "ref_lq")}
             else:
                 batch_ = batch
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             loss = m.training_step(batch_, 0)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             if step:  # the first round warms up
-                times.append(time.perf_counter() - t)
+                times.append((time.perf_counter() - t, time.process_time() - c))
             assert torch.isfinite(loss), name
-    plain = statistics.median(runs["iconface (in-context, no masks)"][2])
+    plain = [statistics.median(x) for x in zip(*runs["iconface (in-context, no masks)"][2])]
     refs = sum(int(b["ref_mask"].any(1).sum()) for b in data[1:])
     print(
         f"{args.backbone}, batch {args.batch}, 64 px, {args.steps} timed steps per configuration "
-        f"({refs} of {args.steps * args.batch} samples with a reference: those get a cycle term), torch threads 2:"
+        f"({refs} of {args.steps * args.batch} samples with a reference: those get a cycle term), torch threads {args.threads}:"
     )
     for name, (_, _, times) in runs.items():
-        med = statistics.median(times)
+        wall, cpu = (statistics.median(x) for x in zip(*times))
         print(
-            f"  {name:34s} {med:6.3f} s/step  x{med / plain:4.2f}  (min {min(times):.3f}, max {max(times):.3f})"
+            f"  {name:34s} wall {wall:6.3f} s/step x{wall / plain[0]:4.2f} (min {min(t for t, _ in times):.3f}); "
+            f"CPU {cpu:6.3f} s/step x{cpu / plain[1]:4.2f}"
         )
 
 
