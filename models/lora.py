@@ -95,3 +95,28 @@ def load_trainable(model, in_dir: str | Path) -> None:
                 f"{d / PATHWAYS_FILE}: pathway weights do not match variant {model.cfg.variant!r}: {sorted(missing)[:5]}"
             )
         model.load_state_dict(state, strict=False)
+
+
+def merge_lora(transformer) -> int:
+    """Fold every LoRA adapter into its base weight, W ← W + (α/r)·B·A, and put the bare base layer
+    back in its place; returns the number of layers merged.
+
+    For inference only (the restorer): the merged model has the transformer's own module tree, so
+    nothing of peft runs per call and `torch.compile` sees plain linear layers. Merge in float32 and
+    cast afterwards (`pipelines.training.cast_frozen`), so that the sum is not rounded twice.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    merged = 0
+    for name, module in list(transformer.named_modules()):
+        if not isinstance(module, BaseTunerLayer) or not name:
+            continue
+        module.merge(safe_merge=True)
+        parent_name, _, child = name.rpartition(".")
+        parent = transformer.get_submodule(parent_name) if parent_name else transformer
+        setattr(parent, child, module.get_base_layer())
+        merged += 1
+    if merged:
+        transformer.peft_config = {}
+        transformer._hf_peft_config_loaded = False
+    return merged

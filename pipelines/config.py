@@ -448,6 +448,10 @@ class TrainConfig:
         "auto"
     )
     gradient_checkpointing: bool = False
+    # Storage dtype of the frozen weights (transformer but LoRA, VAE, identity encoder). auto: bf16
+    # under bf16-mixed (LoRA and pathways stay float32 with float32 AdamW state), float32 otherwise.
+    frozen_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    compile: bool = False  # torch.compile every transformer block (GPUs; paid once per process and shape)
     seed: int = 0
     threads: int = 2
     log_every: int = 10

@@ -24,7 +24,16 @@ import torch
 from pipelines.config import DegradeConfig, TrainConfig
 from pipelines.embedding import Encoders
 from pipelines.shards import shard_paths
-from pipelines.training import Batch, IConFaceModule, StreamDataModule, build_network, evaluate
+from pipelines.training import (
+    Batch,
+    IConFaceModule,
+    StreamDataModule,
+    build_network,
+    cast_frozen,
+    compile_blocks,
+    evaluate,
+    frozen_dtype,
+)
 
 SCORE = "restored_id_sim"  # what ablate ranks and tune maximises: GT-ID (evaluator) with references
 
@@ -59,7 +68,8 @@ def fit(
 ) -> FitResult:
     """Train `cfg` (for `steps` optimiser steps, default cfg.max_steps) and validate on `val`.
 
-    `shards`: a shard folder (its `train` split) or a list of shard files. `report(step, score)` is
+    `shards`: a shard folder (its `train` split) or a list of shard files; folders and files may be URLs
+    (`s3://bucket/prefix`, credentials from the environment: `pipelines.storage`). `report(step, score)` is
     called every `report_every` steps with the validation SCORE and may raise to stop (Optuna pruning).
     `checkpoint`: a Lightning ModelCheckpoint (the train stage); `resume`: a `last.ckpt` to continue.
     `inline`: degrade in this process instead of Ray tasks (a short run that is itself a Ray task).
@@ -74,6 +84,10 @@ def fit(
     torch.set_num_threads(cfg.threads)
     net, codec, text = build_network(cfg, encoders.primary.cfg.embedding_dim)
     module = IConFaceModule.from_config(net, codec, encoders.primary, text, cfg, encoders.crop_border)
+    if (dtype := frozen_dtype(cfg)) is not None:  # bf16-mixed: frozen weights stored in bf16 (issue 16)
+        cast_frozen([module.net, module.codec, module.id_encoder], dtype)
+    if cfg.compile:
+        compile_blocks(net.transformer)
     world = cfg.devices * cfg.num_nodes
     paths = shard_paths(shards, "train") if isinstance(shards, str) else list(shards)
     dm = StreamDataModule(

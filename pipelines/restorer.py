@@ -11,6 +11,13 @@ A bundle is a folder that rebuilds the network from the trainable weights and th
 
 The frozen klein backbone and the VAE are NOT copied (several GB): `train.json` keeps their local paths.
 Used by the evaluate stage, the MLflow pyfunc model and `refface restore`.
+
+Restoring fast (issue 16). The restorer folds the LoRA into the base weights once at load
+(`models.lora.merge_lora`: no adapter runs per call), and on a GPU it stores the weights in bf16 once
+(`precision`, autocast for the rest) and compiles every transformer block with `torch.compile`
+(`compile`): the compile is paid once per process and shape (one per reference count), never per
+image. On the CPU the defaults keep float32 and eager mode, so a merged restorer gives today's
+outputs to float32 rounding (tests/test_precision.py); bf16 matches within bf16 tolerance.
 """
 
 from __future__ import annotations
@@ -24,11 +31,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.lora import load_trainable
+from models.lora import load_trainable, merge_lora
 from pipelines.config import TrainConfig, as_dict, build
 from pipelines.embedding import load_identity_encoder
 from pipelines.faces import is_grey, to_grey
-from pipelines.training import IConFaceModule, build_network, make_batch, to_uint8
+from pipelines.training import (
+    IConFaceModule,
+    build_network,
+    cast_frozen,
+    compile_blocks,
+    make_batch,
+    to_uint8,
+)
 
 BUNDLE_FORMAT = 1
 MIN_SIDE = 32
@@ -121,7 +135,18 @@ def check_image(img, name: str) -> np.ndarray:
 class Restorer:
     """Restores degraded faces with 0–max_refs references; images in and out are uint8 RGB."""
 
-    def __init__(self, bundle: str | Path, threads: int | None = None):
+    def __init__(
+        self,
+        bundle: str | Path,
+        threads: int | None = None,
+        device: str = "auto",
+        merge: bool = True,
+        precision: str = "auto",
+        compile: str | bool = "auto",
+    ):
+        """`device` auto: CUDA when present. `merge`: fold the LoRA into the base weights.
+        `precision` auto: bf16 weights on CUDA, float32 on the CPU ("float32" | "bf16" to force).
+        `compile` auto: `torch.compile` the transformer blocks on CUDA only."""
         bundle = Path(bundle)
         meta_file = bundle / "bundle.json"
         if not meta_file.is_file():
@@ -147,8 +172,31 @@ class Restorer:
         self.module = IConFaceModule.from_config(
             net, codec, self.encoder, text, self.cfg, self.crop_border
         ).eval()
+        self.speed = self._accelerate(device, merge, precision, compile)
         self.resolution = int(self.meta["resolution"])
         self.max_refs = int(self.meta["max_refs"])
+
+    def _accelerate(self, device: str, merge: bool, precision: str, compile: str | bool) -> dict:
+        """Merge, move, cast and compile once (see the module docstring); returns what was done."""
+        if device not in ("auto", "cpu") and not device.startswith("cuda"):
+            raise ValueError(f"device {device!r}: expected auto, cpu or cuda[:N]")
+        if precision not in ("auto", "float32", "bf16"):
+            raise ValueError(f"precision {precision!r}: expected auto, float32 or bf16")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = torch.device(device)
+        net = self.module.net
+        merged = merge_lora(net.transformer) if merge else 0
+        self.module.to(dev)
+        bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda")
+        if bf16:
+            net.requires_grad_(False)  # inference: every weight is frozen here
+            cast_frozen([net, self.module.codec, self.module.id_encoder], torch.bfloat16)
+            self.module._low = None  # re-read by IConFaceModule.autocast
+        compiled = compile is True or (compile == "auto" and dev.type == "cuda")
+        if compiled:
+            compile_blocks(net.transformer)
+        return {"device": str(dev), "lora_merged": merged, "bf16": bf16, "compiled": compiled}
 
     def _fit(self, img: np.ndarray) -> np.ndarray:
         if img.shape[:2] == (self.resolution, self.resolution):
@@ -193,9 +241,8 @@ class Restorer:
         batch = make_batch([self._fit(x) for x in lq], [[self._fit(r) for r in rs] for rs in refs])
         if batch["refs"].shape[1]:
             # The references are embedded as the shard embeddings were (the module applies the crop).
-            batch["z_refs"] = self.module.identity(batch["refs"].flatten(0, 1)).unflatten(
-                0, batch["refs"].shape[:2]
-            )
+            refs = batch["refs"].flatten(0, 1).to(self.module.device)
+            batch["z_refs"] = self.module.identity(refs).cpu().unflatten(0, batch["refs"].shape[:2])
         else:
             batch["z_refs"] = torch.zeros(len(lq), 0, self.encoder.cfg.embedding_dim)
         if guidance is None:
@@ -220,7 +267,9 @@ class Restorer:
         if getattr(self.module.net, "front", None) is None:
             return None
         batch = make_batch([self._fit(x) for x in lq], [[] for _ in lq])
-        return to_uint8(self.module.clean(batch["lq"]))
+        with self.module.autocast():
+            out = self.module.clean(batch["lq"].to(self.module.device))
+        return to_uint8(out.float())
 
     def restore(self, lq, refs=(), colour: bool = False, **kw) -> np.ndarray:
         """One image: `lq` and `refs` as paths or uint8 arrays; returns (R, R, 3) uint8. A grayscale

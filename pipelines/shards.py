@@ -4,6 +4,10 @@ One sample per target: ``gt.png``, ``ref{i}.png`` (ordered, up to `max_refs`), `
 ``gt_emb.npy`` (D,) and ``ref_emb.npy`` (K, D) raw identity embeddings, and ``refmask{i}.png``
 (single channel, reference grid; 0 consistent, 1 conflict, 255 ignore) where masks exist. Shards are
 byte-reproducible: sorted samples, mtime 0, fixed owner and mode, deterministic PNG and npy bytes.
+
+Shard locations are local paths (the default, read as files) or URLs: `s3://bucket/prefix` and other
+fsspec URLs, or webdataset's `pipe:CMD`, read by byte range through `pipelines.storage` (ours). The
+functions that take a location take `storage_options` (fsspec's keyword arguments) for URLs.
 """
 
 from __future__ import annotations
@@ -25,6 +29,11 @@ FORMAT_VERSION = 1
 
 class ShardError(ValueError):
     """A shard is missing, corrupt or disagrees with the index."""
+
+
+class ShardReadError(ShardError):
+    """A shard location could not be read (missing bucket or key, no access, a failed pipe command):
+    raised by `pipelines.storage` with the URL and the cause; never re-labelled as a corrupt shard."""
 
 
 def npy_bytes(a: np.ndarray) -> bytes:
@@ -73,11 +82,14 @@ def _sha(path: Path) -> str:
     return h.hexdigest()
 
 
-def validate_shards(root: str | Path, check_hash: bool = True) -> dict:
+def validate_shards(root: str | Path, check_hash: bool = True, storage_options: dict | None = None) -> dict:
     """Check every shard listed in `root/index.json`: present, sha256 and sample count as indexed.
 
     Returns the index. Raises `ShardError` naming the first bad shard and what is wrong with it.
+    `root` may be a folder URL (`s3://bucket/prefix`): the same checks, streamed through fsspec.
     """
+    if _is_url(root):
+        return _validate_url(str(root), check_hash, storage_options)
     root = Path(root)
     index_path = root / INDEX_NAME
     if not index_path.is_file():
@@ -99,21 +111,61 @@ def validate_shards(root: str | Path, check_hash: bool = True) -> dict:
     return index
 
 
-def _sample_keys(path: Path) -> list[str]:
+def _validate_url(root: str, check_hash: bool, storage_options: dict | None) -> dict:
+    from pipelines import storage
+
+    index_url = storage.join(root, INDEX_NAME)
+    index = storage.read_index(root, storage_options)
+    if index is None:
+        raise ShardError(f"{index_url}: shard index missing (upload the whole shards folder)")
+    for split, info in index["splits"].items():
+        for entry in info["shards"]:
+            url = storage.join(root, entry["name"])
+            if not storage.exists(url, storage_options):
+                raise ShardError(f"{url}: shard listed in {index_url} is missing")
+            if check_hash and storage.sha256(url, storage_options) != entry["sha256"]:
+                raise ShardError(f"{url}: corrupt shard (sha256 differs from {index_url})")
+            try:
+                keys = _sample_keys(url, storage_options)
+            except (tarfile.TarError, EOFError, ValueError) as exc:
+                raise ShardError(f"{url}: corrupt shard (not a readable tar: {exc})") from exc
+            if len(keys) != entry["samples"]:
+                raise ShardError(f"{url}: {len(keys)} samples, index says {entry['samples']} ({split})")
+    return index
+
+
+def _sample_keys(path: Path | str, storage_options: dict | None = None) -> list[str]:
     keys: list[str] = []
-    for name, _ in _members(str(path)):
+    for name, _ in _members(str(path), storage_options):
         key = name.split(".", 1)[0]
         if not keys or keys[-1] != key:
             keys.append(key)
     return keys
 
 
-def shard_paths(root: str | Path, split: str) -> list[str]:
+def index_shard_names(index: dict, split: str, where: str | Path) -> list[str]:
+    """Shard file names of `split` in a shard index read from `where` (named in the error)."""
+    if split not in index["splits"]:
+        raise ShardError(f"{where}: no split {split!r}; have {sorted(index['splits'])}")
+    return [e["name"] for e in index["splits"][split]["shards"]]
+
+
+def shard_paths(root: str | Path, split: str, storage_options: dict | None = None) -> list[str]:
+    """The shards of `split` under `root`, in index order: paths, or URLs for a folder URL (see
+    `pipelines.storage.shard_urls`)."""
+    if _is_url(root):
+        from pipelines.storage import shard_urls
+
+        return shard_urls(str(root), split, storage_options)
     root = Path(root)
     index = json.loads((root / INDEX_NAME).read_text())
-    if split not in index["splits"]:
-        raise ShardError(f"{root / INDEX_NAME}: no split {split!r}; have {sorted(index['splits'])}")
-    return [str(root / e["name"]) for e in index["splits"][split]["shards"]]
+    return [str(root / n) for n in index_shard_names(index, split, root / INDEX_NAME)]
+
+
+def _is_url(path) -> bool:
+    """`scheme://...` or `pipe:...` (the same test as `pipelines.storage.is_url`, without importing it)."""
+    s = str(path)
+    return s.startswith("pipe:") or "://" in s
 
 
 _REF = re.compile(r"^ref(\d+)\.png$")
@@ -156,21 +208,51 @@ def ustar_entries(data: bytes) -> Iterator[tuple[str, int, int]]:
     pos, n = 0, len(data)
     while pos + 512 <= n:
         header = data[pos : pos + 512]
-        if header == b"\0" * 512:
+        if header == _ZERO_BLOCK:
             return
-        if header[257:262] != b"ustar" or header[156:157] not in (b"0", b"\0"):
-            raise _NotPlain
-        chksum = int(header[148:156].rstrip(b" \0") or b"0", 8)
-        if chksum != sum(header[:148]) + 256 + sum(header[156:]):
-            raise ShardError(f"tar header checksum mismatch at byte {pos}")
-        name = header[:100].split(b"\0", 1)[0].decode()
-        prefix = header[345:500].split(b"\0", 1)[0].decode()
-        size = int(header[124:136].rstrip(b" \0") or b"0", 8)
+        name, size = _parse_header(header, pos)
         if pos + 512 + size > n:
             raise ShardError(f"member {name} runs past the end of the archive (truncated)")
-        yield (f"{prefix}/{name}" if prefix else name), pos, size
+        yield name, pos, size
         pos += 512 + (size + 511) // 512 * 512
     raise ShardError("archive ends without its end-of-archive blocks (truncated)")
+
+
+_ZERO_BLOCK = b"\0" * 512
+
+
+def _parse_header(header: bytes, pos: int) -> tuple[str, int]:
+    """(member name, data size) of a plain USTAR regular-file header; `_NotPlain` for anything else."""
+    if header[257:262] != b"ustar" or header[156:157] not in (b"0", b"\0"):
+        raise _NotPlain
+    chksum = int(header[148:156].rstrip(b" \0") or b"0", 8)
+    if chksum != sum(header[:148]) + 256 + sum(header[156:]):
+        raise ShardError(f"tar header checksum mismatch at byte {pos}")
+    name = header[:100].split(b"\0", 1)[0].decode()
+    prefix = header[345:500].split(b"\0", 1)[0].decode()
+    size = int(header[124:136].rstrip(b" \0") or b"0", 8)
+    return (f"{prefix}/{name}" if prefix else name), size
+
+
+def ustar_walk(f) -> Iterator[tuple[str, int, int]]:
+    """`ustar_entries` over a file read by range (ours): `f` has `read(n)`, forward `seek(pos)` and
+    `size` (None where unknown, as for a pipe). Reads the 512-byte headers and skips the data, so a
+    remote shard's walk never holds the shard in memory (see `pipelines.storage.open_stream`)."""
+    pos, n = 0, f.size
+    if n == 0:
+        raise ShardError("empty object (0 bytes; a folder?): not a shard")
+    while True:
+        f.seek(pos)
+        header = f.read(512)
+        if len(header) < 512:
+            raise ShardError("archive ends without its end-of-archive blocks (truncated)")
+        if header == _ZERO_BLOCK:
+            return
+        name, size = _parse_header(header, pos)
+        if n is not None and pos + 512 + size > n:
+            raise ShardError(f"member {name} runs past the end of the archive (truncated)")
+        yield name, pos, size
+        pos += 512 + (size + 511) // 512 * 512
 
 
 def _ustar_members(data: bytes) -> Iterator[tuple[str, bytes]]:
@@ -183,8 +265,13 @@ class _NotPlain(Exception):
     pass
 
 
-def _members(path: str) -> Iterator[tuple[str, bytes]]:
-    data = Path(path).read_bytes()
+def _members(path: str, storage_options: dict | None = None) -> Iterator[tuple[str, bytes]]:
+    if _is_url(path):
+        from pipelines.storage import read_all
+
+        data = read_all(path, storage_options)
+    else:
+        data = Path(path).read_bytes()
     try:
         yield from _ustar_members(data)
     except _NotPlain:
@@ -194,25 +281,28 @@ def _members(path: str) -> Iterator[tuple[str, bytes]]:
                     yield m.name, tf.extractfile(m).read()
 
 
-def iter_raw(paths: list[str]) -> Iterator[dict]:
-    """Raw samples (extension → bytes) from tar shards in order, without webdataset's decoders."""
+def iter_raw(paths: list[str], storage_options: dict | None = None) -> Iterator[dict]:
+    """Raw samples (extension → bytes) from tar shards (paths or URLs) in order, without webdataset's
+    decoders."""
     for path in paths:
         sample: dict = {}
         try:
-            for name, value in _members(path):
+            for name, value in _members(path, storage_options):
                 key, ext = name.split(".", 1)
                 if sample and sample["__key__"] != key:
                     yield sample
                     sample = {}
                 sample["__key__"] = key
                 sample[ext] = value
+        except ShardReadError:
+            raise
         except (tarfile.TarError, OSError, EOFError, ShardError, ValueError) as exc:
             raise ShardError(f"{path}: corrupt shard ({exc})") from exc
         if sample:
             yield sample
 
 
-def iter_samples(root: str | Path, split: str) -> Iterator[dict]:
-    """Decoded samples of a split, in shard order."""
-    for raw in iter_raw(shard_paths(root, split)):
+def iter_samples(root: str | Path, split: str, storage_options: dict | None = None) -> Iterator[dict]:
+    """Decoded samples of a split, in shard order (`root` a folder or a folder URL)."""
+    for raw in iter_raw(shard_paths(root, split, storage_options), storage_options):
         yield decode_sample(raw)

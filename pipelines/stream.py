@@ -19,7 +19,10 @@ that fails to decode is reported by key, counted in `stats["decode_errors"]` and
 
 Clusters. `connect()` starts a local Ray with `num_cpus` by default; with `RAY_ADDRESS` set it joins
 that cluster instead, with the same code. Tasks read shards by path, so on a cluster the shards must lie
-on storage every node sees (a shared filesystem; same path everywhere).
+on storage every node sees: a shared filesystem (same path everywhere), or object storage by URL
+(`s3://bucket/prefix/train-000000.tar`, read by byte range through fsspec; `pipelines.storage`). Every
+node then needs the credentials: from its environment (AWS_* variables, an instance role) or from the
+stream's `storage_options`, which travel with each task.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +40,16 @@ import numpy as np
 import ray
 
 from pipelines.degradations import degrade
-from pipelines.shards import ShardError, _NotPlain, _ustar_members, decode_sample, ustar_entries
+from pipelines.shards import (
+    ShardError,
+    ShardReadError,
+    _is_url,
+    _NotPlain,
+    _ustar_members,
+    decode_sample,
+    ustar_entries,
+    ustar_walk,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +70,18 @@ class Chunk:
     keys: tuple[str, ...]
 
 
-def sample_ranges(path: str) -> list[tuple[str, int, int]]:
-    """(key, byte offset, byte length) of every sample of a plain USTAR shard, in order."""
+def sample_ranges(path: str, storage_options: dict | None = None) -> list[tuple[str, int, int]]:
+    """(key, byte offset, byte length) of every sample of a plain USTAR shard, in order.
+
+    A local shard is read whole (the fast path); a URL's headers are read by range (`ustar_walk`), so
+    the walk holds a 64 KiB read-ahead block, not the shard."""
     out: list[tuple[str, int, int]] = []
     try:
-        for name, pos, size in ustar_entries(Path(path).read_bytes()):
-            end = pos + 512 + (size + 511) // 512 * 512
-            key = name.split(".", 1)[0]
-            if out and out[-1][0] == key:
-                out[-1] = (key, out[-1][1], end - out[-1][1])
-            else:
-                out.append((key, pos, end - pos))
+        if _is_url(path):
+            out = _ranges_url(path, storage_options)
+        else:
+            for name, pos, size in ustar_entries(Path(path).read_bytes()):
+                _add_member(out, name, pos, size)
     except _NotPlain as exc:
         raise ShardError(
             f"{path}: not a plain USTAR shard (rewrite it with the `shards` stage to stream it)"
@@ -75,11 +89,43 @@ def sample_ranges(path: str) -> list[tuple[str, int, int]]:
     return out
 
 
-def plan_chunks(paths: list[str], batch_size: int) -> list[Chunk]:
-    """Chunks of up to `batch_size` samples; a chunk never spans two shards."""
+def _add_member(out: list[tuple[str, int, int]], name: str, pos: int, size: int) -> None:
+    """Extend the last sample's range by member `name`, or start a new sample."""
+    end = pos + 512 + (size + 511) // 512 * 512
+    key = name.split(".", 1)[0]
+    if out and out[-1][0] == key:
+        out[-1] = (key, out[-1][1], end - out[-1][1])
+    else:
+        out.append((key, pos, end - pos))
+
+
+def _ranges_url(url: str, storage_options: dict | None) -> list[tuple[str, int, int]]:
+    from pipelines.storage import open_stream
+
+    out: list[tuple[str, int, int]] = []
+    with open_stream(url, storage_options) as f:
+        try:
+            for name, pos, size in ustar_walk(f):
+                _add_member(out, name, pos, size)
+        except (ShardReadError, _NotPlain):
+            raise
+        except (ShardError, ValueError, UnicodeDecodeError) as exc:
+            raise ShardError(f"{url}: corrupt shard ({exc})") from exc
+    return out
+
+
+def plan_chunks(paths: list[str], batch_size: int, storage_options: dict | None = None) -> list[Chunk]:
+    """Chunks of up to `batch_size` samples; a chunk never spans two shards.
+
+    Local shards are walked one after the other; URLs by up to 16 threads at once (each walk waits on
+    round trips), the plan in the order of `paths` either way."""
+    if any(_is_url(p) for p in paths) and len(paths) > 1:
+        with ThreadPoolExecutor(min(16, len(paths))) as pool:
+            all_ranges = list(pool.map(lambda p: sample_ranges(p, storage_options), paths))
+    else:
+        all_ranges = [sample_ranges(p, storage_options) for p in paths]
     chunks: list[Chunk] = []
-    for path in paths:
-        ranges = sample_ranges(path)
+    for path, ranges in zip(paths, all_ranges):
         for i in range(0, len(ranges), batch_size):
             part = ranges[i : i + batch_size]
             start = part[0][1]
@@ -110,11 +156,21 @@ def epoch_order(
 # ==================================================================================================
 
 
-def degrade_chunk_local(chunk: Chunk, preset: str, seed: int, epoch: int) -> dict:
-    """Read, decode and degrade one chunk (the body of the Ray task; callable without Ray)."""
-    with open(chunk.shard, "rb") as f:
-        f.seek(chunk.offset)
-        data = f.read(chunk.length) + b"\0" * 1024  # the end-of-archive marker for the header walk
+def degrade_chunk_local(
+    chunk: Chunk, preset: str, seed: int, epoch: int, storage_options: dict | None = None
+) -> dict:
+    """Read, decode and degrade one chunk (the body of the Ray task; callable without Ray).
+
+    A URL shard's chunk is one ranged read (`pipelines.storage.read_range`); a local one as before."""
+    if _is_url(chunk.shard):
+        from pipelines.storage import read_range
+
+        data = read_range(chunk.shard, chunk.offset, chunk.length, storage_options)
+    else:
+        with open(chunk.shard, "rb") as f:
+            f.seek(chunk.offset)
+            data = f.read(chunk.length)
+    data += b"\0" * 1024  # the end-of-archive marker for the header walk
     raws: list[dict] = []
     errors: list[dict] = []
     try:
@@ -166,8 +222,10 @@ def degrade_chunk_local(chunk: Chunk, preset: str, seed: int, epoch: int) -> dic
 
 
 @ray.remote(max_retries=3, retry_exceptions=False)
-def degrade_chunk(chunk: Chunk, preset: str, seed: int, epoch: int) -> dict:
-    return degrade_chunk_local(chunk, preset, seed, epoch)
+def degrade_chunk(
+    chunk: Chunk, preset: str, seed: int, epoch: int, storage_options: dict | None = None
+) -> dict:
+    return degrade_chunk_local(chunk, preset, seed, epoch, storage_options)
 
 
 # ==================================================================================================
@@ -183,7 +241,7 @@ def connect(num_cpus: int | None = None) -> str:
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     return ray.get_runtime_context().gcs_address
 
 
@@ -201,6 +259,9 @@ class DegradationStream:
     world_size: int = 1
     task_retries: int = 2  # driver-side resubmissions after Ray's own retries are exhausted
     inline: bool = False  # degrade in this process, without Ray (tests of multi-process training, debugging)
+    storage_options: dict | None = (
+        None  # fsspec options for URL shards (else the environment's); to each task
+    )
     stats: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -208,7 +269,7 @@ class DegradationStream:
             raise ValueError("DegradationStream: no shards given")
         if self.batch_size < 1 or self.max_in_flight < 1:
             raise ValueError("batch_size and max_in_flight must be at least 1")
-        self.chunks = plan_chunks(self.paths, self.batch_size)
+        self.chunks = plan_chunks(self.paths, self.batch_size, self.storage_options)
 
     def __len__(self) -> int:
         """Batches per epoch for this rank."""
@@ -232,11 +293,13 @@ class DegradationStream:
         todo = deque(order)
         attempts: dict[int, int] = {}
 
+        so = self.storage_options
+
         def submit(c: Chunk) -> None:
             if self.inline:
-                pending.append((c, degrade_chunk_local(c, self.preset, self.seed, epoch)))
+                pending.append((c, degrade_chunk_local(c, self.preset, self.seed, epoch, so)))
             else:
-                pending.append((c, degrade_chunk.remote(c, self.preset, self.seed, epoch)))
+                pending.append((c, degrade_chunk.remote(c, self.preset, self.seed, epoch, so)))
 
         while todo or pending:
             while todo and len(pending) < self.max_in_flight:
@@ -260,7 +323,7 @@ class DegradationStream:
                 log.warning(
                     "chunk %d of %s failed (%s); resubmitting", chunk.index, chunk.shard, type(exc).__name__
                 )
-                pending.appendleft((chunk, degrade_chunk.remote(chunk, self.preset, self.seed, epoch)))
+                pending.appendleft((chunk, degrade_chunk.remote(chunk, self.preset, self.seed, epoch, so)))
                 continue
             finally:
                 self.stats["wait_s"] += time.perf_counter() - t
