@@ -462,6 +462,22 @@ class TrainConfig:
     val_guidance: float = 1.0  # the embedded default's prompt is synthetic: guidance has nothing to amplify
     val_preset: str = "refldm_severe"
     experiment: str = "refface"
+    # Seed 002 (shared/papers/002_...) as a conditioning of the same model: `composite` gives the
+    # references to the transformer as Composite Context tokens (models.composite) instead of IConFace's
+    # in-context latents and identity modulation.
+    conditioning: Literal["iconface", "composite"] = "iconface"
+    # composite: φ_G, the general face encoder: `small` (ours: a 64 px CLIP tower trained jointly) or
+    # `farl_vit_b16` (the paper: FaRL ViT-B/16, frozen, from general_encoder_weights, a local checkpoint)
+    general_encoder: Literal["small", "farl_vit_b16"] = "small"
+    general_encoder_weights: str | None = None
+    # composite: CFG training drops (Sec. 4 of 002, 0.1 each, independently): the context's identity
+    # token and its general tokens (key-masked) with context_dropout, the degraded input (zeroed) with
+    # image_dropout
+    context_dropout: float = 0.1
+    image_dropout: float = 0.1
+    # adaptive = IConFace's λ* (supplement eq. 1); hard_example = seed 002's eq. 3 with a fixed λ
+    id_loss: Literal["adaptive", "hard_example"] = "adaptive"
+    hei_lambda: float = 0.6  # λ of 002's eq. 3 (the reference's weight)
 
     def validate(self, where: str) -> None:
         if self.backbone not in BACKBONE_NAMES:
@@ -508,6 +524,28 @@ class TrainConfig:
         ):
             raise ConfigError(
                 f"{where}: backbone klein_base_4b needs weights, vae and prompt_cache (local paths)"
+            )
+        for name in ("context_dropout", "image_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(
+                    f"{where}.{name} must lie in [0, 1) (got {getattr(self, name)}); 002 uses 0.1"
+                )
+        if not 0 <= self.hei_lambda <= 1:
+            raise ConfigError(f"{where}.hei_lambda must lie in [0, 1] (got {self.hei_lambda}); 002 uses 0.6")
+        if self.conditioning == "composite" and self.strategy in ("ddp", "ddp_spawn"):
+            # a rank whose batch has no reference leaves the composite context out of its graph
+            raise ConfigError(
+                f"{where}.strategy {self.strategy}: conditioning composite needs "
+                "ddp_find_unused_parameters_true (a batch without references does not use the context)"
+            )
+        if (
+            self.conditioning == "composite"
+            and self.general_encoder == "farl_vit_b16"
+            and self.general_encoder_weights is None
+        ):
+            raise ConfigError(
+                f"{where}.general_encoder farl_vit_b16 needs general_encoder_weights (a local FaRL "
+                "ViT-B/16 checkpoint); `small` needs none"
             )
 
 
