@@ -447,6 +447,18 @@ class TrainConfig:
     strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp", "deepspeed"] = (
         "auto"
     )
+    # local: Lightning in this process (devices x num_nodes ranks, `strategy`). ray: Ray Train workers on the
+    # Ray cluster (RAY_ADDRESS, else local Ray), one DDP rank each (pipelines/ray_fit.py).
+    launcher: Literal["local", "ray"] = "local"
+    ray_workers: int = 2  # ray: training processes (DDP ranks); one GPU each when accelerator is gpu
+    ray_cpus_per_worker: int = 1  # ray: CPUs reserved per worker (and its torch threads)
+    # ray: inline = each worker degrades its own share of the stream (safe on small clusters); tasks = it
+    # submits Ray tasks (needs free CPUs beyond the workers', or they starve)
+    ray_degrade: Literal["inline", "tasks"] = "inline"
+    ray_max_failures: int = 2  # ray: restarts of the worker group from the last checkpoint after a failure
+    # ray: where Ray Train keeps checkpoints, a path every node sees or a URI (s3://...); null: the
+    # train stage's <out>/ckpt/ray, a temporary folder elsewhere (one machine only)
+    ray_storage: str | None = None
     gradient_checkpointing: bool = False
     # Storage dtype of the frozen weights (transformer but LoRA, VAE, identity encoder). auto: bf16
     # under bf16-mixed (LoRA and pathways stay float32 with float32 AdamW state), float32 otherwise.
@@ -504,10 +516,31 @@ class TrainConfig:
             raise ConfigError(
                 f"{where}.ref_schedule needs max_refs + 1 = {self.max_refs + 1} probabilities summing to 1"
             )
-        world = self.devices * self.num_nodes
+        if self.launcher == "ray":
+            if self.devices != 1 or self.num_nodes != 1:
+                raise ConfigError(
+                    f"{where}: launcher ray takes its ranks from ray_workers (one device each); set devices "
+                    f"and num_nodes to 1 (got {self.devices} and {self.num_nodes})"
+                )
+            if self.accelerator not in ("cpu", "gpu", "cuda", "auto"):
+                raise ConfigError(
+                    f"{where}.accelerator {self.accelerator!r}: launcher ray runs CPU or GPU workers "
+                    "(cpu, gpu, cuda, auto)"
+                )
+            if self.strategy not in ("auto", "ddp"):
+                raise ConfigError(
+                    f"{where}.strategy {self.strategy!r}: launcher ray runs DDP (RayDDPStrategy); use auto or ddp"
+                )
+            if self.ray_workers < 1 or self.ray_cpus_per_worker < 1 or self.ray_max_failures < -1:
+                raise ConfigError(
+                    f"{where}: ray_workers and ray_cpus_per_worker must be at least 1, ray_max_failures at "
+                    "least -1 (-1 = retry without limit)"
+                )
+        world = self.ray_workers if self.launcher == "ray" else self.devices * self.num_nodes
         if self.batch_size % world:
+            ranks = "ray_workers" if self.launcher == "ray" else "devices x num_nodes"
             raise ConfigError(
-                f"{where}.batch_size {self.batch_size} is not divisible by {world} ranks (devices x num_nodes); "
+                f"{where}.batch_size {self.batch_size} is not divisible by {world} ranks ({ranks}); "
                 f"use a multiple of {world}"
             )
         if self.front and not self.front_end:
