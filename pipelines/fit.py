@@ -29,10 +29,8 @@ from pipelines.training import (
     IConFaceModule,
     StreamDataModule,
     build_network,
-    cast_frozen,
-    compile_blocks,
     evaluate,
-    frozen_dtype,
+    prepare_for_training,
 )
 
 SCORE = "restored_id_sim"  # what ablate ranks and tune maximises: GT-ID (evaluator) with references
@@ -107,10 +105,7 @@ def fit(
     torch.set_num_threads(cfg.threads)
     net, codec, text = build_network(cfg, encoders.primary.cfg.embedding_dim)
     module = IConFaceModule.from_config(net, codec, encoders.primary, text, cfg, encoders.crop_border)
-    if (dtype := frozen_dtype(cfg)) is not None:  # bf16-mixed: frozen weights stored in bf16 (issue 16)
-        cast_frozen([module.net, module.codec, module.id_encoder], dtype)
-    if cfg.compile:
-        compile_blocks(net.transformer)
+    prepare_for_training(module, cfg)  # bf16-mixed: frozen weights stored in bf16; train.compile
     world = cfg.devices * cfg.num_nodes
     paths = shard_paths(shards, "train") if isinstance(shards, str) else list(shards)
     dm = StreamDataModule(

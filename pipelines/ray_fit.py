@@ -57,7 +57,14 @@ from pipelines.config import DegradeConfig, TrainConfig
 from pipelines.embedding import Encoders
 from pipelines.fit import SCORE, FitResult, summarise
 from pipelines.shards import shard_paths
-from pipelines.training import Batch, IConFaceModule, StreamDataModule, build_network, evaluate
+from pipelines.training import (
+    Batch,
+    IConFaceModule,
+    StreamDataModule,
+    build_network,
+    evaluate,
+    prepare_for_training,
+)
 
 CKPT_NAME = "checkpoint.ckpt"  # the Lightning checkpoint in a Ray Train checkpoint (RayTrainReportCallback)
 WEIGHTS_NAME = "trainable.safetensors"  # final checkpoint only: the trainable weights, for the driver
@@ -197,6 +204,7 @@ def train_worker(config: dict) -> None:
     primary = ray.get(config["primary"])
     net, codec, text = build_network(cfg, primary.cfg.embedding_dim)  # seeded: identical on every rank
     module = IConFaceModule.from_config(net, codec, primary, text, cfg, config["crop_border"])
+    prepare_for_training(module, cfg)
     world = ray.train.get_context().get_world_size()  # Ray Train
     dm = StreamDataModule(
         config["paths"],

@@ -325,6 +325,16 @@ def compile_blocks(transformer) -> None:
         block.compile()
 
 
+def prepare_for_training(module, cfg) -> None:
+    """What `fit` and every Ray Train worker do to a fresh module: frozen weights in bf16 under
+    bf16-mixed (`frozen_dtype`), compiled blocks when `train.compile`."""
+    if (dtype := frozen_dtype(cfg)) is not None:
+        cast_frozen([module.net, module.codec, module.id_encoder], dtype)
+        module._low = None
+    if getattr(cfg, "compile", False):
+        compile_blocks(module.net.transformer)
+
+
 def frozen_dtype(cfg) -> torch.dtype | None:
     """The storage dtype of frozen weights for a `train` config: `frozen_dtype: auto` stores them in
     bf16 under `bf16-mixed` (issue 16), float32 otherwise."""
