@@ -35,6 +35,10 @@ output equals the stock diffusers forward exactly.
   keeps the paper's scene-only head.
 * **Degradation-removal front end** (ours, `FrontEnd`; DiffBIR's stage 1): a small residual CNN
   trained beforehand by L2 (stage `train_front`), frozen; the model conditions on its output.
+* **Composite conditioning** (`IConFaceConfig.conditioning = "composite"`, seed 002, models.composite):
+  the references enter as Composite Context tokens appended to the prompt (their keys masked where a
+  slot is padded or a component dropped) instead of in-context latents and the identity modulation;
+  the degraded tokens and the structure pathway stay as `variant` sets them.
 * **RefSTAR's transfer** (shared/papers/003_..., models.refstar; off by default): `Conditioning.ref_tokens`
   masks reference tokens in conflict regions out of every attention, like padding; `reference_route:
   decoupled` replaces the joint softmax of every block by eq. 4 (the reference attended separately and
@@ -64,6 +68,7 @@ VARIANTS: dict[str, dict[str, bool]] = {
 
 T_SCENE, T_DEG, T_REF0 = 0, 2, 10
 ROUTES = ("in_context", "decoupled")  # how the scene reads the reference tokens (models.refstar)
+CONDITIONINGS = ("iconface", "composite")
 
 
 # ==================================================================================================
@@ -330,6 +335,7 @@ class IConFaceConfig:
     max_refs: int = 3
     deg_readout: bool = False  # ours (module docstring); the paper's head reads the scene tokens only
     front_end: int = 0  # ours: width of the degradation-removal front end (FrontEnd); 0 = off (the paper)
+    conditioning: str = "iconface"  # iconface (paper 001) | composite (seed 002's Composite Context)
     # RefSTAR (models.refstar): in_context = one joint attention over [scene; deg; refs] (its eq. 3, the
     # paper's IConFace); decoupled = eq. 4 in every block, with rank-`decoupled_rank` reference K/V
     # adapters and the scale λ = decoupled_scale
@@ -340,8 +346,14 @@ class IConFaceConfig:
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown IConFace variant {self.variant!r}; valid: {', '.join(VARIANTS)}")
+        if self.conditioning not in CONDITIONINGS:
+            raise ValueError(f"unknown conditioning {self.conditioning!r}; valid: {', '.join(CONDITIONINGS)}")
         if self.reference_route not in ROUTES:
             raise ValueError(f"unknown reference route {self.reference_route!r}; valid: {', '.join(ROUTES)}")
+        if self.reference_route == "decoupled" and self.conditioning == "composite":
+            raise ValueError(
+                "the decoupled route reads in-context reference tokens; composite conditioning has none"
+            )
 
 
 @dataclass
@@ -351,6 +363,9 @@ class Conditioning:
     deg (B, C, H, W) latents of the degraded image; refs (B, R, C, H, W) latents of up to R references
     with ref_mask (B, R) bool (R may be 0); z_refs (B, R, 512) and z_deg (B, 512) raw identity
     embeddings; text (B, L, joint_dim) the cached prompt embedding.
+    Composite conditioning only: ref_images (B, R, 3, H, W) the references in [-1, 1] (its general
+    encoder reads pixels); ctx_drop (B, 2) bool, per sample the dropped identity token / general tokens
+    (classifier-free-guidance training), None = nothing dropped.
     """
 
     deg: torch.Tensor
@@ -359,6 +374,8 @@ class Conditioning:
     z_refs: torch.Tensor
     z_deg: torch.Tensor
     text: torch.Tensor
+    ref_images: torch.Tensor | None = None
+    ctx_drop: torch.Tensor | None = None
     # RefSTAR (models.refstar.token_keep): (B, R, h·w) bool, False = a reference token in a conflict or
     # ignore region, masked as a key everywhere like a padded reference; None = every token kept
     ref_tokens: torch.Tensor | None = None
@@ -367,11 +384,26 @@ class Conditioning:
 class IConFace(nn.Module):
     """IConFace: the transformer (frozen but for LoRA) plus the identity and structure pathways."""
 
-    def __init__(self, transformer: Flux2Transformer2DModel, cfg: IConFaceConfig = IConFaceConfig()):
+    def __init__(
+        self,
+        transformer: Flux2Transformer2DModel,
+        cfg: IConFaceConfig = IConFaceConfig(),
+        composite: nn.Module | None = None,
+    ):
+        """`composite`: a models.composite.CompositeContext, required by (and only by)
+        cfg.conditioning == "composite"; it replaces the in-context references and the identity pathway."""
         super().__init__()
         self.transformer = transformer
         self.cfg = cfg
         self.parts = VARIANTS[cfg.variant]
+        if (cfg.conditioning == "composite") != (composite is not None):
+            raise ValueError(
+                f"conditioning {cfg.conditioning!r} "
+                + ("needs a CompositeContext" if composite is None else "takes no CompositeContext")
+            )
+        self.composite = composite
+        if composite is not None:
+            self.parts = {**self.parts, "identity": False}  # the context's identity token replaces eqs. 3-5
         dim = transformer.inner_dim
         channels = transformer.config.in_channels
         n_blocks = len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
@@ -416,6 +448,9 @@ class IConFace(nn.Module):
         dev = scene.device
         n_img = h * w
         r = cond.refs.shape[1] if cond.refs.ndim == 5 and cond.ref_mask.any() else 0
+        r_ctx = 0
+        if self.composite is not None:
+            r_ctx, r = r, 0  # seed 002: the references enter as context tokens (below), not as latents
 
         # ---- token packing (eq. 2): [scene; deg; refs], ids per segment -----------------------------
         x_scene = pack(scene)  # (B, HW, C)
@@ -430,19 +465,25 @@ class IConFace(nn.Module):
         x = torch.cat(segs, 1)  # (B, L_img, C)
         img_ids = torch.cat(ids, 0)  # (L_img, 4)
         txt = cond.text if use_text else torch.zeros_like(cond.text)
+        txt_keep = None
+        if r_ctx:
+            txt, txt_keep = self._append_composite(txt, cond, r_ctx)
         n_txt = txt.shape[1]
 
-        # Key mask for padded references and (RefSTAR) masked reference tokens: (B, 1, 1, L_txt + L_img),
-        # True = attend.
+        # Key mask for padded references, masked context tokens and (RefSTAR) masked reference tokens:
+        # (B, 1, 1, L_txt + L_img), True = attend.
         attn_kwargs = None
         tok = cond.ref_tokens
         decoupled = r and self.cfg.reference_route == "decoupled"
-        if r and (
-            decoupled
-            or not bool(cond.ref_mask[:, :r].all())
-            or (tok is not None and not bool(tok[:, :r].all()))
+        if (
+            (r and not bool(cond.ref_mask[:, :r].all()))
+            or txt_keep is not None
+            or decoupled
+            or (r and tok is not None and not bool(tok[:, :r].all()))
         ):
             keep = torch.ones(b, n_txt + x.shape[1], dtype=torch.bool, device=dev)
+            if txt_keep is not None:
+                keep[:, :n_txt] = txt_keep
             for i in range(r):
                 s = n_txt + (2 + i) * n_img
                 ok = cond.ref_mask[:, i : i + 1]  # (B, 1)
@@ -510,6 +551,22 @@ class IConFace(nn.Module):
         hs = scene_h
         out = tr.proj_out(tr.norm_out(hs, temb))  # (B, HW, C)
         return unpack(out, h, w)
+
+    def _append_composite(
+        self, txt: torch.Tensor, cond: Conditioning, r: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(prompt + composite context (B, L_txt + r·(1+T), joint_dim), its key mask or None when every
+        token is kept): seed 002's eq. 1 for the first r reference slots, after the prompt."""
+        if cond.ref_images is None:
+            raise ValueError("composite conditioning needs Conditioning.ref_images (the reference pixels)")
+        ctx, keep = self.composite(
+            cond.z_refs[:, :r], cond.ref_images[:, :r], cond.ref_mask[:, :r], cond.ctx_drop
+        )
+        txt = torch.cat([txt, ctx.to(txt.dtype)], 1)
+        if bool(keep.all()):
+            return txt, None
+        prompt = torch.ones(txt.shape[0], txt.shape[1] - ctx.shape[1], dtype=torch.bool, device=txt.device)
+        return txt, torch.cat([prompt, keep], 1)
 
     def _run(self, block, hs, ehs, mod_img, mod_txt, rotary, attn_kwargs):
         if torch.is_grad_enabled() and self.transformer.gradient_checkpointing:

@@ -3,6 +3,14 @@
 L = α_fm·L_fm + λ_id·ω(σ)·[(1 − λ*)·L_ref-id + λ*·L_hard]
 with α_fm = 0.75, λ_id = 0.30, λ* = λ_h·(1 − cos(e_ref, e_gt)), λ_h = 0.25, ω(σ) = max(1 − σ, ω_min)²,
 ω_min = 0.25, w(σ) = 1 inside L_fm. The identity terms are zero for samples without references.
+
+`LossWeights.id_loss = "hard_example"` puts seed 002's Hard Example Identity loss (shared/papers/002_...,
+eq. 3) in the bracket instead: L_HID = (1 − λ)·L_ID(x_HQ, x̂) + λ·L_ID(x_REF, x̂) with the paper's
+fixed λ = 0.6 (`hei_lambda`), where 002's "hard example" is the REFERENCE (weight λ) and IConFace's
+L_hard is the ground truth (weight λ*): the two mixes weight the same two cosines, with the reference
+term at 1 − λ* (≈ 0.75–1) in IConFace and at λ = 0.6 in 002. The timestep factor stays IConFace's ω(σ)
+(002 scales by √ᾱ_t, whose flow-matching counterpart would be 1 − σ) and its weight λ_id (002:
+w_HID = 0.1), so that an ablation changes λ alone.
 """
 
 from __future__ import annotations
@@ -19,6 +27,15 @@ class LossWeights:
     lambda_id: float = 0.30
     lambda_h: float = 0.25
     omega_min: float = 0.25
+    id_loss: str = "adaptive"  # adaptive (IConFace's λ*) | hard_example (seed 002's eq. 3, fixed λ)
+    hei_lambda: float = 0.6  # λ of seed 002's eq. 3 (the reference's weight)
+
+    def __post_init__(self) -> None:
+        if self.id_loss not in ID_LOSSES:
+            raise ValueError(f"unknown id_loss {self.id_loss!r}; valid: {', '.join(ID_LOSSES)}")
+
+
+ID_LOSSES = ("adaptive", "hard_example")
 
 
 def sample_sigma(
@@ -73,6 +90,15 @@ def identity_terms(
     )
 
 
+def hard_example_identity(
+    e_out: torch.Tensor, e_ref: torch.Tensor, e_gt: torch.Tensor, lam: float = 0.6
+) -> torch.Tensor:
+    """L_HID = (1 − λ)·(1 − cos(A(x̂), e_gt)) + λ·(1 − cos(A(x̂), e_ref)) per sample (B,) (seed 002's eq. 3
+    without eq. 2's timestep factor, which the caller applies); targets without gradient."""
+    ref_id, gt_id = identity_terms(e_out, e_ref, e_gt)
+    return (1 - lam) * gt_id + lam * ref_id
+
+
 def iconface_loss(
     u_hat: torch.Tensor,
     target: torch.Tensor,
@@ -86,16 +112,22 @@ def iconface_loss(
     """The total loss (supplement eq. 1) and its terms, each averaged over the batch.
 
     `has_ref` (B,) bool: the identity loss applies only to samples with references (eq. 11 is zero
-    otherwise). `e_out` is the frozen identity encoder's embedding of the decoded ẑ0.
+    otherwise). `e_out` is the frozen identity encoder's embedding of the decoded ẑ0. The logged
+    `lambda_star` is the ground-truth term's weight: λ* (adaptive) or 1 − λ (hard_example).
     """
     fm = flow_matching_loss(u_hat, target)  # (B,)
     zero = torch.zeros_like(fm)
     if e_out is None or not bool(has_ref.any()):
-        ref_id = hard = lam = zero
+        ref_id = hard = lam = mix = zero
+    elif w.id_loss == "hard_example":
+        ref_id, hard = identity_terms(e_out, e_ref, e_gt)
+        mix = hard_example_identity(e_out, e_ref, e_gt, w.hei_lambda)  # seed 002's eq. 3
+        lam = torch.full_like(fm, 1 - w.hei_lambda)
     else:
         ref_id, hard = identity_terms(e_out, e_ref, e_gt)
         lam = lambda_star(e_ref, e_gt, w.lambda_h)
-    ident = omega(sigma, w.omega_min) * ((1 - lam) * ref_id + lam * hard) * has_ref.to(fm.dtype)  # eq. 11
+        mix = (1 - lam) * ref_id + lam * hard
+    ident = omega(sigma, w.omega_min) * mix * has_ref.to(fm.dtype)  # eq. 11
     total = w.alpha_fm * fm + w.lambda_id * ident
     n_ref = has_ref.sum().clamp_min(1)
     return {
@@ -117,10 +149,20 @@ def noise_generator(seed: int, step: int, rank: int, batch_idx: int) -> torch.Ge
     """The generator of one training batch's σ and ε: a pure function of (seed, global step, rank,
     batch index). Every DDP rank draws its own σ and noise for its own samples; a rerun of a rank (or
     a resume at that step) draws the same."""
+    return _keyed_generator(f"{seed}/{step}/{rank}/{batch_idx}")
+
+
+def dropout_generator(seed: int, step: int, rank: int, batch_idx: int) -> torch.Generator:
+    """The generator of one training batch's classifier-free-guidance drops (composite conditioning): a
+    pure function of the same (seed, step, rank, batch index), independent of the noise draws."""
+    return _keyed_generator(f"cfg-drop/{seed}/{step}/{rank}/{batch_idx}")
+
+
+def _keyed_generator(key: str) -> torch.Generator:
     import hashlib
 
-    key = f"{seed}/{step}/{rank}/{batch_idx}".encode()
-    return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
+    digest = hashlib.sha256(key.encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
 def draw_sigma_noise(

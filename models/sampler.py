@@ -4,6 +4,11 @@
 `compute_empirical_mu(image_seq_len, N)` (FLUX.2 klein); then z ← z + (σ_{i+1} − σ_i)·û, ending at
 σ = 0. Guidance: û = û_∅ + g·(û_c − û_∅) with û_∅ the empty-prompt branch. For 512² (1,024 tokens)
 and 12 steps the schedule is [1, .988, .973, .956, .935, .910, .878, .837, .783, .706, .590, .396, 0].
+
+Seed 002's guidance replaces the prompt guidance when asked for (models.guidance): eq. 5 with separate
+scales for the degraded input (`guidance_image`, s_i) and the reference context (`guidance_context`,
+s_c), and the multi-reference ensemble of eq. 6 (`ref_ensemble`); the prompt is the conditional one in
+every branch.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import math
 from dataclasses import replace
 
 import torch
+
+from models.guidance import guided_prediction
 
 
 def empirical_mu(image_seq_len: int, num_steps: int) -> float:
@@ -44,13 +51,28 @@ def sample(
     guidance: float = 4.0,
     seed: int = 42,
     sigma_max: float = 1.0,
+    guidance_image: float | None = None,
+    guidance_context: float | None = None,
+    ref_ensemble: bool = False,
 ) -> torch.Tensor:
     """Restored latents (B, C, H, W) for `cond` (see `IConFace.forward`); 0–3 references per sample.
 
     sigma_max = 1 is the recipe: start from pure noise on the shifted schedule. sigma_max < 1 starts
     from the degraded latent noised to that level, z = (1 − σ_max)·z_deg + σ_max·ε (eq. 1 with the
     degraded latent in place of the clean one), and walks the shifted schedule rescaled to σ_max.
+
+    guidance_image (s_i), guidance_context (s_c), ref_ensemble: seed 002's eq. 5 / eq. 6
+    (models.guidance); an unset scale is 1. They replace the prompt guidance, so `guidance` must then
+    be 1 (an error otherwise: two guidance rules at once are not defined).
     """
+    dual = guidance_image is not None or guidance_context is not None or ref_ensemble
+    if dual and guidance != 1.0:
+        raise ValueError(
+            f"guidance {guidance} (prompt guidance) and guidance_image/guidance_context/ref_ensemble (seed "
+            "002's eqs. 5-6) exclude each other: set guidance to 1.0"
+        )
+    s_i = 1.0 if guidance_image is None else float(guidance_image)
+    s_c = 1.0 if guidance_context is None else float(guidance_context)
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(shape, generator=g).to(cond.deg)
     sigmas = flux2_sigmas(steps, shape[-1] * shape[-2]).to(noise.device) * sigma_max
@@ -58,9 +80,12 @@ def sample(
     uncond = replace(cond, text=empty_text.expand_as(cond.text)) if guidance != 1.0 else None
     for i in range(steps):
         s = sigmas[i].expand(shape[0])
-        u = model(z, s, cond)
-        if uncond is not None:
-            u0 = model(z, s, uncond)
-            u = u0 + guidance * (u - u0)
+        if dual:
+            u = guided_prediction(model, z, s, cond, s_i, s_c, ref_ensemble)
+        else:
+            u = model(z, s, cond)
+            if uncond is not None:
+                u0 = model(z, s, uncond)
+                u = u0 + guidance * (u - u0)
         z = z + (sigmas[i + 1] - sigmas[i]) * u
     return z

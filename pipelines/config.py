@@ -449,6 +449,18 @@ class TrainConfig:
     strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp", "deepspeed"] = (
         "auto"
     )
+    # local: Lightning in this process (devices x num_nodes ranks, `strategy`). ray: Ray Train workers on the
+    # Ray cluster (RAY_ADDRESS, else local Ray), one DDP rank each (pipelines/ray_fit.py).
+    launcher: Literal["local", "ray"] = "local"
+    ray_workers: int = 2  # ray: training processes (DDP ranks); one GPU each when accelerator is gpu
+    ray_cpus_per_worker: int = 1  # ray: CPUs reserved per worker (and its torch threads)
+    # ray: inline = each worker degrades its own share of the stream (safe on small clusters); tasks = it
+    # submits Ray tasks (needs free CPUs beyond the workers', or they starve)
+    ray_degrade: Literal["inline", "tasks"] = "inline"
+    ray_max_failures: int = 2  # ray: restarts of the worker group from the last checkpoint after a failure
+    # ray: where Ray Train keeps checkpoints, a path every node sees or a URI (s3://...); null: the
+    # train stage's <out>/ckpt/ray, a temporary folder elsewhere (one machine only)
+    ray_storage: str | None = None
     gradient_checkpointing: bool = False
     # Storage dtype of the frozen weights (transformer but LoRA, VAE, identity encoder). auto: bf16
     # under bf16-mixed (LoRA and pathways stay float32 with float32 AdamW state), float32 otherwise.
@@ -464,6 +476,22 @@ class TrainConfig:
     val_guidance: float = 1.0  # the embedded default's prompt is synthetic: guidance has nothing to amplify
     val_preset: str = "refldm_severe"
     experiment: str = "refface"
+    # Seed 002 (shared/papers/002_...) as a conditioning of the same model: `composite` gives the
+    # references to the transformer as Composite Context tokens (models.composite) instead of IConFace's
+    # in-context latents and identity modulation.
+    conditioning: Literal["iconface", "composite"] = "iconface"
+    # composite: φ_G, the general face encoder: `small` (ours: a 64 px CLIP tower trained jointly) or
+    # `farl_vit_b16` (the paper: FaRL ViT-B/16, frozen, from general_encoder_weights, a local checkpoint)
+    general_encoder: Literal["small", "farl_vit_b16"] = "small"
+    general_encoder_weights: str | None = None
+    # composite: CFG training drops (Sec. 4 of 002, 0.1 each, independently): the context's identity
+    # token and its general tokens (key-masked) with context_dropout, the degraded input (zeroed) with
+    # image_dropout
+    context_dropout: float = 0.1
+    image_dropout: float = 0.1
+    # adaptive = IConFace's λ* (supplement eq. 1); hard_example = seed 002's eq. 3 with a fixed λ
+    id_loss: Literal["adaptive", "hard_example"] = "adaptive"
+    hei_lambda: float = 0.6  # λ of 002's eq. 3 (the reference's weight)
     # ---- RefSTAR's transfer with masks (shared/papers/003_..., models/refstar.py, pipelines/refstar.py) ----
     # The shards the train stage reads (dvc.yaml: `--shards ${train.shards}` and a dep on that folder):
     # data/shards, or data/refsel/shards for reference_masks: refsel.
@@ -484,9 +512,8 @@ class TrainConfig:
     lambda_cycle: float = 1.5
     cycle_lambda_l1: float = 1.0
     cycle_lambda_id: float = 1.2
-    cycle_lambda_perc: float = (
-        0.8  # only with cycle_lpips (torchvision AlexNet weights); else the term is off
-    )
+    # λ_perc: only with cycle_lpips (torchvision AlexNet weights); else the term is off
+    cycle_lambda_perc: float = 0.8
     cycle_lpips: str | None = None  # alexnet-owt-7be5be79.pth
     cycle_lpips_heads: str | None = None  # LPIPS v0.1 alex.pth; default: the installed lpips package's
     # max (ours): the cycle restores from the sampler's start σ = sigma_max (no clean signal in its input,
@@ -500,6 +527,13 @@ class TrainConfig:
             raise ConfigError(f"{where}.decoupled_rank must be 0 or more (got {self.decoupled_rank})")
         if self.cycle_loss and self.max_refs < 1:
             raise ConfigError(f"{where}.cycle_loss needs references (max_refs >= 1)")
+        if self.conditioning == "composite" and (
+            self.reference_masks != "none" or self.reference_route != "in_context" or self.cycle_loss
+        ):
+            raise ConfigError(
+                f"{where}: RefSTAR's transfer (reference_masks, reference_route: decoupled, cycle_loss) acts on "
+                "the in-context reference tokens, which conditioning: composite replaces; use conditioning: iconface"
+            )
         if self.cycle_lpips_heads and not self.cycle_lpips:
             raise ConfigError(f"{where}.cycle_lpips_heads is set but cycle_lpips (the backbone) is not")
         for name in ("cycle_lpips", "cycle_lpips_heads"):
@@ -533,10 +567,31 @@ class TrainConfig:
             raise ConfigError(
                 f"{where}.ref_schedule needs max_refs + 1 = {self.max_refs + 1} probabilities summing to 1"
             )
-        world = self.devices * self.num_nodes
+        if self.launcher == "ray":
+            if self.devices != 1 or self.num_nodes != 1:
+                raise ConfigError(
+                    f"{where}: launcher ray takes its ranks from ray_workers (one device each); set devices "
+                    f"and num_nodes to 1 (got {self.devices} and {self.num_nodes})"
+                )
+            if self.accelerator not in ("cpu", "gpu", "cuda", "auto"):
+                raise ConfigError(
+                    f"{where}.accelerator {self.accelerator!r}: launcher ray runs CPU or GPU workers "
+                    "(cpu, gpu, cuda, auto)"
+                )
+            if self.strategy not in ("auto", "ddp"):
+                raise ConfigError(
+                    f"{where}.strategy {self.strategy!r}: launcher ray runs DDP (RayDDPStrategy); use auto or ddp"
+                )
+            if self.ray_workers < 1 or self.ray_cpus_per_worker < 1 or self.ray_max_failures < -1:
+                raise ConfigError(
+                    f"{where}: ray_workers and ray_cpus_per_worker must be at least 1, ray_max_failures at "
+                    "least -1 (-1 = retry without limit)"
+                )
+        world = self.ray_workers if self.launcher == "ray" else self.devices * self.num_nodes
         if self.batch_size % world:
+            ranks = "ray_workers" if self.launcher == "ray" else "devices x num_nodes"
             raise ConfigError(
-                f"{where}.batch_size {self.batch_size} is not divisible by {world} ranks (devices x num_nodes); "
+                f"{where}.batch_size {self.batch_size} is not divisible by {world} ranks ({ranks}); "
                 f"use a multiple of {world}"
             )
         if self.front and not self.front_end:
@@ -553,6 +608,28 @@ class TrainConfig:
         ):
             raise ConfigError(
                 f"{where}: backbone klein_base_4b needs weights, vae and prompt_cache (local paths)"
+            )
+        for name in ("context_dropout", "image_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(
+                    f"{where}.{name} must lie in [0, 1) (got {getattr(self, name)}); 002 uses 0.1"
+                )
+        if not 0 <= self.hei_lambda <= 1:
+            raise ConfigError(f"{where}.hei_lambda must lie in [0, 1] (got {self.hei_lambda}); 002 uses 0.6")
+        if self.conditioning == "composite" and self.strategy in ("ddp", "ddp_spawn"):
+            # a rank whose batch has no reference leaves the composite context out of its graph
+            raise ConfigError(
+                f"{where}.strategy {self.strategy}: conditioning composite needs "
+                "ddp_find_unused_parameters_true (a batch without references does not use the context)"
+            )
+        if (
+            self.conditioning == "composite"
+            and self.general_encoder == "farl_vit_b16"
+            and self.general_encoder_weights is None
+        ):
+            raise ConfigError(
+                f"{where}.general_encoder farl_vit_b16 needs general_encoder_weights (a local FaRL "
+                "ViT-B/16 checkpoint); `small` needs none"
             )
 
 

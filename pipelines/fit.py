@@ -29,10 +29,8 @@ from pipelines.training import (
     IConFaceModule,
     StreamDataModule,
     build_network,
-    cast_frozen,
-    compile_blocks,
     evaluate,
-    frozen_dtype,
+    prepare_for_training,
 )
 
 SCORE = "restored_id_sim"  # what ablate ranks and tune maximises: GT-ID (evaluator) with references
@@ -74,20 +72,40 @@ def fit(
     `checkpoint`: a Lightning ModelCheckpoint (the train stage); `resume`: a `last.ckpt` to continue.
     `inline`: degrade in this process instead of Ray tasks (a short run that is itself a Ray task).
     Returns on every rank; only rank 0 validates (the others return empty metrics).
-    """
-    import lightning as L
-    from lightning.pytorch.callbacks import Callback
 
+    `cfg.launcher: ray` trains on Ray Train workers instead (`pipelines.ray_fit.fit_ray`, same arguments):
+    this process is the driver, and validates the final weights itself.
+    """
     steps = cfg.max_steps if steps is None else steps
     val_steps = cfg.val_steps if val_steps is None else val_steps
     cfg = replace(cfg, max_steps=steps)
+    if cfg.launcher == "ray":
+        from pipelines.ray_fit import fit_ray
+
+        return fit_ray(
+            cfg,
+            dcfg,
+            shards,
+            encoders,
+            val,
+            val_steps=val_steps,
+            report_every=report_every,
+            report=report,
+            callbacks=callbacks,
+            logger=logger,
+            checkpoint=checkpoint,
+            resume=resume,
+            inline=inline,
+            ray_cpus=ray_cpus,
+            progress=progress,
+        )
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
     torch.set_num_threads(cfg.threads)
     net, codec, text = build_network(cfg, encoders.primary.cfg.embedding_dim)
     module = IConFaceModule.from_config(net, codec, encoders.primary, text, cfg, encoders.crop_border)
-    if (dtype := frozen_dtype(cfg)) is not None:  # bf16-mixed: frozen weights stored in bf16 (issue 16)
-        cast_frozen([module.net, module.codec, module.id_encoder], dtype)
-    if cfg.compile:
-        compile_blocks(net.transformer)
+    prepare_for_training(module, cfg)  # bf16-mixed: frozen weights stored in bf16; train.compile
     world = cfg.devices * cfg.num_nodes
     paths = shard_paths(shards, "train") if isinstance(shards, str) else list(shards)
     dm = StreamDataModule(
@@ -148,13 +166,28 @@ def fit(
     }
     if trainer.global_rank != 0:
         return FitResult({}, timing, module)
+    metrics, outputs = summarise(module, int(trainer.global_step), cfg, encoders, val, val_steps)
+    return FitResult(metrics, timing, module, outputs, curve)
+
+
+def summarise(
+    module: IConFaceModule,
+    steps: int,
+    cfg: TrainConfig,
+    encoders: Encoders,
+    val: Batch | None,
+    val_steps: int,
+) -> tuple[dict, dict]:
+    """(metrics, validation outputs) of a trained module: validation on `val`, the steps done, the final
+    loss, the realised reference mix and shortfall, the parameter count."""
+    net = module.net
     metrics, outputs = {}, {}
     if val is not None:
         metrics, outputs = evaluate(module, val, encoders.evaluator, val_steps, cfg.val_guidance)
     total = max(sum(module.mix.values()), 1)
     metrics.update(
         {
-            "steps": int(trainer.global_step),
+            "steps": int(steps),
             "final_loss": round(
                 float(np.mean([h["loss"] for h in module.history[-20:]])) if module.history else float("nan"),
                 5,
@@ -165,4 +198,4 @@ def fit(
             "trainable_parameters": sum(p.numel() for p in net.parameters() if p.requires_grad),
         }
     )
-    return FitResult(metrics, timing, module, outputs, curve)
+    return metrics, outputs

@@ -195,7 +195,7 @@ def add_cycle(module, batch: dict, x0_hat: torch.Tensor, sigma: torch.Tensor, te
             z_ref[:, None],
             z_deg,
             module.text.expand(len(idx), -1, -1),
-            tokens,
+            ref_tokens=tokens,
         )
         from models.losses import add_noise
 

@@ -2,7 +2,9 @@
 
 Pyfunc input: a DataFrame with `lq` (a base64-encoded PNG/JPEG of the degraded face) and optional
 `ref1`, `ref2`, `ref3` (base64 images; empty or missing = no reference). Output: a DataFrame with
-`restored` (base64 PNG) per row. The model rebuilds the network from the bundle's trainable weights and
+`restored` (base64 PNG) per row. Inference params (MLflow `params=`): `guidance_image` (s_i) and
+`guidance_context` (s_c) of seed 002's eq. 5 and `ref_ensemble` (its eq. 6), as in `refface restore`;
+unset, the bundle's sampler settings apply. The model rebuilds the network from the bundle's trainable weights and
 its configured backbone (pipelines/restorer.py); it is not a torch.export graph (FACTS: fixed sizes).
 
 Gate (`decide`): the challenger against the champion, by name "set/row/metric" in the evaluate
@@ -29,6 +31,7 @@ except ImportError:  # pragma: no cover
     PythonModel = object
 
 REF_COLUMNS = ("ref1", "ref2", "ref3")
+SAMPLER_PARAMS = ("guidance_image", "guidance_context", "ref_ensemble")  # seed 002's eqs. 5-6
 LOWER_IS_BETTER = ("copy_score", *QUALITY_LOWER_IS_BETTER)
 
 
@@ -68,6 +71,13 @@ class RestorerModel(PythonModel):
         extra = [c for c in model_input.columns if c.startswith("ref") and c not in REF_COLUMNS]
         if extra:
             raise ValueError(f"columns {extra}: at most 3 references (ref1, ref2, ref3)")
+        params = params or {}
+        unknown = sorted(set(params) - set(SAMPLER_PARAMS))
+        if unknown:
+            raise ValueError(f"params {unknown}: unknown; valid: {', '.join(SAMPLER_PARAMS)}")
+        sampler = {k: params[k] for k in SAMPLER_PARAMS if params.get(k) is not None}
+        if "ref_ensemble" in sampler:
+            sampler["ref_ensemble"] = bool(sampler["ref_ensemble"])
         out = []
         for i, row in enumerate(model_input.to_dict("records")):
             lq = decode_image(row["lq"], f"row {i} lq")
@@ -76,7 +86,7 @@ class RestorerModel(PythonModel):
                 for c in REF_COLUMNS
                 if c in row and isinstance(row[c], str) and row[c]
             ]
-            out.append(encode_image(self.restorer.restore(lq, refs)))
+            out.append(encode_image(self.restorer.restore(lq, refs, **sampler)))
         return pd.DataFrame({"restored": out})
 
 
@@ -196,7 +206,7 @@ def log_model_version(bundle, name: str, code_paths: list[str]) -> str:
     import pandas as pd
     from mlflow import MlflowClient
     from mlflow.models import infer_signature
-    from mlflow.types import ColSpec, Schema
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     bundle = Path(bundle)
     resolution = json.loads((bundle / "bundle.json").read_text())["resolution"]
@@ -204,6 +214,13 @@ def log_model_version(bundle, name: str, code_paths: list[str]) -> str:
     signature = infer_signature(example, pd.DataFrame({"restored": ["x"]}))
     signature.inputs = Schema(
         [ColSpec("string", "lq")] + [ColSpec("string", c, required=False) for c in REF_COLUMNS]
+    )
+    signature.params = ParamSchema(
+        [
+            ParamSpec("guidance_image", "double", None),
+            ParamSpec("guidance_context", "double", None),
+            ParamSpec("ref_ensemble", "boolean", None),
+        ]
     )
     info = mlflow.pyfunc.log_model(
         name="model",

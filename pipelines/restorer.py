@@ -2,7 +2,8 @@
 
 A bundle is a folder that rebuilds the network from the trainable weights and the configured backbone:
 
-    bundle.json      format, resolution, sampler settings, encoder kind and its crop (embed.crop_border)
+    bundle.json      format, resolution, sampler settings (steps, guidance, seed; optionally seed 002's
+                     guidance_image, guidance_context, ref_ensemble), encoder kind and its crop
     train.json       the `train` params section the weights were trained with
     model/           trainable weights (LoRA in diffusers' format, pathways, backbone when trained), safetensors
     encoder.safetensors   the primary identity encoder (embeds the references and the degraded input)
@@ -53,6 +54,7 @@ from pipelines.training import (
 
 BUNDLE_FORMAT = 1
 MIN_SIDE = 32
+ENSEMBLE_MAX_REFS = 3  # eq. 6 of seed 002 runs one reference per forward: any model takes up to 3
 DEFAULT_REFSEL = "data/refsel/model.safetensors"  # the refsel stage's model
 
 
@@ -71,8 +73,13 @@ def write_bundle(
     guidance: float = 1.0,
     seed: int = 42,
     crop_border: float = 0.0,
+    guidance_image: float | None = None,
+    guidance_context: float | None = None,
+    ref_ensemble: bool = False,
     refsel_model: str | Path | None = None,
 ) -> Path:
+    """The bundle folder (module docstring). Seed 002's sampler settings are written only when set, so a
+    bundle without them is byte-identical to one written before they existed."""
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)
@@ -95,6 +102,13 @@ def write_bundle(
         "crop_border": crop_border,
         "sampler": {"steps": steps, "guidance": guidance, "seed": seed},
     }
+    for key, value in (
+        ("guidance_image", guidance_image),
+        ("guidance_context", guidance_context),
+        ("ref_ensemble", ref_ensemble or None),
+    ):
+        if value is not None:
+            meta["sampler"][key] = value
     (out / "bundle.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     return out
 
@@ -162,8 +176,9 @@ class Restorer:
             torch.set_num_threads(threads)
         self.encoder, _, _ = load_identity_encoder(self.meta["encoder"], str(bundle / "encoder.safetensors"))
         net, codec, text = build_network(
-            # the front end's weights come with the pathway weights (model/), not from train.front
-            replace(self.cfg, train_backbone=False, front=None),
+            # the front end's and the general encoder's weights come with the pathway weights (model/),
+            # not from train.front / train.general_encoder_weights
+            replace(self.cfg, train_backbone=False, front=None, general_encoder_weights=None),
             self.encoder.cfg.embedding_dim,
         )
         load_trainable(net, bundle / "model")
@@ -271,16 +286,33 @@ class Restorer:
         steps: int | None = None,
         guidance: float | None = None,
         seed: int | None = None,
+        guidance_image: float | None = None,
+        guidance_context: float | None = None,
+        ref_ensemble: bool | None = None,
         ref_masks=None,
     ) -> np.ndarray:
-        """(B, R, R, 3) uint8 restorations at the model's resolution R; refs[i] holds 0–max_refs images;
-        `ref_masks`: "predict", "none", masks per reference, or None for the model's default."""
+        """(B, R, R, 3) uint8 restorations at the model's resolution R; refs[i] holds 0–max_refs images.
+
+        guidance_image (s_i), guidance_context (s_c), ref_ensemble: seed 002's eq. 5 and eq. 6
+        (models.guidance); None takes the bundle's setting. With any of them on, the prompt guidance is
+        1 unless `guidance` is given (then the sampler refuses the pair). With ref_ensemble each reference
+        goes through its own forward, so up to 3 are accepted whatever the model was trained with.
+        `ref_masks` (RefSTAR): "predict", "none", masks per reference, or None for the model's default."""
+        s = self.meta["sampler"]
+        sampler = {
+            "guidance_image": s.get("guidance_image") if guidance_image is None else guidance_image,
+            "guidance_context": s.get("guidance_context") if guidance_context is None else guidance_context,
+            "ref_ensemble": bool(s.get("ref_ensemble", False) if ref_ensemble is None else ref_ensemble),
+        }
+        dual = sampler["guidance_image"] is not None or sampler["guidance_context"] is not None
+        dual = dual or sampler["ref_ensemble"]
         if len(lq) != len(refs):
             raise InputError(f"{len(lq)} degraded images but {len(refs)} reference lists")
+        limit = self.ref_limit(sampler["ref_ensemble"])
         for i, r in enumerate(refs):
-            if len(r) > self.max_refs:
-                raise InputError(f"image {i}: {len(r)} references; the model accepts at most {self.max_refs}")
-        s = self.meta["sampler"]
+            if len(r) > limit:
+                hint = "" if sampler["ref_ensemble"] else " (ref_ensemble takes up to 3, one per forward)"
+                raise InputError(f"image {i}: {len(r)} references; the model accepts at most {limit}{hint}")
         lq_f, refs_f = [self._fit(x) for x in lq], [[self._fit(r) for r in rs] for rs in refs]
         batch = make_batch(lq_f, refs_f, ref_masks=self._masks(lq_f, refs_f, ref_masks))
         if batch["refs"].shape[1]:
@@ -289,13 +321,20 @@ class Restorer:
             batch["z_refs"] = self.module.identity(refs).cpu().unflatten(0, batch["refs"].shape[:2])
         else:
             batch["z_refs"] = torch.zeros(len(lq), 0, self.encoder.cfg.embedding_dim)
+        if guidance is None:
+            guidance = 1.0 if dual else s["guidance"]  # eqs. 5-6 replace the prompt guidance
         out = self.module.restore(
             batch,
             steps=steps or s["steps"],
-            guidance=s["guidance"] if guidance is None else guidance,
+            guidance=guidance,
             seed=s["seed"] if seed is None else seed,
+            **sampler,
         )
         return to_uint8(out)
+
+    def ref_limit(self, ensemble: bool) -> int:
+        """How many references one image may have: the trained max_refs, or 3 with the eq. 6 ensemble."""
+        return max(self.max_refs, ENSEMBLE_MAX_REFS) if ensemble else self.max_refs
 
     @torch.no_grad()
     def front_only(self, lq: list[np.ndarray]) -> np.ndarray | None:
@@ -312,8 +351,9 @@ class Restorer:
         """One image: `lq` and `refs` as paths or uint8 arrays; returns (R, R, 3) uint8. A grayscale
         input comes back grey (the luma of the restoration) unless `colour`."""
         refs = list(refs)
-        if len(refs) > self.max_refs:
-            raise InputError(f"{len(refs)} references given; the model accepts at most {self.max_refs}")
+        limit = self.ref_limit(bool(kw.get("ref_ensemble") or self.meta["sampler"].get("ref_ensemble")))
+        if len(refs) > limit:
+            raise InputError(f"{len(refs)} references given; the model accepts at most {limit}")
         a = check_image(lq, "degraded image")
         rs = [check_image(r, f"reference {i + 1}") for i, r in enumerate(refs)]
         if kw.get("ref_masks") is not None and not isinstance(kw["ref_masks"], str):

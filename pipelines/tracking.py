@@ -31,6 +31,13 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
 
 
+def absolute_uri(uri: str) -> str:
+    """A relative `sqlite:///` URI made absolute: the same file for a process that runs in another
+    folder (a Ray Train worker). Other URIs are returned unchanged."""
+    db = sqlite_path(uri)
+    return uri if db is None or db.is_absolute() else f"sqlite:///{db.resolve()}"
+
+
 OUTPUT_TAG = "refface_dvc_output"
 
 

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from models.codecs import Flux2VAECodec, LatentCodec, PixelCodec
+from models.composite import build_composite
+from models.guidance import apply_cfg_drops, draw_cfg_drops
 from models.iconface import (
     Conditioning,
     IConFace,
@@ -39,6 +41,7 @@ from models.losses import (
     LossWeights,
     add_noise,
     draw_sigma_noise,
+    dropout_generator,
     fm_operands,
     iconface_loss,
     noise_generator,
@@ -324,6 +327,9 @@ class OptimConfig:
     warmup_steps: int = 0
     total_steps: int = 0  # the cosine's length (max_steps)
     id_views: int = 0  # ours: identity loss on random shifted/blurred views of the output (0 = the paper)
+    # seed 002's CFG training drops (composite conditioning; 0 = none, IConFace's recipe)
+    context_dropout: float = 0.0
+    image_dropout: float = 0.0
 
 
 def random_views(img: torch.Tensor, n: int, g: torch.Generator, shift: int = 2) -> list[torch.Tensor]:
@@ -393,6 +399,16 @@ def compile_blocks(transformer) -> None:
     change, so checkpoints and LoRA files stay as they are); compiled on first use, once per shape."""
     for block in (*transformer.transformer_blocks, *transformer.single_transformer_blocks):
         block.compile()
+
+
+def prepare_for_training(module, cfg) -> None:
+    """What `fit` and every Ray Train worker do to a fresh module: frozen weights in bf16 under
+    bf16-mixed (`frozen_dtype`), compiled blocks when `train.compile`."""
+    if (dtype := frozen_dtype(cfg)) is not None:
+        cast_frozen([module.net, module.codec, module.id_encoder], dtype)
+        module._low = None
+    if getattr(cfg, "compile", False):
+        compile_blocks(module.net.transformer)
 
 
 def frozen_dtype(cfg) -> torch.dtype | None:
@@ -476,6 +492,11 @@ class IConFaceModule(L.LightningModule):
             cfg.warmup_steps,
             cfg.max_steps,
             cfg.id_views,
+            **(
+                {"context_dropout": cfg.context_dropout, "image_dropout": cfg.image_dropout}
+                if cfg.conditioning == "composite"
+                else {}
+            ),
         )
         perceptual = None
         if getattr(cfg, "cycle_loss", False):
@@ -488,7 +509,9 @@ class IConFaceModule(L.LightningModule):
             id_encoder,
             text,
             optim,
-            LossWeights(lambda_id=cfg.lambda_id, lambda_h=cfg.lambda_h),
+            LossWeights(
+                lambda_id=cfg.lambda_id, lambda_h=cfg.lambda_h, id_loss=cfg.id_loss, hei_lambda=cfg.hei_lambda
+            ),
             crop_border,
             RefstarSettings.from_config(cfg),
             perceptual,
@@ -556,7 +579,14 @@ class IConFaceModule(L.LightningModule):
                 batch["ref_consistent"].to(deg), tuple(deg.shape[-2:]), self.refstar.token_keep
             )
         return Conditioning(
-            deg, refs, batch["ref_mask"], batch["z_refs"], z_deg, self.text.expand(b, -1, -1), tokens
+            deg,
+            refs,
+            batch["ref_mask"],
+            batch["z_refs"],
+            z_deg,
+            self.text.expand(b, -1, -1),
+            ref_images=batch["refs"],  # read by the composite context's general encoder only
+            ref_tokens=tokens,
         )
 
     def predict(
@@ -573,6 +603,10 @@ class IConFaceModule(L.LightningModule):
         with torch.no_grad():
             z0 = self.codec.encode(batch["gt"])
         cond = self.conditioning(batch)
+        if self.optim.context_dropout or self.optim.image_dropout:  # seed 002's CFG training (Sec. 4)
+            gd = dropout_generator(self.optim.seed, self.global_step, self.global_rank, batch_idx)
+            drops = draw_cfg_drops(b, self.optim.image_dropout, self.optim.context_dropout, gd)
+            cond = apply_cfg_drops(cond, drops)
         g = noise_generator(self.optim.seed, self.global_step, self.global_rank, batch_idx)
         sigma, noise = draw_sigma_noise(tuple(z0.shape), self.optim.sigma_scheme, self.optim.sigma_max, g)
         sigma, noise = sigma.to(z0), noise.to(z0)
@@ -630,9 +664,21 @@ class IConFaceModule(L.LightningModule):
 
     # ---- inference ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def restore(self, batch: dict, steps: int = 12, guidance: float = 4.0, seed: int = 42) -> torch.Tensor:
+    def restore(
+        self,
+        batch: dict,
+        steps: int = 12,
+        guidance: float = 4.0,
+        seed: int = 42,
+        guidance_image: float | None = None,
+        guidance_context: float | None = None,
+        ref_ensemble: bool = False,
+    ) -> torch.Tensor:
         """Restored images (B, 3, H, W) in [-1, 1], float32 on the CPU, for a collated batch (0–3
-        references per sample); the batch may lie on the CPU whatever the module's device."""
+        references per sample); the batch may lie on the CPU whatever the module's device.
+
+        guidance_image / guidance_context / ref_ensemble: seed 002's eqs. 5-6 (models.guidance), in
+        place of the prompt guidance (which must then be 1)."""
         self.net.eval()
         dev = self.device
         batch = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -648,6 +694,9 @@ class IConFaceModule(L.LightningModule):
                 guidance=guidance,
                 seed=seed,
                 sigma_max=self.optim.sigma_max,
+                guidance_image=guidance_image,
+                guidance_context=guidance_context,
+                ref_ensemble=ref_ensemble,
             )
             out = self.codec.decode(z)
         self.net.train()
@@ -691,6 +740,13 @@ def build_network(cfg, z_dim: int) -> tuple[IConFace, object, dict]:
         tr.requires_grad_(True)
     if cfg.gradient_checkpointing:
         tr.enable_gradient_checkpointing()
+    composite = (
+        build_composite(
+            cfg.general_encoder, cfg.general_encoder_weights, z_dim, tr.config.joint_attention_dim
+        )
+        if cfg.conditioning == "composite"
+        else None
+    )
     net = IConFace(
         tr,
         IConFaceConfig(
@@ -703,10 +759,12 @@ def build_network(cfg, z_dim: int) -> tuple[IConFace, object, dict]:
             # budget (models.iconface, "Degraded readout"); a pretrained one keeps the paper's head.
             deg_readout=cfg.weights is None and cfg.prediction == "x0_residual",
             front_end=cfg.front_end,
+            conditioning=cfg.conditioning,
             reference_route=cfg.reference_route,
             decoupled_scale=cfg.decoupled_scale,
             decoupled_rank=cfg.decoupled_rank,
         ),
+        composite,
     )
     if cfg.front_end:
         if cfg.front:  # the train_front stage's weights (a bundle's come with its pathway weights)

@@ -4,6 +4,7 @@
                     [--aligned] [--only-center-face] [--upscale N] [--save-faces DIR] [--colour]
     refface restore LQ1.png LQ2.png FOLDER/ [--ref R1.png ...] --out OUT_FOLDER/
                     [--side-by-side GRID.png] [--steps N] [--seed S]
+                    [--guidance-image S_I] [--guidance-context S_C] [--ref-ensemble]
     refface restore LQ.png --aligned --ref R1.png --ref-masks predict [--refsel-model M.safetensors]
     refface restore LQ.png --aligned --ref R1.png --ref-mask M1.png
 
@@ -23,7 +24,9 @@ alignment: `--landmarks 5`, the default, puts the eyes on the FFHQ template; `--
 ffhq-dataset quad), restored, and pasted back with the inverse transform and a feathered mask: the
 output has the photo's size (times `--upscale N`) and pixels away from every face are unchanged.
 `--only-center-face` restores one face; `--save-faces DIR` writes the crops; `--aligned` takes the
-photos as aligned crops (output at the model's resolution). References are detected and aligned the
+photos as aligned crops (output at the model's resolution). `--guidance-image`, `--guidance-context`
+and `--ref-ensemble` are seed 002's guidance (its eq. 5, with 1.2 / 1.2 in the paper) and training-free
+multi-reference ensemble (eq. 6), for any model; they replace the bundle's prompt guidance. References are detected and aligned the
 same way and must show exactly one face. Grayscale photos are restored and come back grey (`--colour`
 keeps the colour output); EXIF orientation and alpha are handled by the loader ingest uses.
 
@@ -104,6 +107,17 @@ def _aligner(args, resolution: int):
         raise SystemExit(f"error: face detection unavailable: {exc}") from exc
 
 
+def sampler_options(args) -> dict:
+    """The sampler settings of the command line (None = the bundle's)."""
+    return {
+        "steps": args.steps,
+        "seed": args.seed,
+        "guidance_image": args.guidance_image,
+        "guidance_context": args.guidance_context,
+        "ref_ensemble": args.ref_ensemble,
+    }
+
+
 def restore_photo(restorer, aligner, photo: Path, refs, args, matcher=None):
     """(output image, aligned crops, restored crops, grey) for one photo.
 
@@ -122,7 +136,7 @@ def restore_photo(restorer, aligner, photo: Path, refs, args, matcher=None):
     masks = getattr(args, "resolved_masks", None)  # RefSTAR: "predict" | "none" | mask files | None
     if aligner is None:
         rm = [masks] if masks is not None and not isinstance(masks, str) else masks
-        out = restorer.restore_batch([img], [refs], steps=args.steps, seed=args.seed, ref_masks=rm)[0]
+        out = restorer.restore_batch([img], [refs], **sampler_options(args), ref_masks=rm)[0]
         out = to_grey(out) if grey else out
         return out, [restorer._fit(img)], [out], grey
     faces = aligner.detect(img)
@@ -142,9 +156,7 @@ def restore_photo(restorer, aligner, photo: Path, refs, args, matcher=None):
             f"{[k for k, r in enumerate(face_refs) if r]} (dlib distance < {net.THRESHOLD}: "
             f"{', '.join(f'{d:.2f}' for d in dist)})"
         )
-    restored = list(
-        restorer.restore_batch(crops, face_refs, steps=args.steps, seed=args.seed, ref_masks=masks)
-    )
+    restored = list(restorer.restore_batch(crops, face_refs, **sampler_options(args), ref_masks=masks))
     if grey:
         restored = [to_grey(r) for r in restored]
     return paste_back(img, faces, restored, args.upscale), crops, restored, grey
@@ -264,7 +276,7 @@ def restore_main(args: argparse.Namespace) -> int:
             # With references, the blind restoration (same seed) sits beside the referenced one.
             # the first face (in reading order) when the photo shows several
             lq = crops[0]
-            blind = [restorer.restore_batch([lq], [[]], steps=args.steps, seed=args.seed)[0]] if refs else []
+            blind = [restorer.restore_batch([lq], [[]], **sampler_options(args))[0]] if refs else []
             blind = [to_grey(b) for b in blind] if grey else blind
             row = [lq, *[restorer._fit(r) for r in refs], restored[0], *blind]
             labels = ["degraded" + (f" (face 1 of {len(crops)})" if len(crops) > 1 else ""),
@@ -305,6 +317,24 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--side-by-side", help="also write degraded | references | restored to this PNG")
     r.add_argument("--steps", type=int, default=None, help="sampling steps (default: the bundle's)")
     r.add_argument("--seed", type=int, default=None, help="sampling seed (default: the bundle's)")
+    r.add_argument(
+        "--guidance-image",
+        type=float,
+        default=None,
+        help="s_i of seed 002's eq. 5: guidance scale of the degraded input (paper: 1.2)",
+    )
+    r.add_argument(
+        "--guidance-context",
+        type=float,
+        default=None,
+        help="s_c of seed 002's eq. 5: guidance scale of the reference context (paper: 1.2)",
+    )
+    r.add_argument(
+        "--ref-ensemble",
+        action="store_true",
+        default=None,
+        help="seed 002's eq. 6: one forward per reference, their predictions averaged (any model, up to 3)",
+    )
     r.add_argument(
         "--aligned", action="store_true", help="the photos and references are already aligned face crops"
     )

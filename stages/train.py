@@ -37,7 +37,7 @@ from pipelines.embedding import load_encoders
 from pipelines.fit import fit
 from pipelines.io import write_bytes, write_json
 from pipelines.shards import validate_shards
-from pipelines.tracking import mark_run, tracking_uri
+from pipelines.tracking import absolute_uri, mark_run, tracking_uri
 from pipelines.training import build_network, evaluate, to_uint8, validation_batch
 from pipelines.viz import grid_image
 from stages._common import load_params, parser, progress_enabled, setup_logging
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     logger = MLFlowLogger(
         experiment_name=cfg.experiment,
         run_name="train",
-        tracking_uri=tracking_uri(),
+        tracking_uri=absolute_uri(tracking_uri()),  # the same store from a Ray Train worker's folder
         run_id=run_id,
         log_model=False,
     )
@@ -192,12 +192,14 @@ def main(argv: list[str] | None = None) -> None:
     else:
         print(f"train: resuming MLflow run {run_id} from {resume}")
 
-    history_file = ckpt_dir / "history.csv"
+    history_file = (ckpt_dir / "history.csv").resolve()  # absolute: Ray Train workers run elsewhere
 
     class Track(Callback):
-        """Loss history (kept across resumes), sample grids every grid_every steps."""
+        """Loss history (kept across resumes), sample grids every grid_every steps; rank 0 only."""
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_rank != 0:
+                return
             step = trainer.global_step
             if step % cfg.log_every == 0 and pl_module.history:
                 h = pl_module.history[-1]

@@ -76,7 +76,7 @@ def _cond(tokens=None, refs=None) -> tuple[torch.Tensor, torch.Tensor, Condition
         torch.randn(b, r, 16, generator=g),
         torch.randn(b, 16, generator=g),
         torch.randn(b, 8, 96, generator=g),
-        tokens,
+        ref_tokens=tokens,
     )
     return torch.randn(b, c, h, h, generator=g), torch.tensor([0.5, 0.7]), cond
 
@@ -166,6 +166,23 @@ def test_the_decoupled_route_trains_its_own_parameters():
         assert torch.equal(plain(scene, sigma, none), decoupled)
     with pytest.raises(ValueError, match="unknown reference route 'sideways'; valid: in_context, decoupled"):
         IConFaceConfig(reference_route="sideways")
+
+
+def test_masks_follow_their_reference_into_the_eq6_ensemble():
+    """Seed 002's multi-reference ensemble runs one reference slot per forward: the slot's token mask
+    goes with it (else slot k would read slot 0's mask)."""
+    from models.guidance import reference_slot
+
+    tokens = torch.rand(2, 2, 16) > 0.5
+    _, _, cond = _cond(tokens)
+    assert torch.equal(reference_slot(cond, 1).ref_tokens, tokens[:, 1:2])
+
+
+def test_refstar_needs_the_in_context_references():
+    with pytest.raises(ConfigError, match="use conditioning: iconface"):
+        build(TrainConfig, {"conditioning": "composite", "cycle_loss": True}, "train")
+    with pytest.raises(ValueError, match="composite conditioning has none"):
+        IConFaceConfig(reference_route="decoupled", conditioning="composite")
 
 
 # ==================================================================================================
