@@ -369,6 +369,55 @@ def test_ablate_compares_the_refstar_rows(tmp_path):
     assert "full vs refstar_in_context" not in table  # Table 3's order is read among IConFace's variants
 
 
+@pytest.mark.slow
+def test_the_train_stage_trains_with_masks_and_records_their_provenance(tmp_path):
+    """`stages.train` with reference_masks: truth, the decoupled route and the cycle loss: three steps on
+    Ray-fed batches, the masks' provenance in the metrics; refsel on shards without a mask model stops
+    before any work and says what to set."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from conftest import REPO
+    from test_train import _project
+
+    _, params = _project(tmp_path)
+    shards = make_pair_shards(tmp_path / "pairs", identities=(4, 2, 1), emb_dim=512)
+    params["train"].update(
+        {"max_steps": 3, "reference_masks": "truth", "reference_route": "decoupled", "cycle_loss": True}
+    )
+    env = {
+        **os.environ,
+        "REFFACE_PROGRESS": "0",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    }
+
+    def run(p: dict) -> subprocess.CompletedProcess:
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
+        cmd = [sys.executable, "-m", "stages.train", "--params", str(tmp_path / "params.yaml")]
+        cmd += [
+            "--shards",
+            str(shards),
+            "--encoders",
+            str(tmp_path / "encoders"),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+        cmd += ["--metrics", str(tmp_path / "m.json"), "--plot", str(tmp_path / "loss.csv")]
+        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+    r = run(params)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "cycle loss (RefSTAR eq. 5), perceptual term off: no local LPIPS weights" in r.stdout
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["steps"] == 3 and np.isfinite(m["final_loss"])
+    assert m["reference_masks"] == {"option": "truth", "mask_model": None, "provenance": {"synthetic": 48}}
+    params["train"]["reference_masks"] = "refsel"
+    r = run(params)
+    assert r.returncode != 0 and "set train.shards: data/refsel/shards" in r.stderr
+
+
 def test_collate_needs_a_mask_on_every_chosen_reference():
     from pipelines.training import collate
 
