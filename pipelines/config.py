@@ -22,6 +22,9 @@ BACKBONE_NAMES = ("tiny", "small", "klein_base_4b")
 VARIANT_NAMES = ("concat", "+struct", "+id", "single_route", "full")
 # ablate rows of RefSTAR's transfer (pipelines.refstar.ABLATE_ROWS), besides the IConFace variants
 REFSTAR_ROW_NAMES = ("refstar_in_context", "refstar_decoupled", "refstar_decoupled_cycle")
+# ablate rows of seed 002 (stages.ablate.SEED002_ROWS): Composite Context, and the same model sampled with
+# the training-free multi-reference ensemble (its eq. 6)
+SEED002_ROW_NAMES = ("composite", "composite_ensemble")
 PRESET_NAMES = (
     "realesrgan",
     "bsrgan",
@@ -753,7 +756,7 @@ class RegisterConfig:
 class AblateConfig:
     """`ablate`: the variants of paper Table 3 under one short budget."""
 
-    variants: tuple[str, ...] = ("concat", "+struct", "+id", "single_route", "full")
+    variants: tuple[str, ...] = VARIANT_NAMES + SEED002_ROW_NAMES + REFSTAR_ROW_NAMES
     steps: int = 60
     batch_size: int = 8
     val_samples: int = 32
@@ -761,7 +764,7 @@ class AblateConfig:
     seed: int = 0
 
     def validate(self, where: str) -> None:
-        valid = VARIANT_NAMES + REFSTAR_ROW_NAMES
+        valid = VARIANT_NAMES + REFSTAR_ROW_NAMES + SEED002_ROW_NAMES
         bad = [v for v in self.variants if v not in valid]
         if bad or not self.variants:
             raise ConfigError(f"{where}.variants: unknown {bad}; valid: {', '.join(valid)}")

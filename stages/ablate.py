@@ -13,6 +13,17 @@ RefSTAR's rows (pipelines.refstar.ABLATE_ROWS; list them in `ablate.variants`): 
 (conflict masks, one joint softmax: eq. 3), `refstar_decoupled` (eq. 4), `refstar_decoupled_cycle`
 (+ the cycle loss, eqs. 5 and 7), each on `train.variant` with the masks of the shards ablate reads
 (data/shards: the synthetic ground truth; refsel shards: annotated / predicted).
+
+Seed 002's rows (`SEED002_ROWS`): `composite` (train.conditioning: composite, its Sec. 3.1) and
+`composite_ensemble`, the same trained model sampled with the training-free multi-reference ensemble
+(its eq. 6): one training, two rows.
+
+One protocol for every row (issue 15): the same validation targets, degradations and references; ID-GT
+with references and blind; the **wrong-person control** (each target restored with as many references
+of the next validation target of another identity; true − other with a paired interval); the **copy
+score in conflict regions** (pipelines.evaluation.copy_score with `evaluate.copy_tau`, on the first
+reference's conflict mask where the shards carry one: the share of conflict pixels the output takes
+from the reference rather than from the target; lower is better).
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -28,10 +40,10 @@ from pipelines.embedding import load_encoders
 from pipelines.fit import SCORE, fit
 from pipelines.io import write_bytes, write_json
 from pipelines.refstar import ABLATE_ROWS, ablate_overrides, mask_provenance
-from pipelines.shards import validate_shards
+from pipelines.shards import iter_samples, validate_shards
 from pipelines.stats import paired_bootstrap
 from pipelines.tracking import mark_run, tracking_uri
-from pipelines.training import validation_batch
+from pipelines.training import no_refs, psnr, to_uint8, validation_batch
 from stages._common import load_params, parser, progress_enabled, setup_logging
 
 COLUMNS = (
@@ -44,14 +56,84 @@ COLUMNS = (
 )
 
 
+# seed 002's rows: (train overrides, sampler options)
+SEED002_ROWS: dict[str, tuple[dict, dict]] = {
+    "composite": ({"conditioning": "composite"}, {}),
+    "composite_ensemble": ({"conditioning": "composite"}, {"ref_ensemble": True}),
+}
+PER_REFERENCE = ("refs", "ref_mask", "z_refs", "ref_consistent")  # batch keys that belong to the references
+
+
+def control_batch(batch: dict, identities: list[str]) -> dict:
+    """The wrong-person control: every target gets the references of the next target (cyclically) of
+    another identity that has at least as many, cut to the target's own count (same count, same slots)."""
+    counts = batch["ref_mask"].sum(1).tolist()
+    n = len(identities)
+    pick = []
+    for i in range(n):
+        for step in range(1, n + 1):
+            j = (i + step) % n
+            if identities[j] != identities[i] and counts[j] >= counts[i]:
+                pick.append(j)
+                break
+        else:
+            raise SystemExit(
+                f"error: no validation target of another identity with {counts[i]} references for "
+                f"{batch['keys'][i]}; the control needs at least two identities"
+            )
+    out = dict(batch)
+    for k in PER_REFERENCE:
+        if k in batch:
+            out[k] = batch[k][pick]
+    keep = torch.arange(batch["ref_mask"].shape[1])[None, :] < torch.tensor(counts)[:, None]
+    out["ref_mask"] = out["ref_mask"] & keep
+    return out
+
+
+def protocol(module, batch, control, evaluator, steps, guidance, masks, tau, sampler) -> dict:
+    """Per-target ID-GT with references, blind and with the control's references, and the copy score
+    of the output with references in the first reference's conflict region (NaN where none)."""
+    import torch.nn.functional as F
+
+    from models.id_encoder import raw_embedding
+    from pipelines.evaluation import copy_score
+
+    def unit(x):
+        return F.normalize(
+            raw_embedding(evaluator.eval(), (x.clamp(-1, 1) + 1) / 2, module.crop_border), dim=-1
+        )
+
+    with torch.no_grad():
+        g = unit(batch["gt"])
+        outs = {
+            "ref": module.restore(batch, steps=steps, guidance=guidance, **sampler),
+            "none": module.restore(no_refs(batch), steps=steps, guidance=guidance),
+            "control": module.restore(control, steps=steps, guidance=guidance, **sampler),
+        }
+        per = {k: (unit(v) * g).sum(-1).numpy() for k, v in outs.items()}
+        per["ref_psnr"] = psnr(outs["ref"], batch["gt"])
+    out_u8, gt_u8, ref_u8 = to_uint8(outs["ref"]), to_uint8(batch["gt"]), to_uint8(batch["refs"][:, 0])
+    copies = []
+    for i, m in enumerate(masks):
+        c = (
+            None
+            if m is None or not bool(batch["ref_mask"][i, 0])
+            else copy_score(out_u8[i], gt_u8[i], ref_u8[i], m, tau)
+        )
+        copies.append(np.nan if c is None else c)
+    per["copy"] = np.array(copies, np.float64)
+    return per
+
+
 def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__)
     for a in ("--shards", "--encoders", "--report", "--metrics"):
         p.add_argument(a, required=True)
     args = p.parse_args(argv)
     setup_logging()
-    cfgs = load_params(args.params, "ablate", "train", "degrade", "embed")
+    cfgs = load_params(args.params, "ablate", "train", "degrade", "embed", "evaluate")
     cfg, tcfg, dcfg, ecfg = cfgs["ablate"], cfgs["train"], cfgs["degrade"], cfgs["embed"]
+    tau = cfgs["evaluate"].copy_tau
     torch.set_num_threads(tcfg.threads)
     validate_shards(args.shards)
     encoders = load_encoders(ecfg, args.encoders)
@@ -75,30 +157,61 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"error: {exc}") from exc
         # the same targets, degradations and references, with their masks
         val_masked = validation_batch(args.shards, replace(base, reference_masks=option), base.max_refs)
-    results, per_target = {}, {}
+    # the protocol's inputs: identities (control), the first reference's conflict masks (copy score)
+    ids, conflict = [], []
+    for i, smp in enumerate(iter_samples(args.shards, "val")):
+        if i >= len(val["keys"]):
+            break
+        ids.append(smp["meta"].get("identity", smp["key"]))
+        conflict.append(smp["masks"][0] if smp["masks"] and smp["masks"][0] is not None else None)
+    results, per_target, extra, fitted = {}, {}, {}, {}
     with mlflow.start_run(run_name="ablate") as parent:
         mlflow.log_params(
             {"steps": cfg.steps, "variants": ",".join(cfg.variants), "val_preset": tcfg.val_preset}
         )
         for variant in tqdm(cfg.variants, desc="ablate", unit="variant", disable=not progress_enabled()):
-            over = (
-                ablate_overrides(variant, masks["option"]) if variant in ABLATE_ROWS else {"variant": variant}
+            sampler: dict = {}
+            if variant in ABLATE_ROWS:
+                over = ablate_overrides(variant, masks["option"])
+            elif variant in SEED002_ROWS:
+                over, sampler = SEED002_ROWS[variant]
+            else:
+                over = {"variant": variant}
+            batch = val_masked if variant in ABLATE_ROWS else val
+            key = json.dumps(over, sort_keys=True)
+            if key not in fitted:  # composite_ensemble samples the composite row's model: one training
+                fitted[key] = fit(
+                    replace(base, **over),
+                    dcfg,
+                    args.shards,
+                    encoders,
+                    batch,
+                    steps=cfg.steps,
+                    val_steps=cfg.val_steps,
+                    inline=True,
+                )
+            r = fitted[key]
+            per = protocol(
+                r.module,
+                batch,
+                control_batch(batch, ids),
+                encoders.evaluator,
+                cfg.val_steps,
+                tcfg.val_guidance,
+                conflict,
+                tau,
+                sampler,
             )
-            r = fit(
-                replace(base, **over),
-                dcfg,
-                args.shards,
-                encoders,
-                val_masked if variant in ABLATE_ROWS else val,
-                steps=cfg.steps,
-                val_steps=cfg.val_steps,
-                inline=True,
-            )
-            m = r.metrics
+            m = dict(r.metrics)
+            if sampler:  # the ensemble row's own restorations replace the row it was trained as
+                m["restored_id_sim"] = round(float(per["ref"].mean()), 4)
+                m["restored_psnr"] = round(float(per["ref_psnr"].mean()), 4)
             results[variant] = m
-            per_target[variant] = r.outputs["per_target"][SCORE]
+            per_target[variant] = per["ref"]
+            extra[variant] = per
             with mlflow.start_run(run_name=f"ablate/{variant}", nested=True):
                 mlflow.log_param("variant", variant)
+                mlflow.log_params({f"override.{k}": v for k, v in {**over, **sampler}.items()})
                 mlflow.log_metrics(
                     {k: float(v) for k, v in {**m, **r.timing}.items() if isinstance(v, int | float)}
                 )
@@ -107,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
         run_id = parent.info.run_id
 
     lines = [
-        "# Ablation of IConFace's parts (paper Table 3 layout)",
+        "# Ablation of IConFace's parts (paper Table 3 layout), seed 002 and RefSTAR under one protocol",
         "",
         "Wall-clock training times are in the MLflow runs (`ablate/<variant>`), not here: this file is a DVC output "
         "and must be byte-identical on a rerun.",
@@ -186,9 +299,52 @@ def main(argv: list[str] | None = None) -> None:
             "RefSTAR (its Table 2): the decoupled cross-attention and the cycle loss each raise ID-GT and ID-Ref; "
             "read the RefSTAR rows against the row before them.",
         ]
+    # One protocol for every row: the reference gain, the wrong-person control and the copy score.
+    proto = {}
+    lines += [
+        "",
+        "## One protocol for every row",
+        "",
+        f"On the same {len(val['keys'])} targets: ID-GT with references − blind; with the true references − "
+        "with as many references of another person (the next validation target of another identity); the "
+        f"copy score in the first reference's conflict region (τ = {tau:g}; the share of conflict pixels taken "
+        "from the reference rather than the target, lower is better; mean over the targets whose reference has "
+        "a conflict region). Intervals: 95 % paired bootstrap, seed "
+        f"{cfg.seed}; an interval that contains 0 is no difference.",
+        "",
+        "| row | refs − blind | verdict | true − other person | verdict | copy (conflict) ↓ | pairs |",
+        "|---|---:|---|---:|---|---:|---:|",
+    ]
+    for v in names:
+        per = extra[v]
+        gain = paired_bootstrap(per["ref"], per["none"], seed=cfg.seed)
+        ctl = paired_bootstrap(per["ref"], per["control"], seed=cfg.seed)
+        copies = per["copy"][np.isfinite(per["copy"])]
+        copy = round(float(copies.mean()), 4) if len(copies) else None
+        proto[v] = {
+            "ref_minus_blind": {**gain.as_dict(), "verdict": gain.verdict},
+            "true_minus_other": {**ctl.as_dict(), "verdict": ctl.verdict},
+            "control_id_sim": round(float(per["control"].mean()), 4),
+            "copy_score": copy,
+            "copy_pairs": int(len(copies)),
+        }
+        lines.append(
+            f"| {v} | {gain.text()} | {gain.verdict} | "
+            f"{ctl.text()} | {ctl.verdict} | "
+            f"{'—' if copy is None else f'{copy:.4f}'} | {len(copies)} |"
+        )
+    helps = [v for v in names if proto[v]["true_minus_other"]["verdict"] == "higher"]
+    lines += [
+        "",
+        f"Rows whose true references beat another person's (interval clear of zero): {', '.join(helps) or 'none'}.",
+    ]
     write_bytes(args.report, ("\n".join(lines) + "\n").encode())
     write_json(
-        args.metrics, {v: {**{k: m[k] for k, _ in COLUMNS}, "paired": paired[v]} for v, m in results.items()}
+        args.metrics,
+        {
+            v: {**{k: m[k] for k, _ in COLUMNS}, "paired": paired[v], "protocol": proto[v]}
+            for v, m in results.items()
+        },
     )
     mark_run(mlflow.MlflowClient(), run_id, "ablate", args.metrics)
     best = max(results, key=lambda v: results[v][SCORE])

@@ -88,7 +88,12 @@ def test_tune_study_nested_runs_resume_and_ray(tmp_path):
 
 def test_ablate_table(tmp_path):
     shards, params = _project(tmp_path)
-    params["ablate"] = {"variants": ["concat", "full"], "steps": 3, "batch_size": 4, "val_samples": 4}
+    params["ablate"] = {
+        "variants": ["concat", "full", "composite", "composite_ensemble"],
+        "steps": 3,
+        "batch_size": 4,
+        "val_samples": 4,
+    }
     r = _run(
         tmp_path,
         params,
@@ -104,7 +109,15 @@ def test_ablate_table(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((tmp_path / "a.json").read_text())
-    assert list(m) == ["concat", "full"]
+    assert sorted(m) == sorted(["concat", "full", "composite", "composite_ensemble"])
     assert m["full"]["trainable_parameters"] > m["concat"]["trainable_parameters"]
+    # one training for the composite rows; the ensemble row is its own sampling of that model
+    assert m["composite_ensemble"]["trainable_parameters"] == m["composite"]["trainable_parameters"]
+    assert m["composite_ensemble"]["final_loss"] == m["composite"]["final_loss"]
+    for row in m.values():  # one protocol: reference gain, wrong-person control, copy in conflict regions
+        p = row["protocol"]
+        assert p["ref_minus_blind"]["n"] == p["true_minus_other"]["n"] == 4
+        assert p["copy_pairs"] > 0 and 0.0 <= p["copy_score"] <= 1.0
     table = (tmp_path / "ablation.md").read_text()
     assert "| concat |" in table and "| full |" in table and "Table 3" in table
+    assert "| composite_ensemble |" in table and "true − other person" in table
