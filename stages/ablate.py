@@ -64,33 +64,31 @@ SEED002_ROWS: dict[str, tuple[dict, dict]] = {
 PER_REFERENCE = ("refs", "ref_mask", "z_refs", "ref_consistent")  # batch keys that belong to the references
 
 
-def control_batch(batch: dict, identities: list[str]) -> dict:
+def control_batch(batch: dict, identities: list[str]) -> tuple[dict, list[bool]]:
     """The wrong-person control: every target gets the references of the next target (cyclically) of
-    another identity that has at least as many, cut to the target's own count (same count, same slots)."""
+    another identity, preferring one with at least as many, cut to the smaller count. Returns the batch
+    and, per target, whether it has a control (False where the batch holds no other identity: those
+    targets keep their own references and are left out of the control's pairs)."""
     counts = batch["ref_mask"].sum(1).tolist()
     n = len(identities)
-    pick = []
+    pick, has = [], []
     for i in range(n):
-        for step in range(1, n + 1):
-            j = (i + step) % n
-            if identities[j] != identities[i] and counts[j] >= counts[i]:
-                pick.append(j)
-                break
-        else:
-            raise SystemExit(
-                f"error: no validation target of another identity with {counts[i]} references for "
-                f"{batch['keys'][i]}; the control needs at least two identities"
-            )
+        others = [(i + step) % n for step in range(1, n) if identities[(i + step) % n] != identities[i]]
+        enough = [j for j in others if counts[j] >= counts[i]]
+        j = enough[0] if enough else max(others, key=lambda k: counts[k]) if others else i
+        pick.append(j)
+        has.append(bool(others))
     out = dict(batch)
     for k in PER_REFERENCE:
         if k in batch:
             out[k] = batch[k][pick]
-    keep = torch.arange(batch["ref_mask"].shape[1])[None, :] < torch.tensor(counts)[:, None]
+    count = torch.tensor([min(counts[i], counts[j]) for i, j in enumerate(pick)])
+    keep = torch.arange(batch["ref_mask"].shape[1])[None, :] < count[:, None]
     out["ref_mask"] = out["ref_mask"] & keep
-    return out
+    return out, has
 
 
-def protocol(module, batch, control, evaluator, steps, guidance, masks, tau, sampler) -> dict:
+def protocol(module, batch, control, has_control, evaluator, steps, guidance, masks, tau, sampler) -> dict:
     """Per-target ID-GT with references, blind and with the control's references, and the copy score
     of the output with references in the first reference's conflict region (NaN where none)."""
     import torch.nn.functional as F
@@ -111,6 +109,7 @@ def protocol(module, batch, control, evaluator, steps, guidance, masks, tau, sam
             "control": module.restore(control, steps=steps, guidance=guidance, **sampler),
         }
         per = {k: (unit(v) * g).sum(-1).numpy() for k, v in outs.items()}
+        per["control"] = np.where(has_control, per["control"], np.nan)  # no other identity: no pair
         per["ref_psnr"] = psnr(outs["ref"], batch["gt"])
     out_u8, gt_u8, ref_u8 = to_uint8(outs["ref"]), to_uint8(batch["gt"]), to_uint8(batch["refs"][:, 0])
     copies = []
@@ -194,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
             per = protocol(
                 r.module,
                 batch,
-                control_batch(batch, ids),
+                *control_batch(batch, ids),
                 encoders.evaluator,
                 cfg.val_steps,
                 tcfg.val_guidance,
@@ -318,13 +317,14 @@ def main(argv: list[str] | None = None) -> None:
     for v in names:
         per = extra[v]
         gain = paired_bootstrap(per["ref"], per["none"], seed=cfg.seed)
-        ctl = paired_bootstrap(per["ref"], per["control"], seed=cfg.seed)
+        ok = np.isfinite(per["control"])
+        ctl = paired_bootstrap(per["ref"][ok], per["control"][ok], seed=cfg.seed)
         copies = per["copy"][np.isfinite(per["copy"])]
         copy = round(float(copies.mean()), 4) if len(copies) else None
         proto[v] = {
             "ref_minus_blind": {**gain.as_dict(), "verdict": gain.verdict},
             "true_minus_other": {**ctl.as_dict(), "verdict": ctl.verdict},
-            "control_id_sim": round(float(per["control"].mean()), 4),
+            "control_id_sim": round(float(per["control"][ok].mean()), 4) if ok.any() else None,
             "copy_score": copy,
             "copy_pairs": int(len(copies)),
         }
