@@ -153,7 +153,7 @@ class ClipVisionTower(nn.Module):
 
 
 def load_farl(tower: ClipVisionTower, path: str | Path) -> None:
-    """Load a FaRL checkpoint (its official format: `torch.load(p)["state_dict"]`, the state dict of a whole
+    """Load a FaRL checkpoint (its official format: a pickled dict whose "state_dict" is the state dict of a whole
     CLIP ViT-B/16 whose image tower keys start with `visual.`) or a safetensors file of the same keys.
 
     Read with weights_only=True. Text-tower keys are ignored; a missing or misshapen image-tower key is an

@@ -88,7 +88,9 @@ def control_batch(batch: dict, identities: list[str]) -> tuple[dict, list[bool]]
     return out, has
 
 
-def protocol(module, batch, control, has_control, evaluator, steps, guidance, masks, tau, sampler) -> dict:
+def protocol(
+    module, batch, control, has_control, evaluator, steps, guidance, masks, tau, sampler, known=None
+) -> dict:
     """Per-target ID-GT with references, blind and with the control's references, and the copy score
     of the output with references in the first reference's conflict region (NaN where none)."""
     import torch.nn.functional as F
@@ -103,11 +105,12 @@ def protocol(module, batch, control, has_control, evaluator, steps, guidance, ma
 
     with torch.no_grad():
         g = unit(batch["gt"])
-        outs = {
-            "ref": module.restore(batch, steps=steps, guidance=guidance, **sampler),
-            "none": module.restore(no_refs(batch), steps=steps, guidance=guidance),
-            "control": module.restore(control, steps=steps, guidance=guidance, **sampler),
-        }
+        outs = dict(known or {})  # fit's validation restorations, when they are this row's
+        if "ref" not in outs:
+            outs["ref"] = module.restore(batch, steps=steps, guidance=guidance, **sampler)
+        if "none" not in outs:
+            outs["none"] = module.restore(no_refs(batch), steps=steps, guidance=guidance)
+        outs["control"] = module.restore(control, steps=steps, guidance=guidance, **sampler)
         per = {k: (unit(v) * g).sum(-1).numpy() for k, v in outs.items()}
         per["control"] = np.where(has_control, per["control"], np.nan)  # no other identity: no pair
         per["ref_psnr"] = psnr(outs["ref"], batch["gt"])
@@ -200,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
                 conflict,
                 tau,
                 sampler,
+                # fit validated this row with the same batch, steps and guidance: reuse its restorations
+                None if sampler else {k: r.outputs[k] for k in ("ref", "none")},
             )
             m = dict(r.metrics)
             if sampler:  # the ensemble row's own restorations replace the row it was trained as
