@@ -33,6 +33,17 @@ output equals the stock diffusers forward exactly.
   of the identity baseline after 200 steps; with the readout 0.897, below a per-patch linear
   least-squares fit's 0.92). A pretrained FLUX.2 already attends across its in-context tokens: klein
   keeps the paper's scene-only head.
+* **Reference readout** (ours, off by default; on for the randomly initialised CPU backbones, like the
+  degraded readout): the head also reads Δ = mean_r g([LN(h_scene + h_deg); LN(h_ref,r)]) at every grid
+  position, over the kept tokens of the references at that position (`ReferenceReadout`; g a two-layer
+  MLP whose last layer starts at zero). The reason is the degraded readout's: a random backbone learns no
+  position-aligned attention to the references in a CPU budget, so in-context references changed nothing
+  (severe GT-ID 1 reference − blind +0.0014, and +0.0018 with the target itself as the reference). The
+  references still enter the joint attention of eq. 2 as the paper has them; g only gives the head the
+  aligned reference evidence, and it sees the degraded token beside it, so it can learn what to take
+  (identity traits) and what not (the reference's pose, expression, lighting). Padded and RefSTAR-masked
+  reference tokens contribute nothing; without references Δ = 0. A pretrained FLUX.2 attends across
+  its in-context tokens: klein keeps the paper's head.
 * **Degradation-removal front end** (ours, `FrontEnd`; DiffBIR's stage 1): a small residual CNN
   trained beforehand by L2 (stage `train_front`), frozen; the model conditions on its output.
 * **Composite conditioning** (`IConFaceConfig.conditioning = "composite"`, seed 002, models.composite):
@@ -278,6 +289,32 @@ class MemoryCrossAttention(nn.Module):
         return h + self.gate * self.out(a)
 
 
+class ReferenceReadout(nn.Module):
+    """Δ = Σ_r k_r·g([LN(h); LN(h_ref,r)]) / max(1, Σ_r k_r) at every grid position (ours; module
+    docstring, "Reference readout").
+
+    h (B, HW, D) the head's input at each scene position, h_refs (B, R, HW, D) the final hidden states
+    of the references' tokens at the same positions, keep (B, R, HW) bool: padded references and
+    RefSTAR's masked tokens are False and contribute exactly nothing. g is a two-layer MLP whose last
+    layer starts at zero, so at initialisation the output is unchanged; with no kept token Δ = 0.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.inp = nn.Linear(2 * dim, dim)
+        self.out = nn.Linear(dim, dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, h: torch.Tensor, h_refs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.norm(h).unsqueeze(1).expand_as(h_refs), self.norm(h_refs)], -1)
+        d = self.out(F.silu(self.inp(x)))  # (B, R, HW, D)
+        k = keep.unsqueeze(-1)
+        d = torch.where(k, d, torch.zeros_like(d))
+        return d.sum(1) / k.sum(1).clamp_min(1).to(d.dtype)
+
+
 # ==================================================================================================
 # Degradation-removal front end (ours, for the CPU models)
 # ==================================================================================================
@@ -334,6 +371,7 @@ class IConFaceConfig:
     xattn_rank: int = 16
     max_refs: int = 3
     deg_readout: bool = False  # ours (module docstring); the paper's head reads the scene tokens only
+    ref_readout: bool = False  # ours (module docstring, "Reference readout"); off for pretrained backbones
     front_end: int = 0  # ours: width of the degradation-removal front end (FrontEnd); 0 = off (the paper)
     conditioning: str = "iconface"  # iconface (paper 001) | composite (seed 002's Composite Context)
     # RefSTAR (models.refstar): in_context = one joint attention over [scene; deg; refs] (its eq. 3, the
@@ -412,6 +450,7 @@ class IConFace(nn.Module):
         )
         self.identity = IdentityPathway(cfg.id_dim, dim) if self.parts["identity"] else None
         self.front = FrontEnd(cfg.front_end) if cfg.front_end else None
+        self.ref_fuse = ReferenceReadout(dim) if cfg.ref_readout else None
         if self.parts["memory"]:
             if self.parts["two_routes"]:
                 self.pool_base = QueryPooler(dim, cfg.memory_tokens // 2, cfg.memory_heads)
@@ -548,6 +587,13 @@ class IConFace(nn.Module):
         scene_h = hs[:, n_txt : n_txt + n_img]  # scene tokens only
         if self.cfg.deg_readout:
             scene_h = scene_h + hs[:, n_txt + n_img : n_txt + 2 * n_img]  # + the aligned degraded tokens
+        if self.ref_fuse is not None and r:  # + the aligned references' evidence (ours)
+            s0 = n_txt + 2 * n_img
+            h_refs = hs[:, s0 : s0 + r * n_img].unflatten(1, (r, n_img))  # (B, R, HW, D)
+            keep = cond.ref_mask[:, :r, None].expand(-1, -1, n_img)
+            if tok is not None:
+                keep = keep & tok[:, :r]
+            scene_h = scene_h + self.ref_fuse(scene_h, h_refs, keep)
         hs = scene_h
         out = tr.proj_out(tr.norm_out(hs, temb))  # (B, HW, C)
         return unpack(out, h, w)

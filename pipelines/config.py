@@ -430,6 +430,10 @@ class TrainConfig:
     # output. front_end 0 = off (the paper).
     front_end: int = 48
     front: str | None = "data/front/front.safetensors"
+    # ours: the head also reads an aligned fusion of the references' final tokens (models.iconface,
+    # "Reference readout"). auto: on where the degraded readout is (a random backbone with x0_residual);
+    # off = the paper's head (klein)
+    reference_readout: Literal["auto", "on", "off"] = "auto"
     # velocity = the recipe (û from the network). x0_residual: the network predicts the clean latent as
     # a residual over the degraded one, ẑ0 = z_deg + f(·), û = (z_σ − ẑ0)/σ, and L_fm is taken in ẑ0
     # space (= σ²·‖û − u*‖²): a from-scratch CPU model starts at the degraded image instead of at noise.
@@ -442,7 +446,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     batch_size: int = 8  # global; split evenly across ranks (recipe: 1)
     accumulate: int = 1  # recipe: 4
-    max_steps: int = 800
+    max_steps: int = 1000
     precision: Literal[
         "32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "16-true", "bf16-true", "64-true", "64"
     ] = "32-true"  # bf16-mixed on GPUs

@@ -715,6 +715,14 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
+def reference_readout(cfg) -> bool:
+    """Whether the head reads the aligned references (models.iconface, "Reference readout"): `auto`
+    turns it on where the degraded readout is on (a random backbone predicting x0_residual)."""
+    if cfg.reference_readout == "auto":
+        return cfg.weights is None and cfg.prediction == "x0_residual"
+    return cfg.reference_readout == "on"
+
+
 def build_network(cfg, z_dim: int) -> tuple[IConFace, object, dict]:
     """(IConFace with LoRA, latent codec, prompt embeddings) from the config; fails before any work."""
     torch.manual_seed(cfg.seed)  # the frozen tiny backbone is rebuilt identically on resume
@@ -758,6 +766,7 @@ def build_network(cfg, z_dim: int) -> tuple[IConFace, object, dict]:
             # A random backbone cannot fetch the degraded evidence for noise-only scene tokens in a CPU
             # budget (models.iconface, "Degraded readout"); a pretrained one keeps the paper's head.
             deg_readout=cfg.weights is None and cfg.prediction == "x0_residual",
+            ref_readout=reference_readout(cfg),
             front_end=cfg.front_end,
             conditioning=cfg.conditioning,
             reference_route=cfg.reference_route,

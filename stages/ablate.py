@@ -43,7 +43,7 @@ from pipelines.refstar import ABLATE_ROWS, ablate_overrides, mask_provenance
 from pipelines.shards import iter_samples, validate_shards
 from pipelines.stats import paired_bootstrap
 from pipelines.tracking import mark_run, tracking_uri
-from pipelines.training import no_refs, psnr, to_uint8, validation_batch
+from pipelines.training import no_refs, psnr, reference_readout, to_uint8, validation_batch
 from stages._common import load_params, parser, progress_enabled, setup_logging
 
 COLUMNS = (
@@ -230,7 +230,8 @@ def main(argv: list[str] | None = None) -> None:
         "and must be byte-identical on a rerun.",
         "",
         f"Each row trains from seed {cfg.seed} for {cfg.steps} steps (batch {cfg.batch_size}, backbone "
-        f"`{tcfg.backbone}`, prediction `{tcfg.prediction}`) and is evaluated on {len(val['keys'])} validation "
+        f"`{tcfg.backbone}`, prediction `{tcfg.prediction}`, reference readout "
+        f"{'on' if reference_readout(tcfg) else 'off'}) and is evaluated on {len(val['keys'])} validation "
         f"targets degraded with `{tcfg.val_preset}`. ID-GT: cosine to the target with the evaluator encoder. "
         f"Degraded input: PSNR {lq['lq_psnr']:.2f} dB, ID-GT {lq['lq_id_sim']:.4f}. MLflow: the `ablate` run "
         "of experiment `"

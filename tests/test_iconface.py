@@ -36,18 +36,20 @@ def _cond(r=2, mask=None, seed=0):
     )
 
 
-def _model(variant="full", lora=False, seed=0, readout=False):
+def _model(variant="full", lora=False, seed=0, readout=False, ref_readout=False):
     torch.manual_seed(seed)
     tr = build_backbone("tiny")
     if lora:
         add_lora(tr, 16)
-    return IConFace(tr, IConFaceConfig(variant=variant, memory_tokens=8, deg_readout=readout))
+    return IConFace(
+        tr, IConFaceConfig(variant=variant, memory_tokens=8, deg_readout=readout, ref_readout=ref_readout)
+    )
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("refs", [0, 1, 3])
 def test_zero_init_equals_the_stock_diffusers_forward(variant, refs):
-    m = _model(variant, lora=True)
+    m = _model(variant, lora=True, ref_readout=refs == 1)  # the reference readout starts at zero too
     c = _cond(refs)
     scene, sigma = torch.randn(B, C, H, W), torch.tensor([0.2, 0.9])
     with torch.no_grad():
@@ -62,7 +64,7 @@ def _perturb(m):
 
 
 def test_gradients_reach_every_trainable_part_and_no_frozen_one():
-    m = _model("full", lora=True)
+    m = _model("full", lora=True, ref_readout=True)
     _perturb(m)
     c = _cond(2)
     out = m(torch.randn(B, C, H, W), torch.tensor([0.3, 0.6]), c)
@@ -75,11 +77,12 @@ def test_gradients_reach_every_trainable_part_and_no_frozen_one():
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
     assert any("lora_A" in n for n in trainable) and any(n.startswith("identity.") for n in trainable)
     assert any(n.startswith("xattn.") for n in trainable) and not any("add_q_proj" in n for n in trainable)
+    assert any(n.startswith("ref_fuse.") for n in trainable)
 
 
-@pytest.mark.parametrize("readout", [False, True])
-def test_masked_or_absent_references_give_the_same_scene_output(readout):
-    m = _model("full", readout=readout)
+@pytest.mark.parametrize("readout,ref_readout", [(False, False), (True, False), (True, True)])
+def test_masked_or_absent_references_give_the_same_scene_output(readout, ref_readout):
+    m = _model("full", readout=readout, ref_readout=ref_readout)
     _perturb(m)
     mask = torch.tensor([[True, True], [True, False]])
     c = _cond(2, mask)
@@ -131,6 +134,48 @@ def test_degraded_readout_lets_a_random_backbone_use_the_degraded_image_at_sigma
 
     with_readout, without = fit(True), fit(False)
     assert with_readout < 0.7 * without, (with_readout, without)
+
+
+def test_reference_readout_lets_a_random_backbone_take_detail_from_an_aligned_reference():
+    """At σ = 1 the target is the degraded image plus a detail that only the (aligned) reference shows.
+    With the reference readout the head sees the reference's token at the same position and learns to
+    take it; without, a random backbone must first learn position-aligned attention to the reference
+    segment (models.iconface, "Reference readout")."""
+
+    def fit(ref_readout: bool) -> float:
+        torch.manual_seed(0)
+        tr = build_backbone("tiny")
+        nn.init.zeros_(tr.proj_out.weight)  # the x0_residual start: x0 = deg
+        m = IConFace(tr, IConFaceConfig(variant="concat", deg_readout=True, ref_readout=ref_readout))
+        opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+        g = torch.Generator().manual_seed(0)
+        losses = []
+        for _ in range(200):
+            c = _cond(1)
+            detail = torch.randn(B, C, H, W, generator=g)
+            c.deg = torch.randn(B, C, H, W, generator=g)
+            c.refs = (torch.randn(B, C, H, W, generator=g) * 0.3 + detail).unsqueeze(1)  # own "lighting"
+            x0 = c.deg + m(torch.randn(B, C, H, W, generator=g), torch.ones(B), c)
+            loss = ((x0 - c.deg - 0.5 * detail) ** 2).mean() / (0.25 * detail.pow(2).mean())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return sum(losses[-40:]) / 40
+
+    with_readout, without = fit(True), fit(False)
+    assert with_readout < 0.7 * without, (with_readout, without)
+
+
+def test_the_reference_readout_follows_the_backbone():
+    """auto: on for a random backbone predicting x0_residual (the CPU default), off for the recipe."""
+    from pipelines.config import TrainConfig
+    from pipelines.training import reference_readout
+
+    assert reference_readout(TrainConfig())
+    assert not reference_readout(TrainConfig(prediction="velocity"))
+    assert not reference_readout(TrainConfig(reference_readout="off"))
+    assert reference_readout(TrainConfig(prediction="velocity", reference_readout="on"))
 
 
 def test_identity_aggregation_matches_eq_4():

@@ -52,11 +52,16 @@ def test_a_token_is_kept_when_at_least_half_its_pixels_are_consistent():
 # ==================================================================================================
 
 
-def _net(route: str, rank: int = 4) -> IConFace:
+def _net(route: str, rank: int = 4, ref_readout: bool = False) -> IConFace:
     torch.manual_seed(0)
     tr = build_backbone("tiny", in_channels=48)
     add_lora(tr, 4)
-    net = IConFace(tr, IConFaceConfig(id_dim=16, memory_tokens=4, reference_route=route, decoupled_rank=rank))
+    net = IConFace(
+        tr,
+        IConFaceConfig(
+            id_dim=16, memory_tokens=4, reference_route=route, decoupled_rank=rank, ref_readout=ref_readout
+        ),
+    )
     with torch.no_grad():  # away from the zero-initialised start, so that every path carries signal
         for p in net.parameters():
             if p.requires_grad:
@@ -81,11 +86,13 @@ def _cond(tokens=None, refs=None) -> tuple[torch.Tensor, torch.Tensor, Condition
     return torch.randn(b, c, h, h, generator=g), torch.tensor([0.5, 0.7]), cond
 
 
-@pytest.mark.parametrize("route", ["in_context", "decoupled"])
-def test_a_masked_reference_token_changes_nothing(route):
+@pytest.mark.parametrize(
+    "route,ref_readout", [("in_context", False), ("decoupled", False), ("in_context", True)]
+)
+def test_a_masked_reference_token_changes_nothing(route, ref_readout):
     """Changing the content of masked reference tokens (and of a padded reference) leaves the output
-    bit-identical, as padding does; changing a kept token changes it."""
-    net = _net(route).eval()
+    bit-identical, as padding does; changing a kept token changes it (the reference readout too)."""
+    net = _net(route, ref_readout=ref_readout).eval()
     tokens = torch.ones(2, 2, 16, dtype=torch.bool)
     tokens[0, 0, :5] = False
     tokens[1, 0, 3] = False
