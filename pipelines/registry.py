@@ -183,6 +183,14 @@ def decide(
     return ok, reasons
 
 
+BLOCKING = ("regresses by", "does not lie above", "is missing", "impossible", "different targets")
+
+
+def blocking(reasons: list[str]) -> list[str]:
+    """The reasons of `decide` that refused a promotion (the phrases it writes for a failed check)."""
+    return [r for r in reasons if any(b in r for b in BLOCKING)]
+
+
 def bundle_sha(bundle) -> str:
     """sha256 over the bundle's files (relative names and bytes, sorted): the registry's identity of a model."""
     import hashlib

@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 from pipelines.io import read_json, write_bytes, write_json
-from pipelines.registry import Gate, bundle_sha, decide, find_version, flatten, log_model_version
+from pipelines.registry import Gate, blocking, bundle_sha, decide, find_version, flatten, log_model_version
 from pipelines.tracking import mark_run, registry_uri, tracking_uri
 from stages._common import load_params, parser, setup_logging
 
@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
         },
     )
     mark_run(client, run.info.run_id, "register", args.metrics)
-    print(f"register: {name} v{version} {decision} ({reasons[0]})")
+    shown = reasons[:1] if promote else (blocking(reasons) or reasons[:1])  # a refusal names what refused it
+    print(f"register: {name} v{version} {decision} ({'; '.join(shown[:2])})")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from conftest import make_pair_shards, write_encoders
 from PIL import Image
 
 from pipelines.evaluation import copy_score, psnr_u8, ssim_u8
-from pipelines.registry import Gate, decide, decode_image
+from pipelines.registry import Gate, blocking, decide, decode_image
 from pipelines.restorer import InputError, check_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +68,9 @@ def test_gate_rules():
     assert decide({**champ, "s/1 reference/psnr": 19.8}, champ, g, up, targets(base))[0]
     ok, why = decide({**champ, "s/1 reference/psnr": 19.5}, champ, g, up, targets(base))
     assert not ok and any("regresses by 0.5000 > 0.3" in w for w in why)
+    # what refused it is named apart from the checks that passed (the stage's one-line summary)
+    assert blocking(why) == [w for w in why if "s/1 reference/psnr" in w] and "above min_gain" in why[0]
+    assert blocking(decide({**champ, "s/1 reference/psnr": 19.8}, champ, g, up, targets(base))[1]) == []
     ok, why = decide({**champ, "s/1 reference/copy_score": 0.3}, champ, g, up, targets(base))
     assert not ok and any("copy_score" in w and "regresses" in w for w in why)  # lower is better
     # LPIPS is a guard like any metric, lower is better (pipelines.quality)
