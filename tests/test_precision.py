@@ -16,7 +16,7 @@ from pipelines.config import TrainConfig, build
 from pipelines.training import cast_frozen, frozen_dtype, low_precision
 
 
-def _module(train_backbone: bool = False, precision: str = "bf16-mixed"):
+def _module(train_backbone: bool = False, precision: str = "bf16-mixed", prediction: str = "velocity"):
     from models.id_encoder import IRBackbone, IRConfig
     from pipelines.training import IConFaceModule, build_network
 
@@ -32,7 +32,7 @@ def _module(train_backbone: bool = False, precision: str = "bf16-mixed"):
             "precision": precision,
             "lr": 1e-3,
             "lr_schedule": "constant",
-            "prediction": "velocity",  # x0_residual zero-initialises proj_out: a frozen one passes no gradient
+            "prediction": prediction,  # x0_residual zero-initialises proj_out: a frozen one passes no gradient
         },
         "train",
     )
@@ -211,3 +211,41 @@ def test_the_restorer_merges_the_lora_without_changing_outputs(bundle):
     assert (a != b).mean() < 0.01
     low = Restorer(out, precision="bf16").restore_batch(lq, refs, steps=3, seed=5).astype(int)
     assert np.abs(low - a).mean() < 2.0  # bf16 weights: within bf16 tolerance on the 0–255 scale
+
+
+def test_a_bundle_from_before_the_reference_readout_loads_without_it(tmp_path):
+    """A CPU-default bundle (x0_residual: the readout is on by `auto`) and the same bundle as written
+    before `train.reference_readout` existed (no key in train.json, no ref_fuse weights): the old one
+    loads with the readout off, and both restore alike while the readout is still at its zero start."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from models.id_encoder import save_encoder
+    from models.lora import PATHWAYS_FILE, save_trainable
+    from pipelines.restorer import Restorer, write_bundle
+
+    cfg, module = _module(precision="32-true", prediction="x0_residual")
+    assert module.net.ref_fuse is not None
+    save_trainable(module.net, tmp_path / "weights")
+    save_encoder(module.id_encoder, tmp_path / "encoder.safetensors", "tiny")
+    write_bundle(
+        tmp_path / "new", cfg, tmp_path / "weights", "small_ir", tmp_path / "encoder.safetensors", 16
+    )
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "new", old)
+    train = json.loads((old / "train.json").read_text())
+    del train["reference_readout"]
+    (old / "train.json").write_text(json.dumps(train))
+    pw = next(old.rglob(PATHWAYS_FILE))
+    state = load_file(str(pw))
+    save_file({k: v for k, v in state.items() if not k.startswith("ref_fuse.")}, str(pw))
+    a, b = Restorer(tmp_path / "new"), Restorer(old)
+    assert a.module.net.ref_fuse is not None and b.module.net.ref_fuse is None
+    rng = np.random.default_rng(3)
+    lq = [rng.integers(0, 255, (16, 16, 3), dtype=np.uint8) for _ in range(2)]
+    refs = [[rng.integers(0, 255, (16, 16, 3), dtype=np.uint8) for _ in range(k)] for k in (1, 2)]
+    assert np.array_equal(
+        a.restore_batch(lq, refs, steps=2, seed=5), b.restore_batch(lq, refs, steps=2, seed=5)
+    )
