@@ -715,11 +715,18 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
+def degraded_readout(cfg) -> bool:
+    """Whether the head reads the aligned degraded tokens (models.iconface, "Degraded readout"): a
+    random backbone cannot fetch that evidence for noise-only scene tokens in a CPU budget; a pretrained
+    one keeps the paper's head."""
+    return cfg.weights is None and cfg.prediction == "x0_residual"
+
+
 def reference_readout(cfg) -> bool:
     """Whether the head reads the aligned references (models.iconface, "Reference readout"): `auto`
-    turns it on where the degraded readout is on (a random backbone predicting x0_residual)."""
+    turns it on where the degraded readout is on."""
     if cfg.reference_readout == "auto":
-        return cfg.weights is None and cfg.prediction == "x0_residual"
+        return degraded_readout(cfg)
     return cfg.reference_readout == "on"
 
 
@@ -763,9 +770,7 @@ def build_network(cfg, z_dim: int) -> tuple[IConFace, object, dict]:
             memory_tokens=cfg.memory_tokens,
             max_refs=cfg.max_refs,
             temperature=cfg.temperature,
-            # A random backbone cannot fetch the degraded evidence for noise-only scene tokens in a CPU
-            # budget (models.iconface, "Degraded readout"); a pretrained one keeps the paper's head.
-            deg_readout=cfg.weights is None and cfg.prediction == "x0_residual",
+            deg_readout=degraded_readout(cfg),
             ref_readout=reference_readout(cfg),
             front_end=cfg.front_end,
             conditioning=cfg.conditioning,

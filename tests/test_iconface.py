@@ -108,31 +108,41 @@ def test_masked_or_absent_references_give_the_same_scene_output(readout, ref_rea
     assert torch.allclose(all_masked, absent, atol=1e-5)
 
 
+def _fit_at_sigma_1(cfg: IConFaceConfig, case, steps: int, tail: int) -> float:
+    """Mean relative x0 loss of the last `tail` of `steps` AdamW steps of a tiny random backbone at
+    σ = 1 (scene tokens pure noise), started at x0 = deg (x0_residual); `case(g)` draws one batch:
+    (conditioning, target x0, the loss's normaliser)."""
+    torch.manual_seed(0)
+    tr = build_backbone("tiny")
+    nn.init.zeros_(tr.proj_out.weight)  # the x0_residual start: x0 = deg
+    m = IConFace(tr, cfg)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(steps):
+        c, target, norm = case(g)
+        x0 = c.deg + m(torch.randn(B, C, H, W, generator=g), torch.ones(B), c)
+        loss = ((x0 - target) ** 2).mean() / norm
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return sum(losses[-tail:]) / tail
+
+
 def test_degraded_readout_lets_a_random_backbone_use_the_degraded_image_at_sigma_1():
     """Scene tokens are pure noise at σ = 1; the target is a fixed function of the degraded image.
     With the readout the head sees the aligned degraded token and learns it; without, a random
     backbone must first learn position-aligned attention (models.iconface, "Degraded readout")."""
 
-    def fit(readout: bool) -> float:
-        torch.manual_seed(0)
-        tr = build_backbone("tiny")
-        nn.init.zeros_(tr.proj_out.weight)  # the x0_residual start: x0 = deg
-        m = IConFace(tr, IConFaceConfig(variant="concat", deg_readout=readout))
-        opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-        g = torch.Generator().manual_seed(0)
-        losses = []
-        for _ in range(80):
-            c = _cond(0)
-            c.deg = torch.randn(B, C, H, W, generator=g)
-            x0 = c.deg + m(torch.randn(B, C, H, W, generator=g), torch.ones(B), c)
-            loss = ((x0 - 0.5 * c.deg) ** 2).mean() / (0.25 * c.deg.pow(2).mean())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        return sum(losses[-20:]) / 20
+    def case(g):
+        c = _cond(0)
+        c.deg = torch.randn(B, C, H, W, generator=g)
+        return c, 0.5 * c.deg, 0.25 * c.deg.pow(2).mean()
 
-    with_readout, without = fit(True), fit(False)
+    with_readout, without = (
+        _fit_at_sigma_1(IConFaceConfig(variant="concat", deg_readout=r), case, 80, 20) for r in (True, False)
+    )
     assert with_readout < 0.7 * without, (with_readout, without)
 
 
@@ -142,28 +152,17 @@ def test_reference_readout_lets_a_random_backbone_take_detail_from_an_aligned_re
     take it; without, a random backbone must first learn position-aligned attention to the reference
     segment (models.iconface, "Reference readout")."""
 
-    def fit(ref_readout: bool) -> float:
-        torch.manual_seed(0)
-        tr = build_backbone("tiny")
-        nn.init.zeros_(tr.proj_out.weight)  # the x0_residual start: x0 = deg
-        m = IConFace(tr, IConFaceConfig(variant="concat", deg_readout=True, ref_readout=ref_readout))
-        opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-        g = torch.Generator().manual_seed(0)
-        losses = []
-        for _ in range(200):
-            c = _cond(1)
-            detail = torch.randn(B, C, H, W, generator=g)
-            c.deg = torch.randn(B, C, H, W, generator=g)
-            c.refs = (torch.randn(B, C, H, W, generator=g) * 0.3 + detail).unsqueeze(1)  # own "lighting"
-            x0 = c.deg + m(torch.randn(B, C, H, W, generator=g), torch.ones(B), c)
-            loss = ((x0 - c.deg - 0.5 * detail) ** 2).mean() / (0.25 * detail.pow(2).mean())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        return sum(losses[-40:]) / 40
+    def case(g):
+        c = _cond(1)
+        detail = torch.randn(B, C, H, W, generator=g)
+        c.deg = torch.randn(B, C, H, W, generator=g)
+        c.refs = (torch.randn(B, C, H, W, generator=g) * 0.3 + detail).unsqueeze(1)  # own "lighting"
+        return c, c.deg + 0.5 * detail, 0.25 * detail.pow(2).mean()
 
-    with_readout, without = fit(True), fit(False)
+    with_readout, without = (
+        _fit_at_sigma_1(IConFaceConfig(variant="concat", deg_readout=True, ref_readout=r), case, 200, 40)
+        for r in (True, False)
+    )
     assert with_readout < 0.7 * without, (with_readout, without)
 
 
