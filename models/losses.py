@@ -41,12 +41,23 @@ ID_LOSSES = ("adaptive", "hard_example")
 def sample_sigma(
     n: int, scheme: str = "uniform", generator: torch.Generator | None = None, **kw
 ) -> torch.Tensor:
-    """σ ∈ (0, 1) for training: `uniform` (the supplement), `logit_normal` (SD3; kw mean, std)."""
+    """σ ∈ (0, 1) for training: `uniform` (the supplement), `logit_normal` (SD3; kw mean, std),
+    `shifted` (ours; kw shift): σ = s·u / (1 + (s − 1)·u) with u uniform, the time shift that FLUX.2's
+    sampler applies to its schedule (`models.sampler.flux2_sigmas`, s = e^μ) used here on training's
+    draws. s = 1 is `uniform` draw for draw; s < 1 puts more of training at low σ (median s / (1 + s)),
+    s > 1 at high σ. On the CPU default s = 0.5 raised the severe one-reference identity gain and
+    s = e^μ ≈ 6.8 (the sampler's own shift) cut it (README, "What the default learns")."""
     if scheme == "uniform":
         return torch.rand(n, generator=generator)
     if scheme == "logit_normal":
         return torch.sigmoid(torch.randn(n, generator=generator) * kw.get("std", 1.0) + kw.get("mean", 0.0))
-    raise ValueError(f"unknown sigma scheme {scheme!r}; valid: uniform, logit_normal")
+    if scheme == "shifted":
+        s = float(kw.get("shift", 1.0))
+        if not s > 0:
+            raise ValueError(f"sigma shift must be > 0, got {s}")
+        u = torch.rand(n, generator=generator)
+        return s * u / (1 + (s - 1) * u)
+    raise ValueError(f"unknown sigma scheme {scheme!r}; valid: uniform, logit_normal, shifted")
 
 
 def add_noise(z0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -166,10 +177,15 @@ def _keyed_generator(key: str) -> torch.Generator:
 
 
 def draw_sigma_noise(
-    shape: tuple[int, ...], scheme: str, sigma_max: float, generator: torch.Generator
+    shape: tuple[int, ...],
+    scheme: str,
+    sigma_max: float,
+    generator: torch.Generator,
+    shift: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(σ (B,), ε (shape)) for one batch: σ ∈ (0, sigma_max) by `scheme`, ε ~ N(0, I) (eq. 1)."""
-    sigma = sample_sigma(shape[0], scheme, generator) * sigma_max
+    """(σ (B,), ε (shape)) for one batch: σ ∈ (0, sigma_max) by `scheme` (`shift` for `shifted`),
+    ε ~ N(0, I) (eq. 1)."""
+    sigma = sample_sigma(shape[0], scheme, generator, shift=shift) * sigma_max
     return sigma, torch.randn(shape, generator=generator)
 
 

@@ -421,7 +421,10 @@ class TrainConfig:
     id_views: int = 0  # ours: identity loss averaged over random shifted/blurred views (0 = the paper)
     max_refs: int = 3
     ref_schedule: tuple[float, ...] = (0.3, 0.3, 0.2, 0.2)
-    sigma_scheme: Literal["uniform", "logit_normal"] = "uniform"
+    # uniform = the supplement. shifted (ours): σ = s·u/(1 + (s − 1)·u), FLUX.2's time shift on training's
+    # draws with s = sigma_shift; s < 1 trains more at low σ (models.losses.sample_sigma)
+    sigma_scheme: Literal["uniform", "logit_normal", "shifted"] = "shifted"
+    sigma_shift: float = 0.5
     # 1.0 = the recipe (generation from pure noise). Below 1: training draws σ ∈ (0, sigma_max) and
     # sampling starts from the degraded latent noised to sigma_max (a budget setting for CPU models).
     sigma_max: float = 1.0
@@ -530,6 +533,8 @@ class TrainConfig:
     def validate(self, where: str) -> None:
         if not 0 < self.mask_token_keep <= 1:
             raise ConfigError(f"{where}.mask_token_keep must lie in (0, 1] (got {self.mask_token_keep})")
+        if not self.sigma_shift > 0:
+            raise ConfigError(f"{where}.sigma_shift must be > 0 (got {self.sigma_shift})")
         if self.decoupled_rank < 0:
             raise ConfigError(f"{where}.decoupled_rank must be 0 or more (got {self.decoupled_rank})")
         if self.cycle_loss and self.max_refs < 1:

@@ -327,6 +327,7 @@ class OptimConfig:
     warmup_steps: int = 0
     total_steps: int = 0  # the cosine's length (max_steps)
     id_views: int = 0  # ours: identity loss on random shifted/blurred views of the output (0 = the paper)
+    sigma_shift: float = 1.0  # the `shifted` scheme's s (models.losses.sample_sigma); 1 = uniform
     # seed 002's CFG training drops (composite conditioning; 0 = none, IConFace's recipe)
     context_dropout: float = 0.0
     image_dropout: float = 0.0
@@ -492,6 +493,7 @@ class IConFaceModule(L.LightningModule):
             cfg.warmup_steps,
             cfg.max_steps,
             cfg.id_views,
+            sigma_shift=cfg.sigma_shift,
             **(
                 {"context_dropout": cfg.context_dropout, "image_dropout": cfg.image_dropout}
                 if cfg.conditioning == "composite"
@@ -608,7 +610,9 @@ class IConFaceModule(L.LightningModule):
             drops = draw_cfg_drops(b, self.optim.image_dropout, self.optim.context_dropout, gd)
             cond = apply_cfg_drops(cond, drops)
         g = noise_generator(self.optim.seed, self.global_step, self.global_rank, batch_idx)
-        sigma, noise = draw_sigma_noise(tuple(z0.shape), self.optim.sigma_scheme, self.optim.sigma_max, g)
+        sigma, noise = draw_sigma_noise(
+            tuple(z0.shape), self.optim.sigma_scheme, self.optim.sigma_max, g, self.optim.sigma_shift
+        )
         sigma, noise = sigma.to(z0), noise.to(z0)
         z_sigma = add_noise(z0, noise, sigma)
         u_hat, x0_hat = self.predict(z_sigma, sigma, cond)

@@ -75,3 +75,17 @@ def test_sigma_schemes():
     assert abs(ln.median() - 0.5) < 0.02 and ln.std() < u.std()
     with pytest.raises(ValueError, match="valid: uniform"):
         sample_sigma(3, "cosine")
+
+
+def test_shifted_sigma_is_flux_time_shift_of_the_uniform_draws():
+    """`shifted` maps the uniform draw u to s·u/(1 + (s − 1)·u): s = 1 is `uniform` draw for draw, the
+    median is s/(1 + s), s < 1 moves mass to low σ, s > 1 to high σ, and s <= 0 is refused."""
+    u = sample_sigma(20000, "uniform", torch.Generator().manual_seed(3))
+    assert torch.equal(sample_sigma(20000, "shifted", torch.Generator().manual_seed(3), shift=1.0), u)
+    low = sample_sigma(20000, "shifted", torch.Generator().manual_seed(3), shift=0.5)
+    high = sample_sigma(20000, "shifted", torch.Generator().manual_seed(3), shift=6.8)
+    assert torch.allclose(low, 0.5 * u / (1 - 0.5 * u))
+    assert abs(low.median() - 0.5 / 1.5) < 0.01 and abs(high.median() - 6.8 / 7.8) < 0.01
+    assert 0 <= low.min() and high.max() < 1 and low.mean() < u.mean() < high.mean()
+    with pytest.raises(ValueError, match="shift must be > 0"):
+        sample_sigma(3, "shifted", shift=0.0)
