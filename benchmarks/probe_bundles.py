@@ -28,14 +28,13 @@ sys.path.insert(0, str(ROOT))
 from pipelines.embedding import load_identity_encoder  # noqa: E402
 from pipelines.evaluation import copy_score, cosine, embed, psnr_u8  # noqa: E402
 from pipelines.restorer import Restorer  # noqa: E402
+from pipelines.stats import paired_bootstrap  # noqa: E402
 from stages.evaluate import load_set, other_person  # noqa: E402
 
 
-def interval(d: np.ndarray, n: int = 2000, seed: int = 42) -> str:
-    """Mean and 95 % paired bootstrap interval of per-target differences."""
-    idx = np.random.default_rng(seed).integers(0, len(d), (n, len(d)))
-    means = d[idx].mean(1)
-    return f"{d.mean():+.4f} [{np.quantile(means, 0.025):+.4f}, {np.quantile(means, 0.975):+.4f}]"
+def interval(a: np.ndarray, b: np.ndarray) -> str:
+    """a − b paired over targets with its 95 % bootstrap interval (seed 42, as `evaluate` reports)."""
+    return paired_bootstrap(a, b, seed=42).text()
 
 
 def modes(restorer: Restorer, samples: list[dict], pool: list[dict], kw: dict, control: bool) -> dict:
@@ -90,7 +89,7 @@ def main() -> None:
                 [
                     copy_score(o[k][j], s["gt"], s["refs"][0], s["masks"][0], 12.0)
                     if s["masks"][0] is not None
-                    else 0.0
+                    else np.nan
                     for j, s in enumerate(samples)
                 ]
             )
@@ -98,17 +97,17 @@ def main() -> None:
         }
         means = " | ".join(f"{k} {v.mean():.4f}" for k, v in i.items())
         print(f"== {name} (n={len(samples)}, steps {a.steps}, s_c {a.guidance_context}) GT-ID: {means}")
-        print(f"   1 ref − blind {interval(i['1'] - i['blind'])}")
-        print(f"   3 − 1 ref     {interval(i['3'] - i['1'])}")
+        print(f"   1 ref − blind {interval(i['1'], i['blind'])}")
+        print(f"   3 − 1 ref     {interval(i['3'], i['1'])}")
         if "other" in i:
-            print(f"   3 true − 3 other person {interval(i['3'] - i['other'])}")
-        print(f"   Δ copy (1 ref − blind) {interval(copy['1'] - copy['blind'])}")
-        print(f"   Δ PSNR (1 ref − blind) {interval(psnr_u8(o['1'], gt) - psnr_u8(o['blind'], gt))}")
+            print(f"   3 true − 3 other person {interval(i['3'], i['other'])}")
+        print(f"   Δ copy (1 ref − blind) {interval(copy['1'], copy['blind'])}")
+        print(f"   Δ PSNR (1 ref − blind) {interval(psnr_u8(o['1'], gt), psnr_u8(o['blind'], gt))}")
         if a.against:
             j = ids[1]
-            print(f"   vs --against: gain {interval((i['1'] - i['blind']) - (j['1'] - j['blind']))}")
+            print(f"   vs --against: gain {interval(i['1'] - i['blind'], j['1'] - j['blind'])}")
             print(
-                f"   vs --against: 1 ref {interval(i['1'] - j['1'])}, blind {interval(i['blind'] - j['blind'])}"
+                f"   vs --against: 1 ref {interval(i['1'], j['1'])}, blind {interval(i['blind'], j['blind'])}"
             )
     print(
         f"probe_bundles: {len(a.sets)} set(s), {len(bundles)} bundle(s) in {time.perf_counter() - t0:.0f} s"

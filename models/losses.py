@@ -38,6 +38,12 @@ class LossWeights:
 ID_LOSSES = ("adaptive", "hard_example")
 
 
+def time_shift(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """σ = s·t / (1 + (s − 1)·t): FLUX.2's time shift (s = e^μ in the sampler's schedule,
+    `models.sampler.flux2_sigmas`; training's `shifted` draws in `sample_sigma`). s = 1 is the identity."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
 def sample_sigma(
     n: int, scheme: str = "uniform", generator: torch.Generator | None = None, **kw
 ) -> torch.Tensor:
@@ -55,8 +61,7 @@ def sample_sigma(
         s = float(kw.get("shift", 1.0))
         if not s > 0:
             raise ValueError(f"sigma shift must be > 0, got {s}")
-        u = torch.rand(n, generator=generator)
-        return s * u / (1 + (s - 1) * u)
+        return time_shift(torch.rand(n, generator=generator), s)
     raise ValueError(f"unknown sigma scheme {scheme!r}; valid: uniform, logit_normal, shifted")
 
 

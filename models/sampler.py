@@ -19,6 +19,7 @@ from dataclasses import replace
 import torch
 
 from models.guidance import guided_prediction
+from models.losses import time_shift
 
 
 def empirical_mu(image_seq_len: int, num_steps: int) -> float:
@@ -37,7 +38,7 @@ def flux2_sigmas(num_steps: int, image_seq_len: int) -> torch.Tensor:
     """The shifted schedule (num_steps + 1,) from 1 down to 0."""
     mu = empirical_mu(image_seq_len, num_steps)
     t = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
-    s = math.exp(mu) / (math.exp(mu) + (1.0 / t - 1.0))
+    s = time_shift(t, math.exp(mu))
     return torch.cat([s, torch.zeros(1, dtype=torch.float64)]).float()
 
 
