@@ -1,7 +1,9 @@
 """Drive a Label Studio project through label-studio-sdk: connect, project, tasks, predictions, pull.
 
-Tasks carry a stable key (`pair_key` = "<target>__<reference>") in their data: pushing is idempotent —
-tasks whose key exists are never imported again and new pairs are appended. Predictions are attached
+Tasks carry a stable key (`pair_key` = "<target>__<reference>") and the digest of the pixels they show
+(`content`, pipelines.refsel.pair_content) in their data: pushing is idempotent — a task whose key and
+content exist is never imported again, new pairs are appended, and a pair whose images were rendered
+again gets a new task (its images under new file names) while the old task and its annotations stay. Predictions are attached
 once per (task, model_version). The pull returns every annotation with its provenance; the caller's
 store keeps all versions (see `annotation.store`).
 """
@@ -34,6 +36,12 @@ class PairTask:
     ref_index: int
     gt_path: str
     ref_path: str
+    content: str = ""  # pair_content of the images; "" for a task that records none
+
+
+def task_key(pair_key: str, content: str | None) -> str:
+    """How a task is known in the project: its pair key, and the content it shows where it records one."""
+    return f"{pair_key}@{content}" if content else pair_key
 
 
 def connect(url: str | None = None, token: str | None = None):
@@ -82,20 +90,21 @@ def local_url(relpath: str) -> str:
 
 
 def existing_tasks(client, project_id: int) -> dict[str, int]:
-    """{pair_key: task id} of the project's tasks."""
+    """{task_key(pair_key, content): task id} of the project's tasks."""
     out = {}
     for t in client.tasks.list(project=project_id, fields="all"):
         key = (t.data or {}).get("pair_key")
         if key:
-            out[key] = t.id
+            out[task_key(key, (t.data or {}).get("content"))] = t.id
     return out
 
 
 def push_tasks(client, project_id: int, pairs: list[PairTask], media_root: str | Path) -> dict[str, int]:
-    """Import the pairs not yet in the project; returns {pair_key: task id} for all of `pairs`."""
+    """Import the pairs (with their content) not yet in the project; returns {pair_key: task id} of the
+    tasks that show `pairs`' current images."""
     root = Path(media_root).resolve()
     have = existing_tasks(client, project_id)
-    new = [p for p in pairs if p.pair_key not in have]
+    new = [p for p in pairs if task_key(p.pair_key, p.content) not in have]
     for p in new:
         for path in (p.gt_path, p.ref_path):
             if not (root / path).is_file():
@@ -111,6 +120,7 @@ def push_tasks(client, project_id: int, pairs: list[PairTask], media_root: str |
                     "target": p.target,
                     "reference": p.reference,
                     "ref_index": p.ref_index,
+                    **({"content": p.content} if p.content else {}),
                     "instructions": INSTRUCTIONS,
                 }
                 for p in new
@@ -118,10 +128,10 @@ def push_tasks(client, project_id: int, pairs: list[PairTask], media_root: str |
             return_task_ids=True,
         )
         have = existing_tasks(client, project_id)
-    missing = [p.pair_key for p in pairs if p.pair_key not in have]
+    missing = [p.pair_key for p in pairs if task_key(p.pair_key, p.content) not in have]
     if missing:
         raise LabelStudioError(f"Label Studio did not create tasks for {missing[:3]}")
-    return {p.pair_key: have[p.pair_key] for p in pairs}
+    return {p.pair_key: have[task_key(p.pair_key, p.content)] for p in pairs}
 
 
 def push_predictions(
@@ -157,6 +167,7 @@ def pull(client, project_id: int) -> list[dict]:
     records = []
     for task in client.projects.exports.as_json(project_id):
         key = task.get("data", {}).get("pair_key")
+        content = task.get("data", {}).get("content")
         for a in task.get("annotations", []):
             who = a.get("completed_by")
             if isinstance(who, dict):
@@ -167,6 +178,7 @@ def pull(client, project_id: int) -> list[dict]:
                 {
                     "task_id": task["id"],
                     "pair_key": key,
+                    "content": content,
                     "annotation_id": a["id"],
                     "annotator": str(who),
                     "created_at": a.get("created_at"),

@@ -46,9 +46,15 @@ def mask_accuracy(pred: np.ndarray, truth: np.ndarray) -> float:
     return 1.0 if not valid.any() else float((pred[valid] == truth[valid]).mean())
 
 
-def decide(records: list[dict], sizes: dict[str, tuple[int, int]]) -> tuple[dict, list[dict]]:
+def decide(
+    records: list[dict], sizes: dict[str, tuple[int, int]], contents: dict[str, str] | None = None
+) -> tuple[dict, list[dict]]:
     """Per pair_key: {"mask", "annotation_id", "annotator", "state", "n", "agreement_iou", "versions"};
-    plus the quarantined annotations [{pair_key, annotation_id, annotator, reason}]."""
+    plus the quarantined annotations [{pair_key, annotation_id, annotator, reason}].
+
+    `contents` ({pair_key: pipelines.refsel.pair_content}) binds annotations to pixels: an annotation
+    whose recorded `content` differs (the shards were rendered again, so the key now names other images)
+    or that records none is quarantined with the reason and does not decide; it stays in the store."""
     newest: dict[tuple, dict] = {}
     versions: dict[str, int] = defaultdict(int)
     for r in records:
@@ -75,6 +81,20 @@ def decide(records: list[dict], sizes: dict[str, tuple[int, int]]) -> tuple[dict
         h, w = sizes[key]
         cands = []
         for r in recs:
+            if contents is not None and r.get("content") != contents[key]:
+                quarantine.append(
+                    {
+                        "pair_key": key,
+                        "annotation_id": r["annotation_id"],
+                        "annotator": r["annotator"],
+                        "reason": (
+                            f"annotation {r['annotation_id']} of {key} was drawn on other images (content "
+                            f"{r.get('content') or 'not recorded'}, the pair's now {contents[key]}): the shards "
+                            "were rendered again since; the pair needs a new annotation"
+                        ),
+                    }
+                )
+                continue
             choice = review_choice(r["result"])
             if r.get("was_cancelled") or choice == "reject":
                 continue

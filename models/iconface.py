@@ -651,8 +651,9 @@ def count_parameters(module: nn.Module) -> int:
 
 
 def save_front(front: FrontEnd, path) -> None:
-    """The front end's weights (safetensors, its width in the metadata)."""
-    from safetensors.torch import save_file
+    """The front end's weights (safetensors, its width in the metadata; byte-reproducible: two metadata
+    keys through safetensors' own save_file came out in a per-process order)."""
+    from models.safetensors_io import save_file
 
     width = front.inp[0].out_channels
     save_file(

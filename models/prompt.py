@@ -12,7 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from models.safetensors_io import save_file
 
 RESTORATION_PROMPT = "A high-quality, sharp, natural photo of a person's face."
 QWEN_LAYERS = (9, 18, 27)

@@ -156,7 +156,8 @@ def _report_callback(every: int, val: Batch | None, evaluator, val_steps: int, r
 
         def _report(self, trainer, pl_module, step: int, final: bool) -> None:
             import ray.train
-            from safetensors.torch import save_file
+
+            from models.safetensors_io import save_file
 
             rank0 = trainer.global_rank == 0
             with tempfile.TemporaryDirectory(prefix="refface-ckpt-", ignore_cleanup_errors=True) as d:

@@ -54,6 +54,18 @@ def pair_key(target: str, reference: str) -> str:
     return f"{target}__{reference}"
 
 
+def pair_content(p: Pair) -> str:
+    """A digest of the pixels an annotator sees for a pair (target and reference): an annotation is bound
+    to it, so when the shards are rendered again and a pair key names other pixels, the old annotation
+    is recognised as drawn on other images instead of being applied to the new ones."""
+    h = hashlib.sha256()
+    for img in (p.gt, p.ref):
+        a = np.ascontiguousarray(img)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
 def iter_pairs(shards: str | Path, split: str) -> Iterator[Pair]:
     for raw in iter_raw(shard_paths(shards, split)):
         s = decode_sample(raw)

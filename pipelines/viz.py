@@ -29,6 +29,18 @@ def mask_overlay(img: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.round(out).astype(np.uint8)
 
 
+def change_map(a: np.ndarray, b: np.ndarray, gain: float = 4.0) -> np.ndarray:
+    """Where two (H, W, 3) uint8 images differ: |a - b| averaged over channels, times `gain`, as a
+    black-red-yellow-white heat map (uint8 RGB). Used to show what references changed in an output
+    that looks, at a glance, like the blind one."""
+    if a.shape != b.shape:
+        raise ValueError(f"change_map: shapes differ, {a.shape} vs {b.shape}")
+    d = np.abs(a.astype(np.float32) - b.astype(np.float32)).mean(axis=2) * gain / 255.0
+    d = np.clip(d, 0.0, 1.0)
+    rgb = np.stack([np.clip(3 * d, 0, 1), np.clip(3 * d - 1, 0, 1), np.clip(3 * d - 2, 0, 1)], axis=2)
+    return np.round(rgb * 255.0).astype(np.uint8)
+
+
 def grid_image(
     rows: Sequence[Sequence[np.ndarray | None]],
     title: str | None = None,

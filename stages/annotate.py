@@ -35,7 +35,7 @@ from annotation.simulated import AnnotatorNoise, annotator_rng, simulate
 from annotation.store import decide, merge
 from pipelines.images import png_bytes
 from pipelines.io import read_jsonl, write_bytes, write_json, write_jsonl
-from pipelines.refsel import Pair, iter_pairs, select_pool
+from pipelines.refsel import Pair, iter_pairs, pair_content, select_pool
 from pipelines.viz import mask_overlay, save_grid
 from stages._common import load_params, parser, setup_logging
 
@@ -51,6 +51,7 @@ def simulated_records(pool: list[Pair], cfg) -> list[dict]:
     noise = AnnotatorNoise(**asdict(cfg.noise))
     records = []
     for p in pool:
+        content = pair_content(p)
         task_id = zlib.crc32(p.key.encode())  # stable: growing the pool never renumbers a pair
         rng = np.random.default_rng([cfg.seed, task_id])
         n = 2 if len(cfg.annotators) > 1 and rng.random() < cfg.double_fraction else 1
@@ -62,7 +63,8 @@ def simulated_records(pool: list[Pair], cfg) -> list[dict]:
                 {
                     "task_id": task_id,
                     "pair_key": p.key,
-                    "annotation_id": f"sim-{p.key}-{j}",
+                    "content": content,
+                    "annotation_id": f"sim-{p.key}-{content}-{j}",
                     "annotator": who,
                     "created_at": "synthetic",
                     "updated_at": "synthetic",
@@ -91,11 +93,12 @@ def label_studio_records(pool: list[Pair], cfg) -> tuple[list[dict], dict]:
     folder.mkdir(parents=True, exist_ok=True)
     tasks = []
     for p in pool:
-        gt, ref = f"{STORAGE_DIR}/{p.key}_gt.png", f"{STORAGE_DIR}/{p.key}_ref.png"
+        content = pair_content(p)  # in the file names: images rendered again never overwrite a task's
+        gt, ref = (f"{STORAGE_DIR}/{p.key}_{content}_{part}.png" for part in ("gt", "ref"))
         for rel, img in ((gt, p.gt), (ref, p.ref)):
             if not (media / rel).is_file():
                 write_bytes(media / rel, png_bytes(img))
-        tasks.append(PairTask(p.key, p.target, p.reference, p.ref_index, gt, ref))
+        tasks.append(PairTask(p.key, p.target, p.reference, p.ref_index, gt, ref, content))
     project = ensure_project(client, cfg.project, media)
     ids = push_tasks(client, project.id, tasks, media)
     info = {"project_id": project.id, "tasks": len(ids), "predictions_pushed": 0}
@@ -166,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     write_jsonl(store_file, store)  # everything pulled is kept before anything is decided
 
     sizes = {k: q.ref.shape[:2] for k, q in pairs.items()}
-    decisions, quarantine = decide(store, sizes)
+    decisions, quarantine = decide(store, sizes, {k: pair_content(q) for k, q in pairs.items()})
     for q in quarantine:
         print(f"annotate: quarantined annotation {q['annotation_id']} of {q['pair_key']}: {q['reason']}")
     write_jsonl(out / "quarantine.jsonl", quarantine)

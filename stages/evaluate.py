@@ -14,7 +14,8 @@ go to `data/evaluate/per_target.json` (the registry's paired promotion gate read
 the evaluator encoder, GT-ID (evaluator), copy score on conflict pairs; weight-based metrics (LPIPS,
 MUSIQ, CLIP-IQA, MANIQA, FID) are listed as not computed with the reason. Also writes the model bundle
 `data/evaluate/bundle` (pipelines/restorer.py) that `register` logs, and grids per set
-(degraded | references | output per mode | target).
+(degraded | references | output per mode | target | |output with references - blind| x4, rows
+labelled with their GT-ID per mode).
 """
 
 from __future__ import annotations
@@ -35,13 +36,18 @@ from pipelines.quality import LOWER_IS_BETTER, PER_TARGET, WeightMetrics, load_w
 from pipelines.restorer import Restorer, write_bundle
 from pipelines.shards import decode_sample, iter_raw, shard_paths, validate_shards
 from pipelines.stats import paired_bootstrap
-from pipelines.viz import save_grid
+from pipelines.viz import change_map, save_grid
 from stages._common import load_params, parser, progress_enabled, setup_logging
 
 COLUMNS = ("n", "psnr", "ssim", "ref_id_primary", "ref_id_evaluator", "gt_id", "copy_score", "copy_pairs")
 PAIRED = ("gt_id", "psnr", "ssim", "copy_score")  # differences to the blind mode, with intervals
 CONTROL = "{k} reference{s} of another person"
 FRONT = "front end alone"  # ours: the stage-1 output (names must be valid MLflow metric keys)
+
+
+def mode_label(k: int) -> str:
+    """The row name of a mode: "no reference", "1 reference", "2 references", ..."""
+    return "no reference" if k == 0 else f"{k} reference{'s' if k > 1 else ''}"
 
 
 def load_set(root: str, name: str, limit: int, min_refs: int = 0) -> tuple[list[dict], int]:
@@ -315,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
         outputs = {}
         for k in cfg.modes:
             outs = restore(lq, [s["refs"][:k] for s in samples])
-            label = "no reference" if k == 0 else f"{k} reference{'s' if k > 1 else ''}"
+            label = mode_label(k)
             values[label] = per_target(outs, samples, prim, evaluator, cfg.copy_tau, border, wm)
             row_outs[label] = outs
             outputs[k] = {s["key"]: o for s, o in zip(samples, outs)}
@@ -341,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
             for m in paired_cols:
                 r = paired_bootstrap(v[m], blind[m], seed=cfg.seed)
                 paired[name][row][m] = {**r.as_dict(), "verdict": r.verdict}
-        true_label = "no reference" if k_ctl == 0 else f"{k_ctl} reference{'s' if k_ctl > 1 else ''}"
+        true_label = mode_label(k_ctl)
         if true_label in values:
             d = paired_bootstrap(values[true_label]["gt_id"], values[control]["gt_id"], seed=cfg.seed)
             paired[name]["true vs another person"] = {
@@ -357,25 +363,44 @@ def main(argv: list[str] | None = None) -> None:
         }
         for row, m in results[name].items():
             plot_rows.append({"set": name, "row": row, **{c: m[c] for c in COLUMNS}})
-        # Grid: degraded | refs | output per mode | target, for the targets where references matter most.
+        # Grid: degraded | refs | output per mode | target | what references changed, for the targets
+        # where references matter most; each row labelled with its GT-ID per mode.
         gain = values.get("1 reference", values[control])["gt_id"] - (
             blind["gt_id"] if blind is not None else 0
         )
-        show = [samples[i] for i in np.argsort(-gain, kind="stable")[: cfg.grid_samples]]
-        grid = [
-            [
-                s["lq"],
-                *(s["refs"][:3] + [None] * (3 - len(s["refs"][:3]))),
-                *(outputs.get(k, {}).get(s["key"]) for k in cfg.modes),
-                s["gt"],
-            ]
-            for s in show
-        ]
+        order = np.argsort(-gain, kind="stable")[: cfg.grid_samples]
+        with_refs = [k for k in cfg.modes if k > 0]
+        changed = sorted({with_refs[0], with_refs[-1]}) if with_refs and 0 in cfg.modes else []
+        labels = [mode_label(k) for k in cfg.modes]
+        grid, row_labels = [], []
+        for i in order:
+            s = samples[i]
+            outs_s = [outputs.get(k, {}).get(s["key"]) for k in cfg.modes]
+            diffs = [change_map(outputs[k][s["key"]], outputs[0][s["key"]]) for k in changed]
+            grid.append(
+                [s["lq"], *(s["refs"][:3] + [None] * (3 - len(s["refs"][:3]))), *outs_s, s["gt"], *diffs]
+            )
+            row_labels.append(
+                "ID " + "/".join(f"{values[lab]['gt_id'][i]:.2f}" for lab in labels if lab in values)
+            )
         save_grid(
             out / f"grid_{name}.png",
             grid,
-            title=f"{name}: degraded | references | output with {'/'.join(map(str, cfg.modes))} references | target",
-            col_labels=["degraded", "ref1", "ref2", "ref3", *[f"out {k} ref" for k in cfg.modes], "target"],
+            title=(
+                f"{name}: degraded | references | output with {'/'.join(map(str, cfg.modes))} references | target"
+                + (" | |output with k refs - blind| x4" if changed else "")
+                + f"; left: GT-ID per mode ({'/'.join(map(str, cfg.modes))} refs)"
+            ),
+            row_labels=row_labels,
+            col_labels=[
+                "degraded",
+                "ref1",
+                "ref2",
+                "ref3",
+                *[f"out {k} ref" for k in cfg.modes],
+                "target",
+                *[f"{k} ref - blind" for k in changed],
+            ],
             cell=96,
         )
     bar.close()

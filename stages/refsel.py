@@ -35,6 +35,7 @@ from pipelines.refsel import (
     confidence,
     degraded_target,
     iter_pairs,
+    pair_content,
     pair_key,
     per_type_report,
     predict,
@@ -174,10 +175,11 @@ def main(argv: list[str] | None = None) -> None:
             tasks = []
             for r in review:
                 q = by_key[r["pair_key"]]
-                gt, rf = f"{STORAGE_DIR}/{q.key}_gt.png", f"{STORAGE_DIR}/{q.key}_ref.png"
+                content = pair_content(q)
+                gt, rf = (f"{STORAGE_DIR}/{q.key}_{content}_{part}.png" for part in ("gt", "ref"))
                 for rel, img in ((gt, q.gt), (rf, q.ref)):
                     write_bytes(media / rel, png_bytes(img))
-                tasks.append(PairTask(q.key, q.target, q.reference, q.ref_index, gt, rf))
+                tasks.append(PairTask(q.key, q.target, q.reference, q.ref_index, gt, rf, content))
             project = ensure_project(client, acfg.project, media)
             ids = push_tasks(client, project.id, tasks, media)
             pushed = push_predictions(

@@ -150,6 +150,24 @@ def test_malformed_and_orphan_annotations_are_quarantined_not_lost():
     assert len(store) == 3  # the store still holds all three
 
 
+def test_annotation_drawn_on_other_pixels_is_quarantined_not_applied():
+    old = _rec("p", 1, _mask(0))
+    old["content"] = "aaaa"  # drawn when the pair showed other images
+    legacy = _rec("p", 2, _mask(2), "b")  # records no content at all
+    new = _rec("p", 3, _mask(1), "c")
+    new["content"] = "bbbb"
+    store, _ = merge([], [old, legacy, new])
+    d, q = decide(store, {"p": (32, 32)}, {"p": "bbbb"})
+    assert d["p"]["annotation_id"] == 3 and d["p"]["state"] == "single"
+    reasons = {x["annotation_id"]: x["reason"] for x in q}
+    assert set(reasons) == {1, 2}
+    assert "content aaaa, the pair's now bbbb" in reasons[1] and "not recorded" in reasons[2]
+    assert len(store) == 3  # nothing is lost
+    d, q = decide(store, {"p": (32, 32)}, {"p": "cccc"})  # rendered again: no annotation decides
+    assert d == {} and len(q) == 3
+    assert decide(store, {"p": (32, 32)})[0]["p"]["n"] == 3  # without contents: as before
+
+
 def test_simulated_annotator_is_realistic_and_reproducible():
     from pipelines.synthetic import conflict_mask, face_spec
 
@@ -202,3 +220,27 @@ def test_annotate_stage_synthetic_backend(tmp_path):
     grown = {p.name for p in (out / "masks").iterdir()}
     assert set(first) < grown and len(grown) == 30
     assert (out / "annotations.png").is_file()
+    # The shards rendered again (other pixels under the same pair keys): the stored annotations are
+    # quarantined with their reason, the pairs annotated again, and the decisions equal a fresh store's.
+    shards2 = make_pair_shards(tmp_path / "shards2", seed=4)
+    args2 = ("--shards", str(shards2), "--out", str(out), "--metrics", str(tmp_path / "m2.json"))
+    assert _run_stage("stages.annotate", params, *args2).returncode == 0
+    fresh = (
+        "--shards",
+        str(shards2),
+        "--out",
+        str(tmp_path / "fresh"),
+        "--metrics",
+        str(tmp_path / "m3.json"),
+    )
+    assert _run_stage("stages.annotate", params, *fresh).returncode == 0
+    m2, m3 = (json.loads((tmp_path / f).read_text()) for f in ("m2.json", "m3.json"))
+    assert {p.name for p in (out / "masks").iterdir()} == grown
+    m30 = json.loads((tmp_path / "m.json").read_text())  # the store before the shards changed
+    assert m2["annotations_stored"] == m30["annotations_stored"] + m3["annotations_stored"]
+    assert m2["quarantined"] == m30["annotations_stored"]
+    assert m3["quarantined"] == 0 and m2["pairs_decided"] == m3["pairs_decided"] == 30
+    for name in sorted(grown):
+        assert (out / "masks" / name).read_bytes() == (tmp_path / "fresh" / "masks" / name).read_bytes()
+    reasons = [json.loads(x)["reason"] for x in (out / "quarantine.jsonl").read_text().splitlines()]
+    assert reasons and all("drawn on other images" in r for r in reasons)

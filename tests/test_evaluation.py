@@ -24,6 +24,7 @@ from PIL import Image
 from pipelines.evaluation import copy_score, psnr_u8, ssim_u8
 from pipelines.registry import Gate, blocking, decide, decode_image
 from pipelines.restorer import InputError, check_image
+from pipelines.viz import change_map
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,6 +52,21 @@ def test_copy_score_extremes():
     half[2:4, 2:6] = 200
     assert copy_score(half, tgt, ref, mask) == 0.5
     assert copy_score(tgt, tgt, tgt, mask) is None  # reference and target do not differ there
+
+
+def test_change_map_shows_where_and_how_much_two_outputs_differ():
+    a = np.full((8, 8, 3), 100, np.uint8)
+    b = a.copy()
+    b[1, 2] = 110  # |d| = 10 -> 10 * 4 / 255 of full scale: dark red
+    b[5, 5] = 255  # |d| = 155 -> saturates (x4): white
+    m = change_map(a, b)
+    assert m.shape == (8, 8, 3) and m.dtype == np.uint8
+    assert (m[a[..., 0] == b[..., 0]] == 0).all()  # unchanged pixels are black
+    assert m[1, 2, 0] == round(255 * 3 * 40 / 255) and m[1, 2, 1] == m[1, 2, 2] == 0
+    assert (m[5, 5] == 255).all()
+    assert (change_map(b, a) == m).all()  # symmetric
+    with pytest.raises(ValueError, match="shapes differ"):
+        change_map(a, b[:4])
 
 
 def test_gate_rules():

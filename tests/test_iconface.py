@@ -10,12 +10,15 @@ from models.codecs import Flux2VAECodec, PixelCodec, patchify, unpatchify
 from models.iconface import (
     VARIANTS,
     Conditioning,
+    FrontEnd,
     IConFace,
     IConFaceConfig,
     aggregate_identity,
     build_backbone,
     count_parameters,
     identity_anchor,
+    load_front,
+    save_front,
     stock_forward,
 )
 from models.lora import add_lora, load_trainable, lora_parameters, save_trainable
@@ -288,3 +291,31 @@ def test_flux2_vae_codec_on_a_tiny_vae(tmp_path):
     assert codec.decode(z).shape == (1, 3, 32, 32)
     with pytest.raises(FileNotFoundError):
         Flux2VAECodec.from_path(tmp_path / "missing")
+
+
+def test_every_safetensors_write_is_byte_reproducible(tmp_path):
+    """safetensors' own save_file orders `__metadata__` per process (a Rust HashMap): a fresh clone's
+    front end once came out with other bytes than the committed one. Every write goes through
+    models.safetensors_io, which sorts the metadata keys."""
+    import json
+    import re
+    import struct
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    own = root / "models" / "safetensors_io.py"
+    pattern = re.compile(r"from safetensors\.torch import [^\n]*\bsave(_file)?\b|safetensors\.torch\.save")
+    offenders = [
+        str(p.relative_to(root))
+        for d in ("models", "pipelines", "stages", "annotation", "benchmarks")
+        for p in sorted((root / d).rglob("*.py"))
+        if p != own and pattern.search(p.read_text())
+    ]
+    assert offenders == [], f"write safetensors through models.safetensors_io.save_file: {offenders}"
+    front = FrontEnd(width=8)
+    save_front(front, tmp_path / "front.safetensors")
+    raw = (tmp_path / "front.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    meta = json.loads(raw[8 : 8 + n])["__metadata__"]
+    assert list(meta) == sorted(meta) == ["format", "width"]
+    load_front(FrontEnd(width=8), tmp_path / "front.safetensors")  # still a valid file
