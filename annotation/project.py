@@ -36,7 +36,7 @@ class PairTask:
     ref_index: int
     gt_path: str
     ref_path: str
-    content: str = ""  # pair_content of the images; "" for a task that records none
+    content: str  # pipelines.refsel.pair_content of the two images
 
 
 def task_key(pair_key: str, content: str | None) -> str:
@@ -104,6 +104,9 @@ def push_tasks(client, project_id: int, pairs: list[PairTask], media_root: str |
     tasks that show `pairs`' current images."""
     root = Path(media_root).resolve()
     have = existing_tasks(client, project_id)
+    empty = [p.pair_key for p in pairs if not p.content]
+    if empty:
+        raise LabelStudioError(f"task {empty[0]}: no content digest (pipelines.refsel.pair_content) given")
     new = [p for p in pairs if task_key(p.pair_key, p.content) not in have]
     for p in new:
         for path in (p.gt_path, p.ref_path):
@@ -120,7 +123,7 @@ def push_tasks(client, project_id: int, pairs: list[PairTask], media_root: str |
                     "target": p.target,
                     "reference": p.reference,
                     "ref_index": p.ref_index,
-                    **({"content": p.content} if p.content else {}),
+                    "content": p.content,
                     "instructions": INSTRUCTIONS,
                 }
                 for p in new

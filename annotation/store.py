@@ -7,7 +7,9 @@ the newest version of each annotation.
 Review rule, per pair: annotations that were cancelled (skipped) or carry `review: reject` are out; a
 malformed one is quarantined with its reason. Among the rest, the newest with `review: accept` wins
 (state `reviewed`); otherwise, with two or more, the one with the highest mean conflict-IoU to the others
-(state `consensus`); otherwise the only one (state `single`).
+(state `consensus`); otherwise the only one (state `single`). With the pairs' contents given, an
+annotation counts only for the pixels it was drawn on (its recorded `content`): one drawn on other
+images, or recording none, is quarantined with the reason and stays in the store.
 """
 
 from __future__ import annotations
@@ -81,17 +83,23 @@ def decide(
         h, w = sizes[key]
         cands = []
         for r in recs:
-            if contents is not None and r.get("content") != contents[key]:
+            now = None if contents is None else contents.get(key)
+            if contents is not None and r.get("content") != now:
+                why = (
+                    f"annotation {r['annotation_id']} of {key} was drawn on other images (content "
+                    f"{r['content']}, the pair's now {now}): the shards were rendered again since; the pair "
+                    "needs a new annotation"
+                    if r.get("content")
+                    else f"annotation {r['annotation_id']} of {key} records no content (made before "
+                    f"annotations were bound to their pixels): which images it was drawn on is not known; "
+                    f"the pair (content {now}) needs a new annotation"
+                )
                 quarantine.append(
                     {
                         "pair_key": key,
                         "annotation_id": r["annotation_id"],
                         "annotator": r["annotator"],
-                        "reason": (
-                            f"annotation {r['annotation_id']} of {key} was drawn on other images (content "
-                            f"{r.get('content') or 'not recorded'}, the pair's now {contents[key]}): the shards "
-                            "were rendered again since; the pair needs a new annotation"
-                        ),
+                        "reason": why,
                     }
                 )
                 continue

@@ -10,14 +10,15 @@ appends pairs). Backends:
   second annotator so that agreement is measured. Their work goes through the same Label Studio result
   format, store, decoding and review rule as real annotations.
 * `label_studio`: the server at $LABEL_STUDIO_URL with the token in $LABEL_STUDIO_API_KEY. The pair
-  images are written under `annotate.media_root` (the server's local-files root), tasks are pushed
-  idempotently (stable keys), predictions of `annotate.prediction_model` are attached as brush
+  images are written under `annotate.media_root` (the server's local-files root, file names carrying
+  the pixels' digest), tasks are pushed idempotently (stable key and content: a pair rendered again
+  gets a new task), predictions of `annotate.prediction_model` are attached as brush
   pre-annotations, then every annotation is pulled.
 
 Outputs (data/annotate is persistent: the store is never deleted by DVC): `annotations.jsonl` (every
 version of every annotation, append-only), `decisions.jsonl` (the winning annotation per pair and why),
-`masks/<pair>.png` (the winners, contract 0/1/255), `quarantine.jsonl` (malformed annotations with the
-reason), `pool.jsonl`, and an overview grid `annotations.png`.
+`masks/<pair>.png` (the winners, contract 0/1/255), `quarantine.jsonl` (annotations that do not decide,
+with the reason: malformed, of a vanished pair, or drawn on other pixels than the pair now shows), `pool.jsonl`, and an overview grid `annotations.png`.
 """
 
 from __future__ import annotations
@@ -169,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     write_jsonl(store_file, store)  # everything pulled is kept before anything is decided
 
     sizes = {k: q.ref.shape[:2] for k, q in pairs.items()}
-    decisions, quarantine = decide(store, sizes, {k: pair_content(q) for k, q in pairs.items()})
+    contents = {k: pair_content(q) for k, q in pairs.items()}
+    decisions, quarantine = decide(store, sizes, contents)
     for q in quarantine:
         print(f"annotate: quarantined annotation {q['annotation_id']} of {q['pair_key']}: {q['reason']}")
     write_jsonl(out / "quarantine.jsonl", quarantine)
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for key, d in sorted(decisions.items()):
         write_bytes(masks_dir / f"{key}.png", png_bytes(d["mask"]))
-        rows.append({k: v for k, v in d.items() if k != "mask"} | {"pair_key": key})
+        rows.append({k: v for k, v in d.items() if k != "mask"} | {"pair_key": key, "content": contents[key]})
     write_jsonl(out / "decisions.jsonl", rows)
 
     # Annotation quality against the synthetic ground truth, where there is one.

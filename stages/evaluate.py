@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         order = np.argsort(-gain, kind="stable")[: cfg.grid_samples]
         with_refs = [k for k in cfg.modes if k > 0]
-        changed = sorted({with_refs[0], with_refs[-1]}) if with_refs and 0 in cfg.modes else []
+        changed = sorted({min(with_refs), max(with_refs)}) if with_refs and 0 in cfg.modes else []
         labels = [mode_label(k) for k in cfg.modes]
         grid, row_labels = [], []
         for i in order:

@@ -112,6 +112,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(
             f"error: annotated pair {gone[0]} is not in {args.shards}; re-run annotate on these shards"
         )
+    stale = [k for k in sorted(decisions) if decisions[k].get("content") != pair_content(by_key[k])]
+    if stale:
+        raise SystemExit(
+            f"error: the decided annotation of {stale[0]} (and {len(stale) - 1} more) was drawn on other images "
+            f"than {args.shards} shows for that pair (content {decisions[stale[0]].get('content') or 'not recorded'}, "
+            f"now {pair_content(by_key[stale[0]])}); re-run annotate on these shards"
+        )
     keys = sorted(decisions)
     annotated = {k: load_mask(ann / "masks" / f"{k}.png") for k in keys}
     lq = to_tensor([degraded_target(by_key[k], cfg.preset, cfg.seed) for k in keys])

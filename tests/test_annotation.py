@@ -161,7 +161,7 @@ def test_annotation_drawn_on_other_pixels_is_quarantined_not_applied():
     assert d["p"]["annotation_id"] == 3 and d["p"]["state"] == "single"
     reasons = {x["annotation_id"]: x["reason"] for x in q}
     assert set(reasons) == {1, 2}
-    assert "content aaaa, the pair's now bbbb" in reasons[1] and "not recorded" in reasons[2]
+    assert "content aaaa, the pair's now bbbb" in reasons[1] and "records no content" in reasons[2]
     assert len(store) == 3  # nothing is lost
     d, q = decide(store, {"p": (32, 32)}, {"p": "cccc"})  # rendered again: no annotation decides
     assert d == {} and len(q) == 3
@@ -223,6 +223,14 @@ def test_annotate_stage_synthetic_backend(tmp_path):
     # The shards rendered again (other pixels under the same pair keys): the stored annotations are
     # quarantined with their reason, the pairs annotated again, and the decisions equal a fresh store's.
     shards2 = make_pair_shards(tmp_path / "shards2", seed=4)
+    # The mask model refuses to train the new pixels on the old decisions.
+    r = _run_stage(
+        "stages.refsel",
+        params,
+        *("--shards", str(shards2), "--annotate", str(out), "--out", str(tmp_path / "rs")),
+        *("--metrics", str(tmp_path / "rs.json"), "--plot", str(tmp_path / "rs.csv")),
+    )
+    assert r.returncode != 0 and "drawn on other images" in r.stderr and "re-run annotate" in r.stderr
     args2 = ("--shards", str(shards2), "--out", str(out), "--metrics", str(tmp_path / "m2.json"))
     assert _run_stage("stages.annotate", params, *args2).returncode == 0
     fresh = (

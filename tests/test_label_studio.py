@@ -273,6 +273,27 @@ def test_annotation_of_a_vanished_pair_is_kept_and_named(server, tmp_path):
     q = [json.loads(x) for x in (tmp_path / "ann" / "quarantine.jsonl").read_text().splitlines()]
     assert len(q) == 1 and f"task {t.id} (gone__pair)" in q[0]["reason"] and "image gone" in q[0]["reason"]
     assert "gone__pair" in (tmp_path / "ann" / "annotations.jsonl").read_text()
+    # The shards rendered again (the same pair keys, other pixels): each pair gets a new task whose
+    # images have new file names; the old tasks, their images and annotations stay, and the annotation
+    # drawn on the old pixels is quarantined with the reason instead of deciding the new pair's mask.
+    old = {t.data["pair_key"]: t for t in client.tasks.list(project=project.id, fields="all")}
+    key = sorted(k for k in old if k != "gone__pair")[0]
+    drawn = client.annotations.create(id=old[key].id, result=mask_to_result(np.ones((32, 32), np.uint8), key))
+    shards2 = make_pair_shards(tmp_path / "shards2", identities=(2, 1, 1), seed=4)
+    a2 = ("--shards", str(shards2), "--out", str(tmp_path / "ann"), "--metrics", str(tmp_path / "a.json"))
+    assert _stage("stages.annotate", params, env, *a2).returncode == 0
+    now = list(client.tasks.list(project=project.id, fields="all"))
+    assert len(now) == 2 * len(old) - 1
+    new = next(t for t in now if t.data["pair_key"] == key and t.id != old[key].id)
+    assert new.data["content"] != old[key].data["content"] and new.data["ref"] != old[key].data["ref"]
+    for t in (old[key], new):
+        assert (srv.media_root / t.data["ref"].split("?d=")[1]).is_file()
+    q = [json.loads(x) for x in (tmp_path / "ann" / "quarantine.jsonl").read_text().splitlines()]
+    stale = next(x for x in q if x["annotation_id"] == drawn.id)
+    assert "drawn on other images" in stale["reason"] and old[key].data["content"] in stale["reason"]
+    assert key not in {
+        json.loads(x)["pair_key"] for x in (tmp_path / "ann" / "decisions.jsonl").read_text().splitlines()
+    }
     # A stage pointed at a server that is down fails with the setting named.
     r = _stage(
         "stages.annotate", params, {**env, "LABEL_STUDIO_URL": f"http://127.0.0.1:{_free_port()}"}, *a_args
