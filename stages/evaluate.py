@@ -14,7 +14,7 @@ go to `data/evaluate/per_target.json` (the registry's paired promotion gate read
 the evaluator encoder, GT-ID (evaluator), copy score on conflict pairs; weight-based metrics (LPIPS,
 MUSIQ, CLIP-IQA, MANIQA, FID) are listed as not computed with the reason. Also writes the model bundle
 `data/evaluate/bundle` (pipelines/restorer.py) that `register` logs, and grids per set
-(degraded | references | output per mode | target | |output with references - blind| x4, rows
+(degraded | references | output per mode | target | |output with references - blind| x8, rows
 labelled with their GT-ID per mode).
 """
 
@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> None:
         for i in order:
             s = samples[i]
             outs_s = [outputs.get(k, {}).get(s["key"]) for k in cfg.modes]
-            diffs = [change_map(outputs[k][s["key"]], outputs[0][s["key"]]) for k in changed]
+            diffs = [change_map(outputs[k][s["key"]], outputs[0][s["key"]], gain=8.0) for k in changed]
             grid.append(
                 [s["lq"], *(s["refs"][:3] + [None] * (3 - len(s["refs"][:3]))), *outs_s, s["gt"], *diffs]
             )
@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
             grid,
             title=(
                 f"{name}: degraded | references | output with {'/'.join(map(str, cfg.modes))} references | target"
-                + (" | |output with k refs - blind| x4" if changed else "")
+                + (" | |output with k refs - blind| x8" if changed else "")
                 + f"; left: GT-ID per mode ({'/'.join(map(str, cfg.modes))} refs)"
             ),
             row_labels=row_labels,
