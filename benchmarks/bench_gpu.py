@@ -1,29 +1,31 @@
-"""GPU figures of the real configuration: training step time, samples/s and peak memory per
-configuration, restore time, and the FLOP floor with the ratio to it (issue 16, item 1).
+"""GPU figures of the recipe: training step time, samples/s and peak memory per configuration, restore
+time per image, and the FLOP floor with the ratio to it.
 
     python benchmarks/bench_gpu.py                      # klein_base_4b shapes at 512² on CUDA
     python benchmarks/bench_gpu.py --small              # the same code on a tiny config on the CPU
-    python benchmarks/bench_gpu.py --json out.json --plot out.png
+    python benchmarks/bench_gpu.py --rows 1,7 --restore 4,5 --json out.json --plot out.png
 
-Weights are random in the shapes of FLUX.2-klein-base-4B, the FLUX.2 VAE (`AutoencoderKLFlux2`'s
-default config, written to a temporary folder and loaded through `train.vae` as a user's would be)
-and AdaFace IR-50: timings and memory do not depend on the values. Training runs the project's own
-`IConFaceModule` under a Lightning `Trainer` (`bf16-mixed`, LoRA 16, gradient checkpointing, frozen
-weights stored in bf16 unless the row says otherwise), built by `pipelines.training.build_network` as
-the `train` stage builds it. Each row is a fresh model; the step time is the median of `--steps` steps
-after `--warmup` (CUDA-synchronised), the peak memory is `torch.cuda.max_memory_allocated` after a
-reset and after the previous row's model is freed.
+The configuration is the recipe as the stages read it: params.yaml with configs/recipe_gpu.yaml merged
+over it, validated like every `train` section, its `weights`, `vae` and `prompt_cache` pointed at local
+folders this script writes with random weights (`write_inputs`: the FLUX.2 VAE's default config, a
+prompt cache, and a transformer folder in klein's widths at a reduced depth). Each row then builds the
+transformer at klein's full depth from its named config (random weights: timings and memory do not
+depend on the values) and trains the project's own `IConFaceModule` under a Lightning `Trainer`
+(`bf16-mixed`, LoRA 16, frozen weights stored in bf16 unless the row says otherwise) after
+`prepare_for_training`, as `fit` does. Each row is a fresh model and a fresh compile; the step time is
+the median of `--steps` steps after `--warmup` (CUDA-synchronised), the peak memory is
+`torch.cuda.max_memory_allocated` after a reset and after the previous row's model is freed.
 
-Restore rows: 12 steps, guidance 4.0 (two forwards a step), 3 references, batch 1 — through
-`IConFaceModule.restore` with (a) float32 weights under autocast, (b) weights cast to bf16 once,
-(c) the LoRA merged first (`models.lora.merge_lora`), (d) that model with every block compiled
-(`torch.compile`; the compile time is printed on its own, it is paid once per process and shape).
+Restore set-ups: 12 steps, guidance 4.0, 3 references, batch 1, through `IConFaceModule.restore`:
+float32 weights under autocast; weights cast to bf16 once; the LoRA merged first
+(`models.lora.merge_lora`); every block compiled (`IConFace.compile_blocks`; the compile time is printed
+on its own, paid once per process and shape); and both guidance branches as one batch of two.
 
 The floor: the FLOPs of one forward with 3 references (counted by `torch.utils.flop_counter`) over the
 measured throughput of a large bf16 matrix product on the same device; a training step costs about
 3 forwards (4 with checkpointing) and a restore 2·steps forwards. On the CPU (`--small`) the same
 figures come from float32 and the tiny config: they exist so that this script cannot rot (a test runs
-it), not as numbers to quote.
+it), not as numbers to quote. The JSON is rewritten after every row, so a run cut short keeps its rows.
 """
 
 from __future__ import annotations
@@ -82,15 +84,31 @@ SMALL = Scale(
     512,
 )
 
-# (label, overrides of the recipe row): the rows of issue 16's table, plus the compiled step.
+# (label, overrides of the recipe's settings): the recipe is bf16-mixed, frozen bf16, LoRA 16, 3
+# references, batch 1, gradient checkpointing inside compiled blocks (configs/recipe_gpu.yaml).
 TRAIN_ROWS: list[tuple[str, dict]] = [
-    ("recipe: full, 3 references, batch 1", {}),
-    ("full, 1 reference", {"refs": 1}),
-    ("concat (no pathways), 3 references", {"variant": "concat"}),
-    ("full, 3 references, no checkpointing", {"gradient_checkpointing": False}),
-    ("full, 3 references, frozen weights float32", {"frozen_dtype": "float32"}),
-    ("full, 3 references, batch 4", {"batch": 4}),
-    ("full, 3 references, compiled blocks", {"compile": True}),
+    ("eager: full, 3 references, batch 1, checkpointing", {"compile": False}),
+    ("eager: full, 1 reference", {"compile": False, "refs": 1}),
+    ("eager: concat (no pathways), 3 references", {"compile": False, "variant": "concat"}),
+    ("eager: no checkpointing", {"compile": False, "gradient_checkpointing": False}),
+    ("eager: frozen weights float32", {"compile": False, "frozen_dtype": "float32"}),
+    ("eager: batch 4", {"compile": False, "batch": 4}),
+    ("recipe: compiled blocks, checkpointing inside", {}),
+    ("compiled, memory budget 0.5 (selective recompute)", {"gradient_checkpointing": False, "budget": 0.5}),
+    ("compiled, no checkpointing", {"gradient_checkpointing": False}),
+]
+RECIPE_ROW = "recipe: compiled blocks, checkpointing inside"
+
+# (label, set-up) of the restore rows; batch_cfg: both guidance branches as one batch of two
+RESTORE_SETUPS: list[tuple[str, dict]] = [
+    ("float32 weights under autocast", dict(cast=False, merge=False, compile=False, batch_cfg=False)),
+    ("weights cast to bf16 once", dict(cast=True, merge=False, compile=False, batch_cfg=False)),
+    ("LoRA merged, bf16 weights", dict(cast=True, merge=True, compile=False, batch_cfg=False)),
+    ("LoRA merged, bf16, compiled", dict(cast=True, merge=True, compile=True, batch_cfg=False)),
+    (
+        "LoRA merged, bf16, compiled, CFG as one batch",
+        dict(cast=True, merge=True, compile=True, batch_cfg=True),
+    ),
 ]
 
 
@@ -110,53 +128,75 @@ def peak_gib(dev: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(dev) / GIB if dev.type == "cuda" else None
 
 
-def write_vae(scale: Scale, folder: Path) -> str:
-    from diffusers import AutoencoderKLFlux2
+def write_inputs(scale: Scale, folder: Path, depth: tuple[int, int] = (1, 1)) -> dict[str, str]:
+    """The three local folders/files a user gives (`train.weights`, `train.vae`, `train.prompt_cache`),
+    with random weights: the transformer in the scale's widths at a reduced `depth` (double, single
+    blocks), the VAE (`AutoencoderKLFlux2`'s default config = the FLUX.2 VAE at full scale) and the
+    prompt cache (`models.prompt`'s format)."""
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+
+    from models.iconface import BACKBONES
+    from models.prompt import save_prompt_cache
 
     torch.manual_seed(0)
-    AutoencoderKLFlux2(**(scale.vae or {})).save_pretrained(folder)
-    return str(folder)
+    vae = AutoencoderKLFlux2(**(scale.vae or {}))
+    vae.save_pretrained(folder / "vae")
+    channels = vae.config.latent_channels * 4  # the codec packs 2x2 latent patches (models.codecs)
+    shape = {**BACKBONES[scale.backbone], "in_channels": channels}
+    shape.update(num_layers=depth[0], num_single_layers=depth[1])
+    Flux2Transformer2DModel(**shape).to(torch.bfloat16).save_pretrained(folder / "transformer")
+    dim = shape["joint_attention_dim"]
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randn(1, scale.text_tokens, dim, generator=g, device=g.device)
+    save_prompt_cache(folder / "prompt.safetensors", {"prompt": prompt, "empty": torch.zeros_like(prompt)})
+    return {
+        "weights": str(folder / "transformer"),
+        "vae": str(folder / "vae"),
+        "prompt_cache": str(folder / "prompt.safetensors"),
+    }
 
 
-def train_config(scale: Scale, vae: str, over: dict):
-    from pipelines.config import TrainConfig, build
+def train_config(scale: Scale, paths: dict[str, str], over: dict):
+    """The recipe's `train` section (params.yaml with configs/recipe_gpu.yaml merged over it, as the
+    stages read it), its three paths pointed at `paths`, the scale's sizes and the row's overrides;
+    validated like every `train` section."""
+    from pipelines.config import TrainConfig, build, read_params
 
-    return build(
-        TrainConfig,
-        {
-            "backbone": scale.backbone,
-            "vae": vae,
-            "train_backbone": False,
-            "front_end": 0,
-            "front": None,
-            "prediction": "velocity",
-            "lr": 1e-5,
-            "lr_schedule": "constant",
-            "lora_rank": scale.lora_rank,
-            "memory_tokens": scale.memory_tokens,
-            "precision": scale.precision,
-            "gradient_checkpointing": over.get("gradient_checkpointing", True),
-            "variant": over.get("variant", "full"),
-            "frozen_dtype": over.get("frozen_dtype", "auto"),
-            "compile": over.get("compile", False),
-            "max_refs": 3,
-            "batch_size": over.get("batch", 1),
-        },
-        "train",
+    train = read_params(ROOT / "params.yaml", ROOT / "configs" / "recipe_gpu.yaml")["train"]
+    train.update(paths)
+    train.update(
+        backbone=scale.backbone,
+        lora_rank=scale.lora_rank,
+        memory_tokens=scale.memory_tokens,
+        precision=scale.precision,
+        accelerator="cpu" if scale.backbone == "tiny" else "gpu",
+        gradient_checkpointing=over.get("gradient_checkpointing", True),
+        variant=over.get("variant", "full"),
+        frozen_dtype=over.get("frozen_dtype", train["frozen_dtype"]),
+        compile=over.get("compile", True),
+        compile_memory_budget=over.get("budget", 1.0),
+        max_refs=3,
+        batch_size=over.get("batch", 1),
+        accumulate=1,
     )
+    return build(TrainConfig, train, "train")
 
 
 def build_module(scale: Scale, cfg, dev: torch.device):
-    """The train stage's module (build_network + IConFaceModule + cast_frozen), built on `dev`."""
+    """The train stage's module (build_network + IConFaceModule + cast_frozen), built on `dev`.
+
+    The transformer is built at the scale's full depth from its named config with random weights
+    (`weights` set aside): the folder `write_inputs` wrote holds a reduced depth, and timings and memory
+    do not depend on the values. The VAE and the prompt come from their local paths."""
+    from dataclasses import replace
+
     from models.id_encoder import IRBackbone, IRConfig
-    from models.prompt import synthetic_prompt
     from pipelines.training import IConFaceModule, build_network, cast_frozen, frozen_dtype
 
     with torch.device(dev):
         torch.manual_seed(0)
         enc = IRBackbone(IRConfig(**(scale.encoder or {}))).eval()
-        net, codec, _ = build_network(cfg, enc.cfg.embedding_dim)
-        text = synthetic_prompt(scale.text_tokens, net.transformer.config.joint_attention_dim)
+        net, codec, text = build_network(replace(cfg, weights=None), enc.cfg.embedding_dim)
         module = IConFaceModule.from_config(net, codec.to(dev), enc, text, cfg)
     module.to(dev)
     if (dtype := frozen_dtype(cfg)) is not None:
@@ -186,16 +226,16 @@ def parameter_gib(module: torch.nn.Module) -> float:
     return sum(p.numel() * p.element_size() for p in module.parameters()) / GIB
 
 
-def train_row(scale: Scale, vae: str, dev: torch.device, over: dict, warmup: int, steps: int) -> dict:
+def train_row(scale: Scale, paths: dict, dev: torch.device, over: dict, warmup: int, steps: int) -> dict:
     import lightning as L
 
-    cfg = train_config(scale, vae, over)
+    from pipelines.training import prepare_for_training
+
+    cfg = train_config(scale, paths, over)
+    fresh_compile()
     reset_peak(dev)
     module = build_module(scale, cfg, dev)
-    if cfg.compile:
-        from pipelines.training import compile_blocks
-
-        compile_blocks(module.net.transformer)
+    prepare_for_training(module, cfg)  # as fit does: frozen dtype, compiled blocks (train.compile)
     batch = synthetic_batch(scale, cfg.batch_size, over.get("refs", 3))
     times: list[float] = []
 
@@ -233,8 +273,18 @@ def train_row(scale: Scale, vae: str, dev: torch.device, over: dict, warmup: int
         "loss": float(module.history[-1]["loss"]),
     }
     del trainer, module, loader
+    fresh_compile()
     reset_peak(dev)
     return row
+
+
+def fresh_compile() -> None:
+    """Forget compiled graphs and the activation memory budget between rows (each row compiles its own)."""
+    import torch._dynamo
+    import torch._functorch.config as functorch_config
+
+    torch._dynamo.reset()
+    functorch_config.activation_memory_budget = 1.0
 
 
 def count_forward_flops(module, batch, dev: torch.device) -> int:
@@ -269,28 +319,26 @@ def forward_s(module, batch, dev: torch.device, n: int = 5) -> float:
     return statistics.median(out)
 
 
-def restore_rows(scale: Scale, vae: str, dev: torch.device, steps: int, guidance: float, runs: int) -> list:
-    """(label, forward s, restore s per image, compile s) for the four inference set-ups."""
+def restore_rows(
+    scale: Scale, paths: dict, dev: torch.device, steps: int, guidance: float, runs: int, setups: list
+) -> list:
+    """(label, forward s, restore s per image, compile s, peak GiB, max |Δ| vs the first) per set-up."""
     from models.lora import merge_lora
-    from pipelines.training import cast_frozen, compile_blocks
+    from pipelines.training import cast_frozen
 
     rows = []
     batch = synthetic_batch(scale, 1, 3, seed=1)
-    setups = [
-        ("float32 weights under autocast", dict(cast=False, merge=False, compile=False)),
-        ("weights cast to bf16 once", dict(cast=True, merge=False, compile=False)),
-        ("LoRA merged, bf16 weights", dict(cast=True, merge=True, compile=False)),
-        ("LoRA merged, bf16 weights, compiled", dict(cast=True, merge=True, compile=True)),
-    ]
     reference = None
     for label, s in setups:
-        cfg = train_config(scale, vae, {"frozen_dtype": "float32"})
+        cfg = train_config(scale, paths, {"frozen_dtype": "float32", "compile": False})
+        fresh_compile()
         reset_peak(dev)
         module = build_module(scale, cfg, dev)
+        module.net.transformer.disable_gradient_checkpointing()  # inference
         g = torch.Generator(device="cpu").manual_seed(7)
         for p in module.net.parameters():  # a LoRA that is not zero, as after training
             if p.requires_grad:
-                p.data = (torch.randn(p.shape, generator=g) * 1e-3).to(p)
+                p.data = (torch.randn(p.shape, generator=g, device=g.device) * 1e-3).to(p)
         if s["merge"]:
             merge_lora(module.net.transformer)
         if s["cast"]:
@@ -300,12 +348,13 @@ def restore_rows(scale: Scale, vae: str, dev: torch.device, steps: int, guidance
         elif dev.type == "cuda" or scale.precision == "bf16-mixed":
             module._low = torch.bfloat16  # autocast over float32 weights (Lightning's bf16-mixed)
         compile_s = None
+        opts = dict(steps=steps, guidance=guidance, batch_cfg=s["batch_cfg"])
         if s["compile"]:
-            compile_blocks(module.net.transformer)
+            module.net.compile_blocks()
             sync(dev)
             t = time.perf_counter()
             forward_s(module, batch, dev, n=1)
-            module.restore(batch, steps=steps, guidance=guidance)  # the sampler's shapes and strides too
+            module.restore(batch, **opts)  # the sampler's shapes and strides too
             sync(dev)
             compile_s = time.perf_counter() - t
         fwd = forward_s(module, batch, dev)
@@ -313,7 +362,7 @@ def restore_rows(scale: Scale, vae: str, dev: torch.device, steps: int, guidance
         for _ in range(runs):
             sync(dev)
             t = time.perf_counter()
-            out = module.restore(batch, steps=steps, guidance=guidance)
+            out = module.restore(batch, **opts)
             sync(dev)
             per_image.append(time.perf_counter() - t)
         if reference is None:
@@ -351,8 +400,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--restore-steps", type=int, default=12)
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--restore-runs", type=int, default=3)
-    p.add_argument("--rows", default="all", help="comma-separated row numbers (1-based) or 'all'")
-    p.add_argument("--no-compile", action="store_true", help="skip the compiled rows")
+    p.add_argument("--rows", default="all", help="training rows, 1-based, comma-separated, or 'all' / 'none'")
+    p.add_argument(
+        "--restore", default="all", help="restore set-ups, 1-based, comma-separated, or 'all' / 'none'"
+    )
+    p.add_argument("--no-compile", action="store_true", help="skip the compiled rows and set-ups")
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path)
     args = p.parse_args(argv)
@@ -362,17 +414,16 @@ def main(argv: list[str] | None = None) -> dict:
     dev = torch.device("cuda" if not args.small else "cpu")
     if args.small:
         torch.set_num_threads(1)
-    rows = TRAIN_ROWS
-    if args.rows != "all":
-        pick = {int(x) for x in args.rows.split(",")}
-        rows = [r for i, r in enumerate(TRAIN_ROWS, 1) if i in pick]
+    rows = pick(TRAIN_ROWS, args.rows)
+    setups = pick(RESTORE_SETUPS, args.restore)
     if args.no_compile:
-        rows = [r for r in rows if not r[1].get("compile")]
+        rows = [r for r in rows if r[1].get("compile") is False]
+        setups = [r for r in setups if not r[1]["compile"]]
 
     with tempfile.TemporaryDirectory() as tmp:
-        vae = write_vae(scale, Path(tmp) / "vae")
+        paths = write_inputs(scale, Path(tmp))
         rate = matmul_flops_per_s(dev, scale.matmul)
-        cfg = train_config(scale, vae, {})
+        cfg = train_config(scale, paths, {"compile": False})
         module = build_module(scale, cfg, dev)
         flops = count_forward_flops(module, synthetic_batch(scale, 1, 3, seed=2), dev)
         del module
@@ -380,6 +431,7 @@ def main(argv: list[str] | None = None) -> dict:
         floor_fwd = flops / rate
         result: dict = {
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (--small)",
+            "torch": torch.__version__,
             "scale": scale.backbone,
             "resolution": scale.resolution,
             "matmul_tflops": rate / 1e12,
@@ -391,12 +443,13 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             f"device {result['device']}; {scale.backbone} at {scale.resolution}²; matmul "
             f"{rate / 1e12:.1f} TFLOP/s; one forward with 3 references {flops / 1e12:.3g} TFLOP → floor "
-            f"{floor_fwd:.4f} s"
+            f"{floor_fwd:.4f} s",
+            flush=True,
         )
         print("\n| configuration | step s | samples/s | peak GiB | weights MiB | floor step s | × floor |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
+        print("|---|---:|---:|---:|---:|---:|---:|", flush=True)
         for label, over in rows:
-            r = train_row(scale, vae, dev, over, args.warmup, args.steps)
+            r = train_row(scale, paths, dev, over, args.warmup, args.steps)
             refs = over.get("refs", 3)
             # a step ≈ forward + backward (2×) (+ one recomputed forward with checkpointing), per sample,
             # scaled from the 3-reference forward by the image token count (2 + refs segments of 5)
@@ -406,8 +459,10 @@ def main(argv: list[str] | None = None) -> dict:
             result["train"].append(r)
             print(
                 f"| {label} | {r['step_s']:.3f} | {r['samples_per_s']:.2f} | {fmt(r['peak_gib'], '.1f')} | "
-                f"{r['weights_mib']:.1f} | {floor:.3f} | {r['x_floor']:.2f} |"
+                f"{r['weights_mib']:.1f} | {floor:.3f} | {r['x_floor']:.2f} |",
+                flush=True,
             )
+            save(result, args.json)
         print(
             f"\nRestore ({args.restore_steps} steps, guidance {args.guidance}, 3 references, batch 1, "
             f"{scale.resolution}²):"
@@ -415,12 +470,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             "\n| set-up | forward s | restore s/image | × floor | compile s | peak GiB | max |Δ| vs first |"
         )
-        print("|---|---:|---:|---:|---:|---:|---:|")
+        print("|---|---:|---:|---:|---:|---:|---:|", flush=True)
         n_fwd = args.restore_steps * (2 if args.guidance != 1.0 else 1)
-        rrows = restore_rows(scale, vae, dev, args.restore_steps, args.guidance, args.restore_runs)
+        rrows = restore_rows(scale, paths, dev, args.restore_steps, args.guidance, args.restore_runs, setups)
         for label, fwd, img_s, comp, peak, diff in rrows:
-            if args.no_compile and comp is not None:
-                continue
             x = img_s / (floor_fwd * n_fwd)
             result["restore"].append(
                 {
@@ -435,20 +488,37 @@ def main(argv: list[str] | None = None) -> dict:
             )
             print(
                 f"| {label} | {fwd:.4f} | {img_s:.3f} | {x:.2f} | {fmt(comp, '.1f')} | {fmt(peak, '.1f')} | "
-                f"{diff:.4f} |"
+                f"{diff:.4f} |",
+                flush=True,
             )
-    best = min(result["restore"], key=lambda r: r["restore_s"])
-    recipe = result["train"][0] if result["train"] else None
-    print(
-        f"\nbench_gpu: {len(result['train'])} training rows, {len(result['restore'])} restore set-ups; "
-        + (f"recipe step {recipe['step_s']:.3f} s ({recipe['x_floor']:.2f}× floor); " if recipe else "")
-        + f"fastest restore {best['restore_s']:.3f} s/image ({best['label']})"
-    )
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
-    if args.plot:
+    save(result, args.json)
+    parts = [f"bench_gpu: {len(result['train'])} training rows, {len(result['restore'])} restore set-ups"]
+    recipe = next((r for r in result["train"] if r["label"] == RECIPE_ROW), None)
+    if recipe:
+        parts.append(f"recipe step {recipe['step_s']:.3f} s at {fmt(recipe['peak_gib'], '.1f')} GiB")
+    if result["restore"]:
+        best = min(result["restore"], key=lambda r: r["restore_s"])
+        parts.append(f"fastest restore {best['restore_s']:.3f} s/image ({best['label']})")
+    print("; ".join(parts))
+    if args.plot and result["train"] and result["restore"]:
         plot(result, args.plot)
     return result
+
+
+def pick(items: list, spec: str) -> list:
+    """Items by 1-based numbers ("1,3"), or all / none."""
+    if spec == "all":
+        return list(items)
+    if spec == "none":
+        return []
+    chosen = {int(x) for x in spec.split(",")}
+    return [r for i, r in enumerate(items, 1) if i in chosen]
+
+
+def save(result: dict, path: Path | None) -> None:
+    """Write the figures so far (a run cut short by its time limit still leaves its rows)."""
+    if path is not None:
+        path.write_text(json.dumps(result, indent=2))
 
 
 def plot(result: dict, path: Path) -> None:

@@ -109,7 +109,7 @@ def draw_cfg_drops(b: int, p_image: float, p_context: float, generator: torch.Ge
     token (1) and the general tokens (2) of the composite context (p_context each) — Sec. 4: "randomly
     drop the LQ condition as well as the components in Composite Context independently with a 0.1
     probability"."""
-    u = torch.rand(b, 3, generator=generator)
+    u = torch.rand(b, 3, generator=generator, device=generator.device)
     return u < torch.tensor([p_image, p_context, p_context])
 
 

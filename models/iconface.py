@@ -58,7 +58,8 @@ output equals the stock diffusers forward exactly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from types import MethodType
 from typing import Literal
 
 import torch
@@ -417,6 +418,29 @@ class Conditioning:
     # RefSTAR (models.refstar.token_keep): (B, R, h·w) bool, False = a reference token in a conflict or
     # ignore region, masked as a key everywhere like a padded reference; None = every token kept
     ref_tokens: torch.Tensor | None = None
+    # (reference slots in use, every one of them real in every sample), read from ref_mask once by
+    # `with_layout` so that a sampling loop asks the device nothing per step; None = read per forward
+    layout: tuple[int, bool] | None = None
+
+
+def with_layout(cond: Conditioning) -> Conditioning:
+    """`cond` with its reference layout read once (one host synchronisation instead of one per forward)."""
+    r = cond.refs.shape[1] if cond.refs.ndim == 5 and bool(cond.ref_mask.any()) else 0
+    return replace(cond, layout=(r, bool(cond.ref_mask[:, :r].all()) if r else True))
+
+
+def stack_conditionings(a: Conditioning, b: Conditioning) -> Conditioning:
+    """One conditioning for the batch [a; b] (both branches of classifier-free guidance in one forward):
+    every tensor concatenated on the batch axis; the layout is the union of both."""
+    out = {}
+    for f in fields(Conditioning):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if f.name == "layout":
+            continue
+        if (x is None) != (y is None):
+            raise ValueError(f"stack_conditionings: {f.name} is set in one branch only")
+        out[f.name] = None if x is None else torch.cat([x, y], 0)
+    return with_layout(Conditioning(**out))
 
 
 class IConFace(nn.Module):
@@ -464,6 +488,8 @@ class IConFace(nn.Module):
         else:
             self.pool_base = self.pool_detail = None
             self.xattn = None
+        self.compiled = False  # compile_blocks() ran
+        self.checkpoint_inside = False  # the compiled blocks checkpoint themselves (compile_blocks)
         self.dca = None  # RefSTAR's decoupled cross-attention (eq. 4): reference K/V adapters per block
         if cfg.reference_route == "decoupled":
             from models.refstar import install_decoupled
@@ -486,7 +512,11 @@ class IConFace(nn.Module):
         b, c, h, w = scene.shape
         dev = scene.device
         n_img = h * w
-        r = cond.refs.shape[1] if cond.refs.ndim == 5 and cond.ref_mask.any() else 0
+        if cond.layout is None:
+            r = cond.refs.shape[1] if cond.refs.ndim == 5 and bool(cond.ref_mask.any()) else 0
+            all_real = bool(cond.ref_mask[:, :r].all()) if r else True
+        else:
+            r, all_real = cond.layout
         r_ctx = 0
         if self.composite is not None:
             r_ctx, r = r, 0  # seed 002: the references enter as context tokens (below), not as latents
@@ -515,7 +545,7 @@ class IConFace(nn.Module):
         tok = cond.ref_tokens
         decoupled = r and self.cfg.reference_route == "decoupled"
         if (
-            (r and not bool(cond.ref_mask[:, :r].all()))
+            (r and not all_real)
             or txt_keep is not None
             or decoupled
             or (r and tok is not None and not bool(tok[:, :r].all()))
@@ -614,17 +644,67 @@ class IConFace(nn.Module):
         prompt = torch.ones(txt.shape[0], txt.shape[1] - ctx.shape[1], dtype=torch.bool, device=txt.device)
         return txt, torch.cat([prompt, keep], 1)
 
+    def blocks(self) -> list[nn.Module]:
+        """The transformer's blocks in forward order (double-stream, then single-stream)."""
+        tr = self.transformer
+        return [*tr.transformer_blocks, *tr.single_transformer_blocks]
+
+    def compile_blocks(self, memory_budget: float = 1.0) -> None:
+        """`torch.compile` every block in place (regional compilation: the module tree and state-dict keys
+        do not change, and the blocks of one kind share one compiled graph).
+
+        With gradient checkpointing on, the checkpoint goes *inside* the compiled region: each block's
+        forward becomes `checkpoint(forward)` and the compiled function traces it, so one graph holds the
+        forward and the recomputation of its backward (the order torchtitan uses: activation checkpointing
+        applied first, `torch.compile` per block over it). The reverse order, a checkpoint around a
+        compiled block, recomputes through a compiled region from inside autograd; it crashed on an H200
+        and is not built. Idempotent.
+
+        `memory_budget` < 1 (without checkpointing): the fraction of the blocks' activation memory the
+        compiled backward may keep; the partitioner then recomputes the cheapest ops instead of saving
+        them (selective activation checkpointing by `torch._functorch.config.activation_memory_budget`,
+        a process-wide setting read when the blocks compile)."""
+        if self.compiled:
+            return
+        if not 0 < memory_budget <= 1:
+            raise ValueError(f"memory_budget must lie in (0, 1], got {memory_budget}")
+        if memory_budget < 1:
+            import torch._functorch.config as functorch_config
+
+            functorch_config.activation_memory_budget = memory_budget
+        inside = bool(self.transformer.gradient_checkpointing)
+        for block in self.blocks():
+            if inside:
+                block.forward = MethodType(_checkpointed_forward, block)
+            block.compile()
+        self.compiled, self.checkpoint_inside = True, inside
+
     def _run(self, block, hs, ehs, mod_img, mod_txt, rotary, attn_kwargs):
-        if torch.is_grad_enabled() and self.transformer.gradient_checkpointing:
+        if self._outer_checkpoint():
             return self.transformer._gradient_checkpointing_func(
                 block, hs, ehs, mod_img, mod_txt, rotary, attn_kwargs
             )
         return block(hs, ehs, mod_img, mod_txt, rotary, attn_kwargs)
 
     def _run_single(self, block, hs, mod, rotary, attn_kwargs):
-        if torch.is_grad_enabled() and self.transformer.gradient_checkpointing:
+        if self._outer_checkpoint():
             return self.transformer._gradient_checkpointing_func(block, hs, None, mod, rotary, attn_kwargs)
         return block(hs, None, mod, rotary, attn_kwargs)
+
+    def _outer_checkpoint(self) -> bool:
+        """Checkpoint around the block call: eager blocks with gradient checkpointing, while training."""
+        return (
+            torch.is_grad_enabled() and self.transformer.gradient_checkpointing and not self.checkpoint_inside
+        )
+
+
+def _checkpointed_forward(block: nn.Module, *args):
+    """A block's own forward under non-reentrant activation checkpointing while gradients are on (bound
+    to the block by `IConFace.compile_blocks`, which compiles it: the recomputation is part of the graph)."""
+    forward = type(block).forward
+    if torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(forward, block, *args, use_reentrant=False)
+    return forward(block, *args)
 
 
 def stock_forward(

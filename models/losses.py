@@ -44,6 +44,12 @@ def time_shift(t: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * t / (1 + (shift - 1) * t)
 
 
+def _on(generator: torch.Generator | None) -> torch.device | None:
+    """The device a draw from `generator` must be made on: the generator's own (a draw under a device
+    context, `with torch.device("cuda")`, would otherwise land there and refuse a CPU generator)."""
+    return None if generator is None else generator.device
+
+
 def sample_sigma(
     n: int, scheme: str = "uniform", generator: torch.Generator | None = None, **kw
 ) -> torch.Tensor:
@@ -54,14 +60,17 @@ def sample_sigma(
     s > 1 at high σ. On the CPU default s = 0.5 raised the severe one-reference identity gain and
     s = e^μ ≈ 6.8 (the sampler's own shift) cut it (README, "What the default learns")."""
     if scheme == "uniform":
-        return torch.rand(n, generator=generator)
+        return torch.rand(n, generator=generator, device=_on(generator))
     if scheme == "logit_normal":
-        return torch.sigmoid(torch.randn(n, generator=generator) * kw.get("std", 1.0) + kw.get("mean", 0.0))
+        return torch.sigmoid(
+            torch.randn(n, generator=generator, device=_on(generator)) * kw.get("std", 1.0)
+            + kw.get("mean", 0.0)
+        )
     if scheme == "shifted":
         s = float(kw.get("shift", 1.0))
         if not s > 0:
             raise ValueError(f"sigma shift must be > 0, got {s}")
-        return time_shift(torch.rand(n, generator=generator), s)
+        return time_shift(torch.rand(n, generator=generator, device=_on(generator)), s)
     raise ValueError(f"unknown sigma scheme {scheme!r}; valid: uniform, logit_normal, shifted")
 
 
@@ -191,7 +200,7 @@ def draw_sigma_noise(
     """(σ (B,), ε (shape)) for one batch: σ ∈ (0, sigma_max) by `scheme` (`shift` for `shifted`),
     ε ~ N(0, I) (eq. 1)."""
     sigma = sample_sigma(shape[0], scheme, generator, shift=shift) * sigma_max
-    return sigma, torch.randn(shape, generator=generator)
+    return sigma, torch.randn(shape, generator=generator, device=generator.device)
 
 
 def parameterise(

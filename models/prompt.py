@@ -22,7 +22,10 @@ QWEN_LAYERS = (9, 18, 27)
 
 def synthetic_prompt(length: int, dim: int, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"prompt": torch.randn(1, length, dim, generator=g), "empty": torch.zeros(1, length, dim)}
+    return {
+        "prompt": torch.randn(1, length, dim, generator=g, device=g.device),
+        "empty": torch.zeros(1, length, dim),
+    }
 
 
 @torch.no_grad()

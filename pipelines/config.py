@@ -12,6 +12,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 # The names a params.yaml may use. The registries behind them (models.iconface.BACKBONES and VARIANTS,
@@ -475,7 +476,12 @@ class TrainConfig:
     # Storage dtype of the frozen weights (transformer but LoRA, VAE, identity encoder). auto: bf16
     # under bf16-mixed (LoRA and pathways stay float32 with float32 AdamW state), float32 otherwise.
     frozen_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    compile: bool = False  # torch.compile every transformer block (GPUs; paid once per process and shape)
+    # torch.compile every transformer block (GPUs; paid once per process and shape); with
+    # gradient_checkpointing the checkpoint sits inside each compiled block (IConFace.compile_blocks)
+    compile: bool = False
+    # compile without checkpointing: the fraction of activation memory the compiled blocks keep (< 1:
+    # selective recomputation of the cheapest ops, torch's activation memory budget); 1 = keep all
+    compile_memory_budget: float = 1.0
     seed: int = 0
     threads: int = 2
     log_every: int = 10
@@ -531,6 +537,7 @@ class TrainConfig:
     cycle_sigma: Literal["max", "train"] = "max"
 
     def validate(self, where: str) -> None:
+        self._validate_compile(where)
         if not 0 < self.mask_token_keep <= 1:
             raise ConfigError(f"{where}.mask_token_keep must lie in (0, 1] (got {self.mask_token_keep})")
         if not self.sigma_shift > 0:
@@ -642,6 +649,42 @@ class TrainConfig:
             raise ConfigError(
                 f"{where}.general_encoder farl_vit_b16 needs general_encoder_weights (a local FaRL "
                 "ViT-B/16 checkpoint); `small` needs none"
+            )
+
+    def _validate_compile(self, where: str) -> None:
+        """Compiled blocks only where benchmarks/gpu_check.py has run them on a GPU (the IConFace route,
+        bf16-mixed or float32, one process): another combination is refused here rather than met as a
+        crash inside a compiled kernel."""
+        if not 0 < self.compile_memory_budget <= 1:
+            raise ConfigError(
+                f"{where}.compile_memory_budget must lie in (0, 1] (got {self.compile_memory_budget})"
+            )
+        if self.compile_memory_budget < 1 and (not self.compile or self.gradient_checkpointing):
+            raise ConfigError(
+                f"{where}.compile_memory_budget {self.compile_memory_budget} acts on compiled blocks without "
+                "gradient checkpointing (it replaces it): set compile true and gradient_checkpointing false, "
+                "or the budget to 1.0"
+            )
+        if not self.compile:
+            return
+        unproven = [
+            f"{key} {value}"
+            for key, value, proven in (
+                ("conditioning", self.conditioning, ("iconface",)),
+                ("reference_route", self.reference_route, ("in_context",)),
+                ("reference_masks", self.reference_masks, ("none",)),
+                ("cycle_loss", self.cycle_loss, (False,)),
+                ("precision", self.precision, ("bf16-mixed", "32-true", "32")),
+                ("launcher", self.launcher, ("local",)),
+            )
+            if value not in proven
+        ]
+        if unproven:
+            raise ConfigError(
+                f"{where}.compile: compiled blocks are proven on a GPU (benchmarks/gpu_check.py) with "
+                "conditioning iconface, reference_route in_context, reference_masks none, no cycle loss, "
+                f"precision bf16-mixed or 32-true and the local launcher; not with {', '.join(unproven)}. "
+                "Set compile false, or run that combination through benchmarks/gpu_check.py first"
             )
 
 
@@ -842,10 +885,58 @@ SECTIONS: dict[str, type] = {
 }
 
 
+OVERLAY_KEY = "overlay"  # params.yaml's top-level key naming a file of sections merged over it
+
+
+def merge_overlay(params: dict[str, Any], overlay: dict[str, Any], where: str) -> dict[str, Any]:
+    """`params` with `overlay` ({section: {key: value}}) merged over it, key by key; a section or key the
+    params do not have is an error naming it (an overlay changes values, it adds no options)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in params.items()}
+    for section, values in overlay.items():
+        if section == OVERLAY_KEY or section not in SECTIONS:
+            raise ConfigError(
+                f"{where}: unknown section {section!r}; valid sections: {', '.join(sorted(SECTIONS))}"
+            )
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: section {section} must be a mapping of keys")
+        base = out.setdefault(section, {})
+        for key, value in values.items():
+            if key not in base:
+                raise ConfigError(f"{where}: {section}.{key} is not a key of params.yaml's {section} section")
+            base[key] = value
+    return out
+
+
+def read_params(path: str | Path, overlay: str | Path | None = None) -> dict[str, Any]:
+    """params.yaml parsed, with the file its `overlay` key names (or `overlay` here) merged over it. The
+    overlay's path is relative to the working directory, as DVC runs stages from the repository root:
+    `overlay: configs/recipe_gpu.yaml` turns the chain into the paper's recipe on GPUs."""
+    import yaml
+
+    def parse(p: Path) -> dict[str, Any]:
+        if not p.is_file():
+            raise ConfigError(f"{p} not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p} is not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections")
+        return raw
+
+    raw = parse(Path(path))
+    name = overlay if overlay is not None else raw.get(OVERLAY_KEY)
+    if name is None:
+        return raw
+    return merge_overlay(raw, parse(Path(name)), f"overlay {name}")
+
+
 def load_sections(params: dict[str, Any], names: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """Build the named sections (all known ones by default) from a parsed params.yaml."""
+    """Build the named sections (all known ones by default) from a parsed params.yaml (its `overlay`
+    key, when set, already applied: `stages._common.load_params`)."""
     if not isinstance(params, dict):
         raise ConfigError("params.yaml: expected a mapping of sections")
+    params = {k: v for k, v in params.items() if k != OVERLAY_KEY}
     unknown = sorted(set(params) - set(SECTIONS))
     if unknown:
         raise ConfigError(

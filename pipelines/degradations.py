@@ -536,7 +536,7 @@ PRESETS: dict[str, Preset] = {
     "face_classic": lambda x, r: gfpgan_colour(
         *classic(x, r, (0.1, 10.0), (0.8, 8.0), (0.0, 20.0), (60, 100), "face_classic"), r
     ),
-    # ReF-LDM (FACTS.md): training and the FFHQ-Ref test degradations
+    # ReF-LDM (Hsiao et al., arXiv:2412.05043): training and the FFHQ-Ref test degradations
     "refldm_train": lambda x, r: classic(
         x, r, (0.0, 16.0), (1.0, 32.0), (0.0, 20.0), (30, 100), "refldm_train"
     ),

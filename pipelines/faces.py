@@ -19,7 +19,7 @@ does `refface restore`:
    square, eroded and Gaussian-blurred), so the output has the input's size (times `upscale`) and every
    pixel where the mask is zero is the input's (upscaled) pixel, unchanged.
 
-Licences (README, "Real photos"): dlib (the library, its HOG detector and the CNN detector file) is
+Licences (docs/architecture.md, "Faces in real photos"): dlib (the library, its HOG detector and the CNN detector file) is
 Boost-licensed; `shape_predictor_5_face_landmarks.dat` is CC0; `shape_predictor_68_face_landmarks.dat`
 was trained on iBUG 300-W, whose terms exclude commercial use. The 5-point model is therefore the
 default, and the 68-point FFHQ quad is one option away for work that must match FFHQ's crop geometry.

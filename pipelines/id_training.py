@@ -44,20 +44,20 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     # Random shift of up to 1/16 of the side (replicate padding).
     pad = max(1, s // 16)
     xp = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="replicate")
-    ox = torch.randint(0, 2 * pad + 1, (b,), generator=g)
-    oy = torch.randint(0, 2 * pad + 1, (b,), generator=g)
+    ox = torch.randint(0, 2 * pad + 1, (b,), generator=g, device=g.device)
+    oy = torch.randint(0, 2 * pad + 1, (b,), generator=g, device=g.device)
     x = torch.stack([xp[i, :, oy[i] : oy[i] + s, ox[i] : ox[i] + s] for i in range(b)])
     # Low-resolution augmentation (AdaFace's low_res_augmentation) on a random 30 %.
-    low = torch.rand(b, generator=g) < 0.3
+    low = torch.rand(b, generator=g, device=g.device) < 0.3
     if low.any():
-        f = float(torch.empty(1).uniform_(1.5, 3.0, generator=g))
+        f = float(torch.empty(1, device=g.device).uniform_(1.5, 3.0, generator=g))
         small = torch.nn.functional.interpolate(x[low], scale_factor=1 / f, mode="area")
         x[low] = torch.nn.functional.interpolate(small, size=(s, s), mode="bilinear", align_corners=False)
-    noisy = torch.rand(b, generator=g) < 0.2
+    noisy = torch.rand(b, generator=g, device=g.device) < 0.2
     if noisy.any():
-        x[noisy] = (x[noisy] + torch.randn(x[noisy].shape, generator=g) * 0.03).clamp(0, 1)
+        x[noisy] = (x[noisy] + torch.randn(x[noisy].shape, generator=g, device=g.device) * 0.03).clamp(0, 1)
     # Slight brightness change: lighting varies per photo.
-    x = (x * (1 + 0.1 * (torch.rand(b, 1, 1, 1, generator=g) - 0.5))).clamp(0, 1)
+    x = (x * (1 + 0.1 * (torch.rand(b, 1, 1, 1, generator=g, device=g.device) - 0.5))).clamp(0, 1)
     return x
 
 
@@ -112,7 +112,7 @@ def train_encoder(
     for _epoch in range(cfg.epochs):
         model.train()
         head.train()
-        perm = torch.randperm(n, generator=g)
+        perm = torch.randperm(n, generator=g, device=g.device)
         tot, cnt = 0.0, 0
         for i in range(0, n - cfg.batch_size + 1, cfg.batch_size):
             idx = perm[i : i + cfg.batch_size]

@@ -1,6 +1,6 @@
 """The RefSel bootstrap loop's library: pairs from shards, training, prediction, confidence, report.
 
-RefSTAR's data engine (shared/papers/003_..., §"Data Engine"): annotate a few pairs by hand, train a
+RefSTAR's data engine (Yin et al., arXiv:2507.10470, §"Data Engine"): annotate a few pairs by hand, train a
 U-Net, predict masks for the rest, route doubtful ones back to people, keep the accepted ones. The
 network input is [degraded target, reference] (eq. 1); the degraded target is drawn once per pair from
 (seed, pair key, epoch) with the configured preset, so every run sees the same inputs.
@@ -159,13 +159,13 @@ def train(
     history = []
     bar = tqdm(range(cfg.epochs), desc="refsel train", unit="epoch", disable=not progress)
     for _ in bar:
-        perm = torch.randperm(n, generator=g)
+        perm = torch.randperm(n, generator=g, device=g.device)
         total, count = 0.0, 0
         model.train()
         for i in range(0, n, cfg.batch_size):
             idx = perm[i : i + cfg.batch_size]
             a, b, t = lq[idx], ref[idx], target[idx]
-            flip = torch.rand(len(idx), generator=g) < 0.5
+            flip = torch.rand(len(idx), generator=g, device=g.device) < 0.5
             a, b, t = (torch.where(flip.view(-1, *[1] * (x.ndim - 1)), x.flip(-1), x) for x in (a, b, t))
             loss = ohem_cross_entropy(model(a, b), t, cfg.ohem_thresh, cfg.ohem_min_kept)
             opt.zero_grad(set_to_none=True)

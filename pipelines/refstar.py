@@ -1,4 +1,4 @@
-"""RefSTAR's transfer with masks in the training pipeline (shared/papers/003_...; maths in models/refstar.py).
+"""RefSTAR's transfer with masks in the training pipeline (arXiv:2507.10470; maths in models/refstar.py).
 
     train.reference_masks: refsel   train.shards: data/refsel/shards
     train.reference_route: decoupled
@@ -200,7 +200,7 @@ def add_cycle(module, batch: dict, x0_hat: torch.Tensor, sigma: torch.Tensor, te
         from models.losses import add_noise
 
         s = sigma[idx] if rs.cycle_sigma == "train" else torch.full_like(sigma[idx], module.optim.sigma_max)
-        noise = torch.randn(tuple(z0.shape), generator=g).to(z0)
+        noise = torch.randn(tuple(z0.shape), generator=g, device=g.device).to(z0)
         _, x0_ref = module.predict(add_noise(z0, noise, s), s, cond)
         out_ref = module.codec.decode(x0_ref)  # I_out^Ref
         cyc = cycle_loss(

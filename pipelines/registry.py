@@ -5,7 +5,7 @@ Pyfunc input: a DataFrame with `lq` (a base64-encoded PNG/JPEG of the degraded f
 `restored` (base64 PNG) per row. Inference params (MLflow `params=`): `guidance_image` (s_i) and
 `guidance_context` (s_c) of seed 002's eq. 5 and `ref_ensemble` (its eq. 6), as in `refface restore`;
 unset, the bundle's sampler settings apply. The model rebuilds the network from the bundle's trainable weights and
-its configured backbone (pipelines/restorer.py); it is not a torch.export graph (FACTS: fixed sizes).
+its configured backbone (pipelines/restorer.py); it is not a torch.export graph (an exported graph fixes input sizes).
 
 Gate (`decide`): the challenger against the champion, by name "set/row/metric" in the evaluate
 stage's results. The primary metric is compared PAIRED, target by target (the evaluations'

@@ -47,7 +47,6 @@ from pipelines.training import (
     IConFaceModule,
     build_network,
     cast_frozen,
-    compile_blocks,
     make_batch,
     to_uint8,
 )
@@ -269,7 +268,8 @@ class Restorer:
             self.module._low = None  # re-read by IConFaceModule.autocast
         compiled = compile is True or (compile == "auto" and dev.type == "cuda")
         if compiled:
-            compile_blocks(net.transformer)
+            net.transformer.disable_gradient_checkpointing()  # inference: nothing to recompute
+            net.compile_blocks()
         return {"device": str(dev), "lora_merged": merged, "bf16": bf16, "compiled": compiled}
 
     def _fit(self, img: np.ndarray) -> np.ndarray:

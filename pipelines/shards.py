@@ -1,4 +1,4 @@
-"""Webdataset shards by the contract of ARCHITECTURE.md: write, index, validate, read.
+"""Webdataset shards by the contract of docs/architecture.md: write, index, validate, read.
 
 One sample per target: ``gt.png``, ``ref{i}.png`` (ordered, up to `max_refs`), ``meta.json``,
 ``gt_emb.npy`` (D,) and ``ref_emb.npy`` (K, D) raw identity embeddings, and ``refmask{i}.png``

@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import ray
 
 from pipelines.degradations import degrade
 from pipelines.shards import (
@@ -216,16 +215,37 @@ def degrade_chunk_local(
         batch[k] = np.stack(batch[k]) if batch[k] else np.zeros((0,), np.uint8)
     batch["errors"] = errors
     batch["pid"] = os.getpid()
-    # (get_runtime_context would start Ray when called outside it: check first)
-    batch["node"] = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    batch["node"] = _ray_node()
     return batch
 
 
-@ray.remote(max_retries=3, retry_exceptions=False)
+def _ray_node() -> str | None:
+    """The Ray node this runs on, None outside Ray (without importing Ray where it is not in use: the
+    inline stream runs on machines that have no Ray, the GPU check's among them)."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    # (get_runtime_context would start Ray when called outside it: check first)
+    return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
+
+
 def degrade_chunk(
     chunk: Chunk, preset: str, seed: int, epoch: int, storage_options: dict | None = None
 ) -> dict:
     return degrade_chunk_local(chunk, preset, seed, epoch, storage_options)
+
+
+_REMOTE = None
+
+
+def degrade_chunk_task():
+    """`degrade_chunk_local` as a Ray task (made on first use: Ray is imported only by streams that use it)."""
+    global _REMOTE
+    if _REMOTE is None:
+        import ray
+
+        _REMOTE = ray.remote(max_retries=3, retry_exceptions=False)(degrade_chunk)
+    return _REMOTE
 
 
 # ==================================================================================================
@@ -235,6 +255,8 @@ def degrade_chunk(
 
 def connect(num_cpus: int | None = None) -> str:
     """Start local Ray (default) or join the cluster at RAY_ADDRESS; returns the address in use."""
+    import ray
+
     if ray.is_initialized():
         return ray.get_runtime_context().gcs_address
     address = os.environ.get("RAY_ADDRESS")
@@ -243,6 +265,23 @@ def connect(num_cpus: int | None = None) -> str:
     else:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     return ray.get_runtime_context().gcs_address
+
+
+class _RayFailure(RuntimeError):
+    """A Ray task of the stream failed (task error, crashed worker or actor): resubmitted by the driver."""
+
+
+def _ray_get(ref):
+    import ray
+
+    try:
+        return ray.get(ref)
+    except (
+        ray.exceptions.RayTaskError,
+        ray.exceptions.WorkerCrashedError,
+        ray.exceptions.RayActorError,
+    ) as exc:
+        raise _RayFailure(f"{type(exc).__name__}: {exc}") from exc
 
 
 @dataclass
@@ -299,7 +338,7 @@ class DegradationStream:
             if self.inline:
                 pending.append((c, degrade_chunk_local(c, self.preset, self.seed, epoch, so)))
             else:
-                pending.append((c, degrade_chunk.remote(c, self.preset, self.seed, epoch, so)))
+                pending.append((c, degrade_chunk_task().remote(c, self.preset, self.seed, epoch, so)))
 
         while todo or pending:
             while todo and len(pending) < self.max_in_flight:
@@ -307,12 +346,8 @@ class DegradationStream:
             chunk, ref = pending.popleft()
             t = time.perf_counter()
             try:
-                batch = ref if self.inline else ray.get(ref)
-            except (
-                ray.exceptions.RayTaskError,
-                ray.exceptions.WorkerCrashedError,
-                ray.exceptions.RayActorError,
-            ) as exc:
+                batch = ref if self.inline else _ray_get(ref)
+            except _RayFailure as exc:
                 n = attempts.get(chunk.index, 0) + 1
                 if n > self.task_retries:
                     raise RuntimeError(
@@ -323,7 +358,9 @@ class DegradationStream:
                 log.warning(
                     "chunk %d of %s failed (%s); resubmitting", chunk.index, chunk.shard, type(exc).__name__
                 )
-                pending.appendleft((chunk, degrade_chunk.remote(chunk, self.preset, self.seed, epoch, so)))
+                pending.appendleft(
+                    (chunk, degrade_chunk_task().remote(chunk, self.preset, self.seed, epoch, so))
+                )
                 continue
             finally:
                 self.stats["wait_s"] += time.perf_counter() - t

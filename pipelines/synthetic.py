@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-# Mask contract (ARCHITECTURE.md): 0 consistent face region, 1 conflict, 255 ignore.
+# Mask contract (docs/architecture.md): 0 consistent face region, 1 conflict, 255 ignore.
 MASK_CONSISTENT, MASK_CONFLICT, MASK_IGNORE = 0, 1, 255
 CONFLICT_TYPES = ("mouth", "eyes", "glasses", "beard")
 EXPRESSIONS = ("closed", "open", "smile")
@@ -143,13 +143,13 @@ def _colour(rng: np.random.Generator, palette: np.ndarray, jitter: float) -> tup
     return tuple(float(v) for v in np.clip(c, 0, 255).round(2))
 
 
-# Identity cues: which traits tell people apart. `mixed` (the first default): skin, hair, face shape, eye
-# spacing and nose drawn from wide ranges, so colour and shape alone identify a person and survive any
-# degradation; measured, the identity encoders then look at little else (swapping every fine trait of a
-# target moved its evaluator embedding by 0.007 cosine). `fine` (the default): as in a real population,
-# many people share a skin tone, a hair colour and a face shape (a few palette entries, narrow shape
-# ranges), and what tells them apart are the traits that severe degradation destroys and a clean
-# reference shows at 64 px: moles (bigger: 1-2.5 px), freckles, a scar, brow shape, iris colour.
+# Identity cues: which traits tell people apart. `mixed`: skin, hair, face shape, eye spacing and nose
+# drawn from wide ranges, so colour and shape alone identify a person and survive any degradation, and
+# the identity encoders look at little else (docs/results.md, "Identity cues of the synthetic people").
+# `fine` (the default): as in a real population, many people share a skin tone, a hair colour and a
+# face shape (a few palette entries, narrow shape ranges), and what tells them apart are the traits
+# that severe degradation destroys and a clean reference shows at 64 px: moles (bigger: 1-2.5 px),
+# freckles, a scar, brow shape, iris colour.
 # (ranges: moles count, mole radius, freckle p, scar p, face aspect, jaw, eye spacing, eye height,
 # nose width, nose length, hair volume, skin palette rows, hair palette rows, colour jitter)
 IDENTITY_CUES = {

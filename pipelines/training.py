@@ -344,9 +344,9 @@ def random_views(img: torch.Tensor, n: int, g: torch.Generator, shift: int = 2) 
     x = torch.arange(-2, 3, dtype=img.dtype, device=img.device)
     views = []
     for _ in range(n):
-        dy, dx = (torch.randint(0, 2 * shift + 1, (2, b), generator=g)).tolist()
+        dy, dx = (torch.randint(0, 2 * shift + 1, (2, b), generator=g, device=g.device)).tolist()
         v = torch.stack([pad[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(b)])
-        sig = torch.rand(b, generator=g).to(img) * 1.0 + 1e-3
+        sig = torch.rand(b, generator=g, device=g.device).to(img) * 1.0 + 1e-3
         k1 = torch.exp(-(x[None] ** 2) / (2 * sig[:, None] ** 2))
         k1 = k1 / k1.sum(1, keepdim=True)  # (B, 5)
         k2 = (k1[:, :, None] * k1[:, None, :]).repeat_interleave(3, 0)[:, None]  # (B*3, 1, 5, 5)
@@ -372,17 +372,19 @@ COUNTERS = "refface_counters"  # checkpoint key of the counters that must surviv
 
 
 def cast_frozen(modules, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Store the frozen weights of linear and convolution layers in `dtype`; returns the bytes saved.
+    """Store the frozen weights of linear, convolution and RMS-norm layers in `dtype`; returns the bytes
+    saved.
 
     Under `bf16-mixed` Lightning keeps every weight in float32 and autocast casts each one to bf16 at
-    every use, so a frozen 3.9 B transformer costs 15.5 GB instead of 7.8 GB (issue 16's H200 run).
-    Only parameters with `requires_grad=False` of `nn.Linear` / `nn.Conv*` layers are cast: LoRA,
-    the pathways and anything else trainable stay float32 with float32 AdamW state, and the norm
-    layers keep their float32 weights (autocast runs them in float32). The checkpoint holds the
-    trainable weights only, so resume and the saved LoRA do not change.
+    every use, so a frozen 3.9 B transformer would cost twice its bf16 size. Only parameters with
+    `requires_grad=False` are cast: LoRA, the pathways and anything else trainable stay float32 with
+    float32 AdamW state. The transformer's RMS norms (the q/k norms of every attention) take bf16
+    activations under autocast, and `torch.rms_norm` runs its fused kernel only when the weight has the
+    input's dtype, so they are stored in `dtype` too; other norms keep float32 (autocast runs them in
+    float32). The checkpoint holds the trainable weights only, so resume and the saved LoRA do not change.
     """
     saved = 0
-    layers = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    layers = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.RMSNorm)
     for m in modules:
         for layer in m.modules():
             if not isinstance(layer, layers):
@@ -395,21 +397,14 @@ def cast_frozen(modules, dtype: torch.dtype = torch.bfloat16) -> int:
     return saved
 
 
-def compile_blocks(transformer) -> None:
-    """`torch.compile` each transformer block in place (the module tree and state-dict keys do not
-    change, so checkpoints and LoRA files stay as they are); compiled on first use, once per shape."""
-    for block in (*transformer.transformer_blocks, *transformer.single_transformer_blocks):
-        block.compile()
-
-
 def prepare_for_training(module, cfg) -> None:
     """What `fit` and every Ray Train worker do to a fresh module: frozen weights in bf16 under
-    bf16-mixed (`frozen_dtype`), compiled blocks when `train.compile`."""
+    bf16-mixed (`frozen_dtype`), compiled blocks when `train.compile` (`IConFace.compile_blocks`)."""
     if (dtype := frozen_dtype(cfg)) is not None:
         cast_frozen([module.net, module.codec, module.id_encoder], dtype)
         module._low = None
-    if getattr(cfg, "compile", False):
-        compile_blocks(module.net.transformer)
+    if cfg.compile:
+        module.net.compile_blocks(cfg.compile_memory_budget)
 
 
 def frozen_dtype(cfg) -> torch.dtype | None:
@@ -677,12 +672,14 @@ class IConFaceModule(L.LightningModule):
         guidance_image: float | None = None,
         guidance_context: float | None = None,
         ref_ensemble: bool = False,
+        batch_cfg: bool = True,
     ) -> torch.Tensor:
         """Restored images (B, 3, H, W) in [-1, 1], float32 on the CPU, for a collated batch (0–3
         references per sample); the batch may lie on the CPU whatever the module's device.
 
         guidance_image / guidance_context / ref_ensemble: seed 002's eqs. 5-6 (models.guidance), in
-        place of the prompt guidance (which must then be 1)."""
+        place of the prompt guidance (which must then be 1). batch_cfg: both branches of the prompt
+        guidance as one batch (`models.sampler.sample`)."""
         self.net.eval()
         dev = self.device
         batch = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -701,6 +698,7 @@ class IConFaceModule(L.LightningModule):
                 guidance_image=guidance_image,
                 guidance_context=guidance_context,
                 ref_ensemble=ref_ensemble,
+                batch_cfg=batch_cfg,
             )
             out = self.codec.decode(z)
         self.net.train()

@@ -8,9 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pipelines.config import ConfigError, load_sections
+from pipelines.config import ConfigError, load_sections, read_params
 
 log = logging.getLogger("refface")
 
@@ -22,16 +20,13 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def load_params(path: str | Path, *sections: str) -> dict[str, Any]:
-    """Parse params.yaml strictly and return the named sections as frozen dataclasses."""
+    """Parse params.yaml strictly (its `overlay` merged over it) and return the named sections as frozen
+    dataclasses; a problem exits with a message naming the file."""
     path = Path(path)
     if not path.is_file():
         raise SystemExit(f"error: params file {path} not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise SystemExit(f"error: {path} is not valid YAML: {exc}") from exc
-    try:
-        return load_sections(raw, sections or None)
+        return load_sections(read_params(path), sections or None)
     except ConfigError as exc:
         raise SystemExit(f"error: {path}: {exc}") from exc
 

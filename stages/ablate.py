@@ -5,20 +5,20 @@
 
 Each variant (`concat`, `+struct`, `+id`, `single_route`, `full`; models/iconface.py) trains from the
 same seed for `ablate.steps` steps on the same stream and is evaluated on the same validation batch
-(`train.val_preset`). Every variant is an MLflow run nested under one `ablate` run. With the CPU budget
-of the embedded default the differences are within noise; the stage is the harness that GPU configs
-fill in (raise `ablate.steps`).
+(`train.val_preset`). Every variant is an MLflow run nested under one `ablate` run. The default budget
+is the CPU's; on GPUs raise `ablate.steps` (what the default shows: docs/results.md, "The ablation").
 
 RefSTAR's rows (pipelines.refstar.ABLATE_ROWS; list them in `ablate.variants`): `refstar_in_context`
 (conflict masks, one joint softmax: eq. 3), `refstar_decoupled` (eq. 4), `refstar_decoupled_cycle`
 (+ the cycle loss, eqs. 5 and 7), each on `train.variant` with the masks of the shards ablate reads
 (data/shards: the synthetic ground truth; refsel shards: annotated / predicted).
 
-Seed 002's rows (`SEED002_ROWS`): `composite` (train.conditioning: composite, its Sec. 3.1) and
+Seed 002's rows (`SEED002_ROWS`; Composite Context, arXiv:2505.21905): `composite` (train.conditioning:
+composite, its Sec. 3.1) and
 `composite_ensemble`, the same trained model sampled with the training-free multi-reference ensemble
 (its eq. 6): one training, two rows.
 
-One protocol for every row (issue 15): the same validation targets, degradations and references; ID-GT
+One protocol for every row: the same validation targets, degradations and references; ID-GT
 with references and blind; the **wrong-person control** (each target restored with as many references
 of the next validation target of another identity; true − other with a paired interval); the **copy
 score in conflict regions** (pipelines.evaluation.copy_score with `evaluate.copy_tau`, on the first

@@ -374,7 +374,21 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="RefSel model (default: the bundle's, else data/refsel/model.safetensors)",
     )
+    c = sub.add_parser(
+        "prompt-cache", help="embed the restoration prompt with a local Qwen3 folder (train.prompt_cache)"
+    )
+    c.add_argument("--text-encoder", required=True, help="local Qwen3 folder (FLUX.2-klein's text encoder)")
+    c.add_argument("--out", required=True, help="the cache to write (safetensors {prompt, empty})")
     args = p.parse_args(argv)
+    if args.command == "prompt-cache":
+        from models.prompt import encode_with_qwen, save_prompt_cache
+
+        emb = encode_with_qwen(args.text_encoder)
+        save_prompt_cache(args.out, emb)
+        print(
+            f"prompt cache {args.out}: prompt {tuple(emb['prompt'].shape)}, empty {tuple(emb['empty'].shape)}"
+        )
+        return
     try:
         code = restore_main(args)
     except SystemExit as exc:

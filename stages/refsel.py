@@ -13,7 +13,7 @@ doubtful pairs back to review, and write shards whose masks are `annotated` or `
   `refsel.review_confidence` (lowest first, at most `review_max`) are listed in `review.jsonl`; with
   `annotate.backend: label_studio` they are pushed as tasks with the prediction attached (model version
   `refsel-<sha>`), so the next `annotate` run pulls their corrections.
-* Shards (`data/refsel/shards`, the contract of ARCHITECTURE.md): every reference gets `refmask{i}.png`,
+* Shards (`data/refsel/shards`, the contract of docs/architecture.md): every reference gets `refmask{i}.png`,
   provenance `annotated` (the winning annotation) or `predicted` (this model) in meta.json, plus
   `mask_model`.
 """

@@ -229,7 +229,7 @@ def test_to_u8_equals_the_numpy_formula_on_ties_and_out_of_range_values():
     assert np.array_equal(D._to_u8(D._to_float(u)), u)  # the round trip gfpgan_colour skips
 
 
-# Digests of every preset's output bytes, computed with the code BEFORE the speed work of issue 16 item 6
+# Digests of every preset's output bytes, computed with the code BEFORE the degradation speed work
 # (commit fb4e122) on this OpenCV build (opencv-python-headless 4.12.0.88, numpy 2.2.6, albumentations
 # 2.0.8) on an x86-64 CPU with AVX-512 (OpenCV dispatches SIMD kernels by CPU; another SIMD level may round
 # its float filters differently and then needs its own digests). Optimisations must leave them unchanged:

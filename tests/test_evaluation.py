@@ -110,7 +110,7 @@ def test_gate_rules():
 
 
 def test_bad_inputs_name_what_is_wrong(tmp_path):
-    # grayscale photos are restored (issue 14): replicated to three channels
+    # grayscale photos are restored: replicated to three channels
     grey = check_image(np.full((64, 64), 7, np.uint8), "lq")
     assert grey.shape == (64, 64, 3) and (grey == 7).all()
     with pytest.raises(InputError, match="too small"):

@@ -1,4 +1,4 @@
-"""Frozen weights in bf16 under bf16-mixed, and the restorer's merged LoRA (issue 16, items 2 and 3).
+"""Frozen weights in bf16 under bf16-mixed, and the restorer's merged LoRA.
 
 On the CPU: Lightning's `bf16-mixed` runs under CPU autocast, so the storage dtypes, the optimiser
 state, resume and the saved LoRA are checked here exactly as a GPU run would have them.

@@ -1,4 +1,4 @@
-"""RefSTAR's transfer with masks (shared/papers/003_...; models/refstar.py, pipelines/refstar.py): the
+"""RefSTAR's transfer with masks (arXiv:2507.10470; models/refstar.py, pipelines/refstar.py): the
 token pooling rule, masked reference tokens change nothing, eq. 4 as written, the decoupled route's
 gradient, the cycle loss (eq. 5) on a hand-computed case and blind to the masked-out region, training
 steps with masks and the cycle loss on shards streamed as the train stage streams them, the mask

@@ -123,14 +123,14 @@ def test_aligned_framing_keeps_every_other_draw():
 
 def test_identity_cues_fine_shares_colour_and_shape_mixed_keeps_the_first_draws():
     """`fine` (the default): people share a few skin tones, hair colours and a narrow face shape, and
-    differ in marks, brows and iris; `mixed` reproduces the first default's identities draw for draw."""
+    differ in marks, brows and iris; `mixed` reproduces the original draws (before `identity_cues`)."""
     import pytest
 
     from pipelines.synthetic import _HAIR_COLOURS, _SKIN_TONES, IDENTITY_CUES
 
     fine = [sample_identity(7, "album", i) for i in range(60)]
     mixed = [sample_identity(7, "album", i, "mixed") for i in range(60)]
-    # the first default's person 5 (values recorded before `identity_cues` existed)
+    # `mixed`'s person 5 (values recorded before `identity_cues` existed)
     assert mixed[5].skin == (184.9, 116.42, 82.44) and mixed[5].moles == ((0.3311, 0.3164, 0.0487),)
 
     def nearest(colour, palette):
