@@ -89,13 +89,13 @@ def test_frozen_dtype_follows_the_precision():
     )
 
 
-def test_only_frozen_linear_and_conv_weights_go_to_bf16():
+def test_only_frozen_linear_conv_and_rms_norm_weights_go_to_bf16():
     _, module = _module()
     frozen_lin = sum(
         p.numel() * 4
         for m in [module.net, module.codec, module.id_encoder]
         for layer in m.modules()
-        if isinstance(layer, torch.nn.Linear | torch.nn.Conv2d)
+        if isinstance(layer, torch.nn.Linear | torch.nn.Conv2d | torch.nn.RMSNorm)
         for p in layer.parameters(recurse=False)
         if not p.requires_grad
     )
@@ -114,6 +114,9 @@ def test_only_frozen_linear_and_conv_weights_go_to_bf16():
         for p in m.parameters()
     ]
     assert all(p.dtype == torch.float32 for p in norms)
+    # the attention's q/k RMS norms take bf16 activations: bf16 weights let torch.rms_norm run fused
+    rms = [m.weight for m in module.net.transformer.modules() if isinstance(m, torch.nn.RMSNorm)]
+    assert rms and all(w.dtype == torch.bfloat16 for w in rms)
     assert low_precision(module) == torch.bfloat16
     assert cast_frozen([module.net]) == 0  # idempotent
 
