@@ -1,4 +1,4 @@
-"""Seed 002's Composite Context (shared/papers/002_..., Sec. 3.1) as a conditioning of the same FLUX.2 model.
+"""Seed 002's Composite Context (Composite Context, arXiv:2505.21905, Sec. 3.1) as a conditioning of the same FLUX.2 model.
 
 The reference face x_REF becomes a token sequence (eq. 1):
 

@@ -1,4 +1,4 @@
-"""Seed 002's guidance (shared/papers/002_..., Sec. 3.3) and its classifier-free-guidance training drops.
+"""Seed 002's guidance (Composite Context, arXiv:2505.21905, Sec. 3.3) and its classifier-free-guidance training drops.
 
 Eq. 5 (after Brooks et al.'s two-condition guidance), with s_i for the degraded input z_LQ and s_c for
 the context c:

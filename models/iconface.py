@@ -1,4 +1,4 @@
-"""IConFace around diffusers' `Flux2Transformer2DModel` (shared/papers/001_..., supplement).
+"""IConFace around diffusers' `Flux2Transformer2DModel` (IConFace, arXiv:2605.02814, and its supplement).
 
 The transformer is imported, never forked. `IConFace.forward` re-implements only the short top-level
 loop of `Flux2Transformer2DModel.forward` — embedders, modulation, the stock blocks called as they
@@ -25,20 +25,17 @@ are, output layers — so that IConFace's parts can sit around the blocks:
 Every addition is zero-initialised (ψ's, W_in's up-projection, the gates), so at initialisation the
 output equals the stock diffusers forward exactly.
 
-* **Degraded readout** (ours, off by default; on for the randomly initialised CPU backbones trained with
-  the `x0_residual` parameterisation): the output head reads h_scene + h_deg, the final hidden state of
+* **Degraded readout** (ours; on only for randomly initialised backbones trained with the `x0_residual`
+  parameterisation, `pipelines.training.degraded_readout`): the output head reads h_scene + h_deg, the final hidden state of
   each scene token plus that of the degraded token at the same grid position. Near σ = 1 a scene token
   is pure noise, and a random backbone has no learned position-aligned attention to fetch the
-  degraded evidence, so it learned nothing there in a CPU budget (training at σ = 1 only: x0 loss 0.999
-  of the identity baseline after 200 steps; with the readout 0.897, below a per-patch linear
-  least-squares fit's 0.92). A pretrained FLUX.2 already attends across its in-context tokens: klein
+  degraded evidence, so it learns nothing there in a CPU budget (docs/results.md). A pretrained FLUX.2 already attends across its in-context tokens: klein
   keeps the paper's scene-only head.
-* **Reference readout** (ours, off by default; on for the randomly initialised CPU backbones, like the
-  degraded readout): the head also reads Δ = mean_r g([LN(h_scene + h_deg); LN(h_ref,r)]) at every grid
+* **Reference readout** (ours; `train.reference_readout`, auto = on where the degraded readout is): the head also reads Δ = mean_r g([LN(h_scene + h_deg); LN(h_ref,r)]) at every grid
   position, over the kept tokens of the references at that position (`ReferenceReadout`; g a two-layer
   MLP whose last layer starts at zero). The reason is the degraded readout's: a random backbone learns no
-  position-aligned attention to the references in a CPU budget, so in-context references changed nothing
-  (severe GT-ID 1 reference − blind +0.0014, and +0.0018 with the target itself as the reference). The
+  position-aligned attention to the references in a CPU budget, so in-context references alone change
+  next to nothing there (docs/results.md). The
   references still enter the joint attention of eq. 2 as the paper has them; g only gives the head the
   aligned reference evidence, and it sees the degraded token beside it, so it can learn what to take
   (identity traits) and what not (the reference's pose, expression, lighting). Padded and RefSTAR-masked
@@ -50,7 +47,7 @@ output equals the stock diffusers forward exactly.
   the references enter as Composite Context tokens appended to the prompt (their keys masked where a
   slot is padded or a component dropped) instead of in-context latents and the identity modulation;
   the degraded tokens and the structure pathway stay as `variant` sets them.
-* **RefSTAR's transfer** (shared/papers/003_..., models.refstar; off by default): `Conditioning.ref_tokens`
+* **RefSTAR's transfer** (RefSTAR, arXiv:2507.10470; models.refstar; off by default): `Conditioning.ref_tokens`
   masks reference tokens in conflict regions out of every attention, like padding; `reference_route:
   decoupled` replaces the joint softmax of every block by eq. 4 (the reference attended separately and
   added), with per-block reference K/V adapters (`dca`).
@@ -88,7 +85,7 @@ CONDITIONINGS = ("iconface", "composite")
 # ==================================================================================================
 
 BACKBONES: dict[str, dict] = {
-    # FACTS.md: a tiny model that builds and trains on CPU (head dim 16 = sum of axes_dims_rope).
+    # a tiny model that builds and trains on CPU (head dim 16 = sum of axes_dims_rope).
     "tiny": dict(
         patch_size=1,
         in_channels=48,

@@ -1,6 +1,6 @@
 """LoRA on the transformer's image-stream attention and MLP projections (peft), in diffusers' format.
 
-Targets (FACTS.md): in double blocks the image stream's `attn.to_q/to_k/to_v/to_out.0` and
+Targets (as diffusers' FLUX.2 klein LoRA scripts): in double blocks the image stream's `attn.to_q/to_k/to_v/to_out.0` and
 `ff.linear_in/linear_out` (never the bare `attn.to_out`, a ModuleList that peft refuses; the text
 stream's `add_*_proj`/`to_add_out`/`ff_context` stay frozen); in single blocks, which carry text and
 image in one sequence, the fused `attn.to_qkv_mlp_proj` and `attn.to_out`. Saved with

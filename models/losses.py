@@ -4,7 +4,7 @@ L = α_fm·L_fm + λ_id·ω(σ)·[(1 − λ*)·L_ref-id + λ*·L_hard]
 with α_fm = 0.75, λ_id = 0.30, λ* = λ_h·(1 − cos(e_ref, e_gt)), λ_h = 0.25, ω(σ) = max(1 − σ, ω_min)²,
 ω_min = 0.25, w(σ) = 1 inside L_fm. The identity terms are zero for samples without references.
 
-`LossWeights.id_loss = "hard_example"` puts seed 002's Hard Example Identity loss (shared/papers/002_...,
+`LossWeights.id_loss = "hard_example"` puts seed 002's Hard Example Identity loss (Composite Context, arXiv:2505.21905,
 eq. 3) in the bracket instead: L_HID = (1 − λ)·L_ID(x_HQ, x̂) + λ·L_ID(x_REF, x̂) with the paper's
 fixed λ = 0.6 (`hei_lambda`), where 002's "hard example" is the REFERENCE (weight λ) and IConFace's
 L_hard is the ground truth (weight λ*): the two mixes weight the same two cosines, with the reference
@@ -57,8 +57,7 @@ def sample_sigma(
     `shifted` (ours; kw shift): σ = s·u / (1 + (s − 1)·u) with u uniform, the time shift that FLUX.2's
     sampler applies to its schedule (`models.sampler.flux2_sigmas`, s = e^μ) used here on training's
     draws. s = 1 is `uniform` draw for draw; s < 1 puts more of training at low σ (median s / (1 + s)),
-    s > 1 at high σ. On the CPU default s = 0.5 raised the severe one-reference identity gain and
-    s = e^μ ≈ 6.8 (the sampler's own shift) cut it (README, "What the default learns")."""
+    s > 1 at high σ (measurements: docs/results.md)."""
     if scheme == "uniform":
         return torch.rand(n, generator=generator, device=_on(generator))
     if scheme == "logit_normal":

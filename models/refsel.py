@@ -1,4 +1,4 @@
-"""RefSel-style conflict-mask network (shared/papers/003_..., RefSTAR §"Reference Selection Module").
+"""RefSel-style conflict-mask network (RefSTAR, arXiv:2507.10470, RefSTAR §"Reference Selection Module").
 
 A U-Net (Ronneberger et al. 2015) on the channel concatenation [degraded target, reference] that
 predicts, per pixel of the reference, p = softmax(f_M(I_LQ, I_Ref; Θ_M)) over three classes in the

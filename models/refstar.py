@@ -1,4 +1,4 @@
-"""RefSTAR's reference transfer as pure torch parts (shared/papers/003_..., §"Reference Transfer in
+"""RefSTAR's reference transfer as pure torch parts (RefSTAR, arXiv:2507.10470, §"Reference Transfer in
 Restoration Model" and §"Mask-Compatible Cycle-Consistency Loss").
 
 * **Conflict masks at token resolution** (`consistent_region`, `token_keep`). A conflict mask by the

@@ -190,7 +190,7 @@ class SynthesizeConfig:
     # unaligned framing (roll ±0.22 rad, scale 0.85-1.08, shift ±7 %)
     framing: Literal["aligned", "wild"] = "aligned"
     # fine: people share skin, hair and face shape, and differ in the traits severe degradation destroys
-    # (moles, freckles, scar, brows, iris: pipelines.synthetic.IDENTITY_CUES); mixed: the first default
+    # (moles, freckles, scar, brows, iris: pipelines.synthetic.IDENTITY_CUES); mixed: the original draws
     identity_cues: Literal["fine", "mixed"] = "fine"
 
     def validate(self, where: str) -> None:
@@ -492,7 +492,7 @@ class TrainConfig:
     val_guidance: float = 1.0  # the embedded default's prompt is synthetic: guidance has nothing to amplify
     val_preset: str = "refldm_severe"
     experiment: str = "refface"
-    # Seed 002 (shared/papers/002_...) as a conditioning of the same model: `composite` gives the
+    # Seed 002 (Composite Context, arXiv:2505.21905) as a conditioning of the same model: `composite` gives the
     # references to the transformer as Composite Context tokens (models.composite) instead of IConFace's
     # in-context latents and identity modulation.
     conditioning: Literal["iconface", "composite"] = "iconface"
@@ -508,7 +508,7 @@ class TrainConfig:
     # adaptive = IConFace's λ* (supplement eq. 1); hard_example = seed 002's eq. 3 with a fixed λ
     id_loss: Literal["adaptive", "hard_example"] = "adaptive"
     hei_lambda: float = 0.6  # λ of 002's eq. 3 (the reference's weight)
-    # ---- RefSTAR's transfer with masks (shared/papers/003_..., models/refstar.py, pipelines/refstar.py) ----
+    # ---- RefSTAR's transfer with masks (RefSTAR, arXiv:2507.10470; models/refstar.py, pipelines/refstar.py) ----
     # The shards the train stage reads (dvc.yaml: `--shards ${train.shards}` and a dep on that folder):
     # data/shards, or data/refsel/shards for reference_masks: refsel.
     shards: str = "data/shards"

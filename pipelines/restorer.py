@@ -13,7 +13,7 @@ A bundle is a folder that rebuilds the network from the trainable weights and th
 The frozen klein backbone and the VAE are NOT copied (several GB): `train.json` keeps their local paths.
 Used by the evaluate stage, the MLflow pyfunc model and `refface restore`.
 
-Restoring fast (issue 16). The restorer folds the LoRA into the base weights once at load
+Restoring fast. The restorer folds the LoRA into the base weights once at load
 (`models.lora.merge_lora`: no adapter runs per call), and on a GPU it stores the weights in bf16 once
 (`precision`, autocast for the rest) and compiles every transformer block with `torch.compile`
 (`compile`): the compile is paid once per process and shape (one per reference count), never per

@@ -7,7 +7,7 @@
   after epoch of the stream and, on resume, skips exactly the batches already consumed
   (global_step × accumulate), so nothing is repeated. Each rank reads its own share of chunks
   (`epoch_order` gives every rank the same count: no uneven-shard hang). `num_workers=0`: a forked
-  DataLoader worker that calls Ray hangs (FACTS.md); the parallelism is in the Ray tasks.
+  DataLoader worker that calls Ray hangs; the parallelism is in the Ray tasks.
 * `collate` — applies the reference-count schedule and turns a stream batch into model tensors.
 """
 
@@ -409,7 +409,7 @@ def prepare_for_training(module, cfg) -> None:
 
 def frozen_dtype(cfg) -> torch.dtype | None:
     """The storage dtype of frozen weights for a `train` config: `frozen_dtype: auto` stores them in
-    bf16 under `bf16-mixed` (issue 16), float32 otherwise."""
+    bf16 under `bf16-mixed`, float32 otherwise."""
     choice = getattr(cfg, "frozen_dtype", "auto")
     if choice == "bfloat16" or (choice == "auto" and cfg.precision == "bf16-mixed"):
         return torch.bfloat16
