@@ -191,7 +191,8 @@ def build_module(scale: Scale, cfg, dev: torch.device):
     from dataclasses import replace
 
     from models.id_encoder import IRBackbone, IRConfig
-    from pipelines.training import IConFaceModule, build_network, cast_frozen, frozen_dtype
+    from pipelines.module import IConFaceModule, cast_frozen, frozen_dtype
+    from pipelines.network import build_network
 
     with torch.device(dev):
         torch.manual_seed(0)
@@ -205,7 +206,7 @@ def build_module(scale: Scale, cfg, dev: torch.device):
 
 
 def synthetic_batch(scale: Scale, b: int, refs: int, seed: int = 0) -> dict:
-    from pipelines.training import make_batch
+    from pipelines.batches import make_batch
 
     rng = np.random.default_rng(seed)
     s = scale.resolution
@@ -229,7 +230,7 @@ def parameter_gib(module: torch.nn.Module) -> float:
 def train_row(scale: Scale, paths: dict, dev: torch.device, over: dict, warmup: int, steps: int) -> dict:
     import lightning as L
 
-    from pipelines.training import prepare_for_training
+    from pipelines.module import prepare_for_training
 
     cfg = train_config(scale, paths, over)
     fresh_compile()
@@ -324,7 +325,7 @@ def restore_rows(
 ) -> list:
     """(label, forward s, restore s per image, compile s, peak GiB, max |Δ| vs the first) per set-up."""
     from models.lora import merge_lora
-    from pipelines.training import cast_frozen
+    from pipelines.module import cast_frozen
 
     rows = []
     batch = synthetic_batch(scale, 1, 3, seed=1)

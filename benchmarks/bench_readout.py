@@ -29,10 +29,12 @@ def main() -> None:
 
     import ray
 
+    from pipelines.batches import StreamIterable
     from pipelines.embedding import load_identity_encoder
+    from pipelines.module import IConFaceModule
+    from pipelines.network import build_network
     from pipelines.shards import shard_paths
     from pipelines.stream import DegradationStream, connect
-    from pipelines.training import IConFaceModule, StreamIterable, build_network
     from stages._common import load_params
 
     p = load_params(str(ROOT / "params.yaml"), "train", "degrade", "embed")

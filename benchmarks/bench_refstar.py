@@ -42,10 +42,10 @@ CONFIGS = {
 
 def batches(n: int, b: int, size: int, seed: int = 0) -> list[dict]:
     """`n` collated batches of synthetic faces with exact conflict masks and degraded first references."""
+    from pipelines.batches import make_batch
     from pipelines.degradations import degrade
     from pipelines.refschedule import draw_refs
     from pipelines.synthetic import conflict_mask, face_spec, render
-    from pipelines.training import make_batch
 
     rng = np.random.default_rng(seed)
     out = []
@@ -89,7 +89,8 @@ def main() -> None:
     args = p.parse_args()
     from models.id_encoder import IRBackbone, IRConfig
     from pipelines.config import TrainConfig, build
-    from pipelines.training import IConFaceModule, build_network
+    from pipelines.module import IConFaceModule
+    from pipelines.network import build_network
 
     torch.set_num_threads(args.threads)
     params = yaml.safe_load((ROOT / "params.yaml").read_text()) or {}

@@ -26,7 +26,7 @@ Every addition is zero-initialised (ψ's, W_in's up-projection, the gates), so a
 output equals the stock diffusers forward exactly.
 
 * **Degraded readout** (ours; on only for randomly initialised backbones trained with the `x0_residual`
-  parameterisation, `pipelines.training.degraded_readout`): the output head reads h_scene + h_deg, the final hidden state of
+  parameterisation, `pipelines.network.degraded_readout`): the output head reads h_scene + h_deg, the final hidden state of
   each scene token plus that of the degraded token at the same grid position. Near σ = 1 a scene token
   is pure noise, and a random backbone has no learned position-aligned attention to fetch the
   degraded evidence, so it learns nothing there in a CPU budget (docs/results.md). A pretrained FLUX.2 already attends across its in-context tokens: klein

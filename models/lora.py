@@ -103,7 +103,7 @@ def merge_lora(transformer) -> int:
 
     For inference only (the restorer): the merged model has the transformer's own module tree, so
     nothing of peft runs per call and `torch.compile` sees plain linear layers. Merge in float32 and
-    cast afterwards (`pipelines.training.cast_frozen`), so that the sum is not rounded twice.
+    cast afterwards (`pipelines.module.cast_frozen`), so that the sum is not rounded twice.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 

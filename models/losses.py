@@ -165,7 +165,7 @@ def iconface_loss(
 
 
 # ==================================================================================================
-# Draws and the network's parameterisation (pure functions; pipelines.training calls them)
+# Draws and the network's parameterisation (pure functions; pipelines.module calls them)
 # ==================================================================================================
 
 

@@ -419,7 +419,6 @@ class TrainConfig:
     temperature: float = 1.0  # T of the reference aggregation (eq. 4)
     lambda_id: float = 0.30  # supplement eq. 1
     lambda_h: float = 0.25
-    id_views: int = 0  # ours: identity loss averaged over random shifted/blurred views (0 = the paper)
     max_refs: int = 3
     ref_schedule: tuple[float, ...] = (0.3, 0.3, 0.2, 0.2)
     # uniform = the supplement. shifted (ours): σ = s·u/(1 + (s − 1)·u), FLUX.2's time shift on training's

@@ -16,33 +16,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
-import numpy as np
 import torch
 
+from pipelines.batches import Batch
 from pipelines.config import DegradeConfig, TrainConfig
 from pipelines.embedding import Encoders
 from pipelines.shards import shard_paths
-from pipelines.training import (
-    Batch,
-    IConFaceModule,
-    StreamDataModule,
-    build_network,
-    evaluate,
-    prepare_for_training,
-)
+from pipelines.trainer import SCORE, FitResult, build_module, make_trainer, stream_data, summarise
+from pipelines.validation import evaluate
 
-SCORE = "restored_id_sim"  # what ablate ranks and tune maximises: GT-ID (evaluator) with references
-
-
-@dataclass
-class FitResult:
-    metrics: dict
-    timing: dict
-    module: IConFaceModule
-    outputs: dict = field(default_factory=dict)  # the validation restorations {"ref", "none"}
-    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, SCORE) every report_every
+__all__ = ["SCORE", "FitResult", "fit"]
 
 
 def fit(
@@ -99,27 +84,13 @@ def fit(
             ray_cpus=ray_cpus,
             progress=progress,
         )
-    import lightning as L
     from lightning.pytorch.callbacks import Callback
 
     torch.set_num_threads(cfg.threads)
-    net, codec, text = build_network(cfg, encoders.primary.cfg.embedding_dim)
-    module = IConFaceModule.from_config(net, codec, encoders.primary, text, cfg, encoders.crop_border)
-    prepare_for_training(module, cfg)  # bf16-mixed: frozen weights stored in bf16; train.compile
+    module = build_module(cfg, encoders.primary, encoders.crop_border)
     world = cfg.devices * cfg.num_nodes
     paths = shard_paths(shards, "train") if isinstance(shards, str) else list(shards)
-    dm = StreamDataModule(
-        paths,
-        dcfg.preset,
-        dcfg.seed,
-        cfg.batch_size // world,
-        dcfg.max_in_flight,
-        tuple(cfg.ref_schedule),
-        cfg.max_refs,
-        dcfg.shuffle,
-        dcfg.num_cpus if ray_cpus is None else ray_cpus,
-        inline=inline,
-    )
+    dm = stream_data(cfg, dcfg, paths, world, inline, ray_cpus)
     curve: list[tuple[int, float]] = []
 
     class Report(Callback):
@@ -137,22 +108,16 @@ def fit(
                 if report is not None:
                     report(step, value)
 
-    trainer = L.Trainer(
-        max_steps=steps,
+    trainer = make_trainer(
+        cfg,
+        callbacks=[*([checkpoint] if checkpoint is not None else []), Report(), *callbacks],
+        logger=logger,
+        progress=progress,
+        enable_checkpointing=checkpoint is not None,
         accelerator=cfg.accelerator,
         devices=cfg.devices,
         num_nodes=cfg.num_nodes,
         strategy=cfg.strategy,
-        precision=cfg.precision,
-        accumulate_grad_batches=cfg.accumulate,
-        callbacks=[*([checkpoint] if checkpoint is not None else []), Report(), *callbacks],
-        logger=logger,
-        log_every_n_steps=cfg.log_every,
-        enable_checkpointing=checkpoint is not None,
-        enable_progress_bar=progress,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
     )
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=resume)
@@ -168,34 +133,3 @@ def fit(
         return FitResult({}, timing, module)
     metrics, outputs = summarise(module, int(trainer.global_step), cfg, encoders, val, val_steps)
     return FitResult(metrics, timing, module, outputs, curve)
-
-
-def summarise(
-    module: IConFaceModule,
-    steps: int,
-    cfg: TrainConfig,
-    encoders: Encoders,
-    val: Batch | None,
-    val_steps: int,
-) -> tuple[dict, dict]:
-    """(metrics, validation outputs) of a trained module: validation on `val`, the steps done, the final
-    loss, the realised reference mix and shortfall, the parameter count."""
-    net = module.net
-    metrics, outputs = {}, {}
-    if val is not None:
-        metrics, outputs = evaluate(module, val, encoders.evaluator, val_steps, cfg.val_guidance)
-    total = max(sum(module.mix.values()), 1)
-    metrics.update(
-        {
-            "steps": int(steps),
-            "final_loss": round(
-                float(np.mean([h["loss"] for h in module.history[-20:]])) if module.history else float("nan"),
-                5,
-            ),
-            "ref_mix": {str(k): round(v / total, 4) for k, v in sorted(module.mix.items())},
-            "ref_draws": int(sum(module.mix.values())),  # samples counted since step 0, resumes included
-            "ref_shortfall": int(module.shortfall),
-            "trainable_parameters": sum(p.numel() for p in net.parameters() if p.requires_grad),
-        }
-    )
-    return metrics, outputs

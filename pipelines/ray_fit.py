@@ -53,18 +53,13 @@ from pathlib import Path
 
 import torch
 
+from pipelines.batches import Batch
 from pipelines.config import DegradeConfig, TrainConfig
 from pipelines.embedding import Encoders
-from pipelines.fit import SCORE, FitResult, summarise
+from pipelines.module import IConFaceModule
 from pipelines.shards import shard_paths
-from pipelines.training import (
-    Batch,
-    IConFaceModule,
-    StreamDataModule,
-    build_network,
-    evaluate,
-    prepare_for_training,
-)
+from pipelines.trainer import SCORE, FitResult, build_module, make_trainer, stream_data, summarise
+from pipelines.validation import evaluate
 
 CKPT_NAME = "checkpoint.ckpt"  # the Lightning checkpoint in a Ray Train checkpoint (RayTrainReportCallback)
 WEIGHTS_NAME = "trainable.safetensors"  # final checkpoint only: the trainable weights, for the driver
@@ -194,7 +189,6 @@ def _report_callback(every: int, val: Batch | None, evaluator, val_steps: int, r
 
 def train_worker(config: dict) -> None:
     """`TorchTrainer`'s train_loop_per_worker: one DDP rank (the marked lines are Ray Train's)."""
-    import lightning as L
     import ray
     import ray.train
     from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
@@ -202,22 +196,10 @@ def train_worker(config: dict) -> None:
     cfg: TrainConfig = config["cfg"]
     dcfg: DegradeConfig = config["dcfg"]
     torch.set_num_threads(cfg.ray_cpus_per_worker)
-    primary = ray.get(config["primary"])
-    net, codec, text = build_network(cfg, primary.cfg.embedding_dim)  # seeded: identical on every rank
-    module = IConFaceModule.from_config(net, codec, primary, text, cfg, config["crop_border"])
-    prepare_for_training(module, cfg)
+    module = build_module(cfg, ray.get(config["primary"]), config["crop_border"])
     world = ray.train.get_context().get_world_size()  # Ray Train
-    dm = StreamDataModule(
-        config["paths"],
-        dcfg.preset,
-        dcfg.seed,
-        cfg.batch_size // world,
-        dcfg.max_in_flight,
-        tuple(cfg.ref_schedule),
-        cfg.max_refs,
-        dcfg.shuffle,
-        inline=config["inline"],
-    )  # its rank and world size come from the trainer, i.e. from Ray Train's context
+    # its rank and world size come from the trainer, i.e. from Ray Train's context
+    dm = stream_data(cfg, dcfg, config["paths"], world, config["inline"])
     evaluator = ray.get(config["evaluator"]) if config["evaluator"] is not None else None
     report = _report_callback(
         cfg.checkpoint_every,
@@ -228,22 +210,16 @@ def train_worker(config: dict) -> None:
         cfg.val_guidance,
     )
     checkpoint = config["checkpoint"]
-    trainer = L.Trainer(
-        max_steps=cfg.max_steps,
+    trainer = make_trainer(
+        cfg,
+        callbacks=[*([checkpoint] if checkpoint is not None else []), report, *config["callbacks"]],
+        logger=config["logger"],
+        progress=config["progress"],
+        enable_checkpointing=True,  # RayReport is a checkpoint callback
         accelerator="gpu" if config["use_gpu"] else "cpu",
         devices="auto",
         strategy=RayDDPStrategy(),  # Ray Train
         plugins=[RayLightningEnvironment()],  # Ray Train
-        precision=cfg.precision,
-        accumulate_grad_batches=cfg.accumulate,
-        callbacks=[*([checkpoint] if checkpoint is not None else []), report, *config["callbacks"]],
-        logger=config["logger"],
-        log_every_n_steps=cfg.log_every,
-        enable_checkpointing=True,  # RayReport is a checkpoint callback
-        enable_progress_bar=config["progress"],
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
     )
     trainer = prepare_trainer(trainer)  # Ray Train
     restart = ray.train.get_checkpoint()  # Ray Train: set when the group restarts after a failure
@@ -371,8 +347,8 @@ def fit_ray(
 
     # The driver's module: the same network, the workers' final weights and counters.
     torch.set_num_threads(cfg.threads)
-    net, codec, text = build_network(cfg, encoders.primary.cfg.embedding_dim)
-    module = IConFaceModule.from_config(net, codec, encoders.primary, text, cfg, encoders.crop_border)
+    module = build_module(cfg, encoders.primary, encoders.crop_border, train=False)
+    net = module.net
     missing, unexpected = module.load_state_dict(state, strict=False)
     wanted = {f"net.{n}" for n, p in net.named_parameters() if p.requires_grad}
     if unexpected or wanted & set(missing):

@@ -1,8 +1,11 @@
 """The MLflow side of a trained restorer: the pyfunc model and the promotion gate.
 
 Pyfunc input: a DataFrame with `lq` (a base64-encoded PNG/JPEG of the degraded face) and optional
-`ref1`, `ref2`, `ref3` (base64 images; empty or missing = no reference). Output: a DataFrame with
-`restored` (base64 PNG) per row. Inference params (MLflow `params=`): `guidance_image` (s_i) and
+`ref1`, `ref2`, `ref3` (base64 images; empty, null or missing = no reference); any other column (a
+fourth reference `ref4`, a misspelt name) is refused. Output: a DataFrame with `restored` (base64 PNG)
+per row. A bad request raises `InputError` naming the row, the column and the problem; under MLflow it
+is also an `MlflowException` with INVALID_PARAMETER_VALUE, so `mlflow models serve` answers HTTP 400
+with that message as JSON and no stack trace. Inference params (MLflow `params=`): `guidance_image` (s_i) and
 `guidance_context` (s_c) of seed 002's eq. 5 and `ref_ensemble` (its eq. 6), as in `refface restore`;
 unset, the bundle's sampler settings apply. The model rebuilds the network from the bundle's trainable weights and
 its configured backbone (pipelines/restorer.py); it is not a torch.export graph (an exported graph fixes input sizes).
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,16 +47,114 @@ def encode_image(img: np.ndarray) -> str:
 
 def decode_image(text: str, name: str) -> np.ndarray:
     """The image of a base64 column, read by the loader ingest and the CLI use (`load_rgb`: EXIF,
-    alpha, grayscale replicated)."""
+    alpha, grayscale replicated). Whitespace in the text is ignored (`base64` wraps its lines); an
+    `InputError` names `name` and says whether the text is no base64 or its bytes are no image."""
     from pipelines.images import ImageProblem, load_rgb
     from pipelines.restorer import InputError, check_image
 
+    if not isinstance(text, str):
+        raise InputError(f"{name}: expected a base64-encoded image as a string, got {type(text).__name__}")
+    text = "".join(text.split())
+    if not text:
+        raise InputError(f"{name}: empty; expected a base64-encoded image")
     try:
         raw = base64.b64decode(text, validate=True)
+    except ValueError as exc:  # binascii.Error
+        raise InputError(f"{name}: not a base64-encoded image ({exc})") from exc
+    try:
         arr, _ = load_rgb(name, data=raw)
-    except (ImageProblem, ValueError) as exc:
-        raise InputError(f"{name}: not a base64-encoded image ({exc.__class__.__name__}: {exc})") from exc
+    except ImageProblem as exc:
+        detail = str(exc).removeprefix(f"{name}: ")
+        raise InputError(
+            f"{name}: its base64 decodes to {len(raw)} bytes that are not a readable image ({detail})"
+        ) from exc
     return check_image(arr, name)
+
+
+def _missing(value) -> bool:
+    """An empty cell: None, NaN (a column absent from some records) or the empty string."""
+    return (
+        value is None
+        or (isinstance(value, float) and value != value)
+        or (isinstance(value, str) and not value)
+    )
+
+
+def _as_frame(model_input):
+    """The request as a DataFrame: MLflow hands `dataframe_split`/`dataframe_records` over as one,
+    `inputs`/`instances` as a dict of columns or a list of records (the model logs no input schema,
+    so nothing converted them)."""
+    import pandas as pd
+
+    from pipelines.restorer import InputError
+
+    if isinstance(model_input, pd.DataFrame):
+        return model_input
+    if isinstance(model_input, dict):
+        cols = {k: list(np.atleast_1d(np.asarray(v, dtype=object))) for k, v in model_input.items()}
+        if len({len(v) for v in cols.values()}) > 1:
+            raise InputError(f"input: columns {sorted(map(str, cols))} have different lengths")
+        return pd.DataFrame(cols)
+    if isinstance(model_input, list | np.ndarray) and all(isinstance(r, dict) for r in model_input):
+        return pd.DataFrame(list(model_input))
+    raise InputError(
+        f"input: expected a table with columns lq, {', '.join(REF_COLUMNS)} "
+        f"(dataframe_split, dataframe_records or inputs), got {type(model_input).__name__}"
+    )
+
+
+def check_columns(columns) -> None:
+    """InputError unless `columns` are `lq` and at most the three reference columns."""
+    from pipelines.restorer import InputError
+
+    names = [str(c) for c in columns]
+    twice = sorted({c for c in names if names.count(c) > 1})
+    if twice:
+        raise InputError(f"columns {twice}: given more than once")
+    if "lq" not in names:
+        raise InputError("input needs a column `lq` (base64 image of the degraded face)")
+    extra = [c for c in names if re.fullmatch(r"ref\d+", c) and c not in REF_COLUMNS]
+    if extra:
+        raise InputError(f"columns {extra}: at most 3 references (ref1, ref2, ref3)")
+    unknown = [c for c in names if c not in ("lq", *REF_COLUMNS)]
+    if unknown:
+        raise InputError(f"columns {unknown}: unknown; valid: lq, {', '.join(REF_COLUMNS)}")
+
+
+_BAD_REQUEST = None
+
+
+def request_error(exc: ValueError) -> Exception:
+    """The exception a bad request raises from `predict`: with mlflow importable an `MlflowException`
+    (INVALID_PARAMETER_VALUE, HTTP 400) that is also a ValueError, carrying `exc`'s message; without
+    mlflow (the GPU check) `exc` itself.
+
+    MLflow's scoring server answers an `MlflowException` from predict with its JSON
+    `{"error_code", "message", ...}` and the mapped status; any other exception becomes a 400 with a
+    generic message and the formatted traceback in `stack_trace`. It also rewrites the message of an
+    `MlflowException` to "Failed to predict data '<the input frame>'. Error: ..." (the whole
+    request's repr, base64 included): the message of this class is written once, so the answer holds
+    the project's own message only."""
+    global _BAD_REQUEST
+    try:
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+    except ImportError:
+        return exc
+    if _BAD_REQUEST is None:
+
+        class BadRequest(MlflowException, ValueError):
+            @property
+            def message(self) -> str:
+                return self._message
+
+            @message.setter
+            def message(self, value: str) -> None:
+                if not hasattr(self, "_message"):  # set by MlflowException.__init__, kept after
+                    self._message = value
+
+        _BAD_REQUEST = BadRequest
+    return _BAD_REQUEST(str(exc), error_code=INVALID_PARAMETER_VALUE)
 
 
 class RestorerModel(PythonModel):
@@ -64,29 +166,37 @@ class RestorerModel(PythonModel):
         self.restorer = Restorer(context.artifacts["bundle"])
 
     def predict(self, context, model_input, params=None):
+        from pipelines.restorer import InputError
+
+        try:
+            return self._predict(model_input, params or {})
+        except InputError as exc:
+            raise request_error(exc) from exc
+
+    def _predict(self, model_input, params: dict):
         import pandas as pd
 
-        if "lq" not in model_input.columns:
-            raise ValueError("input needs a column `lq` (base64 image of the degraded face)")
-        extra = [c for c in model_input.columns if c.startswith("ref") and c not in REF_COLUMNS]
-        if extra:
-            raise ValueError(f"columns {extra}: at most 3 references (ref1, ref2, ref3)")
-        params = params or {}
+        from pipelines.restorer import InputError
+
+        frame = _as_frame(model_input)
+        check_columns(frame.columns)
         unknown = sorted(set(params) - set(SAMPLER_PARAMS))
         if unknown:
-            raise ValueError(f"params {unknown}: unknown; valid: {', '.join(SAMPLER_PARAMS)}")
+            raise InputError(f"params {unknown}: unknown; valid: {', '.join(SAMPLER_PARAMS)}")
         sampler = {k: params[k] for k in SAMPLER_PARAMS if params.get(k) is not None}
         if "ref_ensemble" in sampler:
             sampler["ref_ensemble"] = bool(sampler["ref_ensemble"])
         out = []
-        for i, row in enumerate(model_input.to_dict("records")):
+        for i, row in enumerate(frame.to_dict("records")):
+            if _missing(row["lq"]):
+                raise InputError(f"row {i} lq: empty; expected a base64-encoded image")
             lq = decode_image(row["lq"], f"row {i} lq")
-            refs = [
-                decode_image(row[c], f"row {i} {c}")
-                for c in REF_COLUMNS
-                if c in row and isinstance(row[c], str) and row[c]
-            ]
-            out.append(encode_image(self.restorer.restore(lq, refs, **sampler)))
+            refs = [decode_image(row[c], f"row {i} {c}") for c in REF_COLUMNS if not _missing(row.get(c))]
+            try:
+                restored = self.restorer.restore(lq, refs, **sampler)
+            except InputError as exc:
+                raise InputError(f"row {i}: {exc}") from exc
+            out.append(encode_image(restored))
         return pd.DataFrame({"restored": out})
 
 
@@ -204,6 +314,31 @@ def bundle_sha(bundle) -> str:
     return h.hexdigest()
 
 
+def model_signature():
+    """The pyfunc signature: the output column and the sampler params, and NO input schema.
+
+    MLflow enforces an input schema before `predict` (mlflow/models/utils.py `_enforce_schema`) and
+    drops every column the schema does not name, with a warning in the server's log only: a fourth
+    reference `ref4` or a misspelt `ref_1` would vanish and the row be restored without it. Without
+    an input schema the request's columns reach `RestorerModel.predict` as sent, which refuses any
+    but `lq`, `ref1`, `ref2`, `ref3` (the module docstring; the logged input example shows them).
+    Models logged with the former schema (`lq` required, `ref1`-`ref3` optional) keep it."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=None,
+        outputs=Schema([ColSpec("string", "restored")]),
+        params=ParamSchema(
+            [
+                ParamSpec("guidance_image", "double", None),
+                ParamSpec("guidance_context", "double", None),
+                ParamSpec("ref_ensemble", "boolean", None),
+            ]
+        ),
+    )
+
+
 def log_model_version(bundle, name: str, code_paths: list[str]) -> str:
     """Log the bundle as a pyfunc model in the active run, register it under `name`, tag its bundle
     sha; returns the new version."""
@@ -211,25 +346,12 @@ def log_model_version(bundle, name: str, code_paths: list[str]) -> str:
     from pathlib import Path
 
     import mlflow
-    import pandas as pd
     from mlflow import MlflowClient
-    from mlflow.models import infer_signature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     bundle = Path(bundle)
     resolution = json.loads((bundle / "bundle.json").read_text())["resolution"]
     example = example_input(resolution)
-    signature = infer_signature(example, pd.DataFrame({"restored": ["x"]}))
-    signature.inputs = Schema(
-        [ColSpec("string", "lq")] + [ColSpec("string", c, required=False) for c in REF_COLUMNS]
-    )
-    signature.params = ParamSchema(
-        [
-            ParamSpec("guidance_image", "double", None),
-            ParamSpec("guidance_context", "double", None),
-            ParamSpec("ref_ensemble", "boolean", None),
-        ]
-    )
+    signature = model_signature()
     info = mlflow.pyfunc.log_model(
         name="model",
         python_model=RestorerModel(),

@@ -40,16 +40,12 @@ import torch
 from PIL import Image
 
 from models.lora import load_trainable, merge_lora
+from pipelines.batches import make_batch, to_uint8
 from pipelines.config import TrainConfig, as_dict, build
 from pipelines.embedding import load_identity_encoder
 from pipelines.faces import is_grey, to_grey
-from pipelines.training import (
-    IConFaceModule,
-    build_network,
-    cast_frozen,
-    make_batch,
-    to_uint8,
-)
+from pipelines.module import IConFaceModule, cast_frozen
+from pipelines.network import build_network
 
 BUNDLE_FORMAT = 1
 MIN_SIDE = 32

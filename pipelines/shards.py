@@ -23,17 +23,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-INDEX_NAME = "index.json"
-FORMAT_VERSION = 1
-
-
-class ShardError(ValueError):
-    """A shard is missing, corrupt or disagrees with the index."""
-
-
-class ShardReadError(ShardError):
-    """A shard location could not be read (missing bucket or key, no access, a failed pipe command):
-    raised by `pipelines.storage` with the URL and the cause; never re-labelled as a corrupt shard."""
+from pipelines.shard_index import (  # noqa: F401 (part of this module's interface)
+    FORMAT_VERSION,
+    INDEX_NAME,
+    ShardError,
+    ShardReadError,
+    index_shard_names,
+)
 
 
 def npy_bytes(a: np.ndarray) -> bytes:
@@ -141,13 +137,6 @@ def _sample_keys(path: Path | str, storage_options: dict | None = None) -> list[
         if not keys or keys[-1] != key:
             keys.append(key)
     return keys
-
-
-def index_shard_names(index: dict, split: str, where: str | Path) -> list[str]:
-    """Shard file names of `split` in a shard index read from `where` (named in the error)."""
-    if split not in index["splits"]:
-        raise ShardError(f"{where}: no split {split!r}; have {sorted(index['splits'])}")
-    return [e["name"] for e in index["splits"][split]["shards"]]
 
 
 def shard_paths(root: str | Path, split: str, storage_options: dict | None = None) -> list[str]:

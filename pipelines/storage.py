@@ -28,7 +28,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 
-from pipelines.shards import INDEX_NAME, ShardError, ShardReadError, index_shard_names
+from pipelines.shard_index import INDEX_NAME, ShardError, ShardReadError, index_shard_names
 
 HEADER_BLOCK = 1 << 16  # read-ahead of a header walk: headers of small members come in one request
 PIPE_PREFIX = "pipe:"

@@ -36,14 +36,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipelines.batches import to_uint8
 from pipelines.embedding import load_encoders
 from pipelines.fit import SCORE, fit
 from pipelines.io import write_bytes, write_json
+from pipelines.network import reference_readout
 from pipelines.refstar import ABLATE_ROWS, ablate_overrides, mask_provenance
 from pipelines.shards import iter_samples, validate_shards
 from pipelines.stats import paired_bootstrap
 from pipelines.tracking import mark_run, tracking_uri
-from pipelines.training import no_refs, psnr, reference_readout, to_uint8, validation_batch
+from pipelines.validation import no_refs, psnr, validation_batch
 from stages._common import load_params, parser, progress_enabled, setup_logging
 
 COLUMNS = (

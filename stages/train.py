@@ -32,13 +32,15 @@ import numpy as np
 import torch
 
 from models.lora import save_trainable
+from pipelines.batches import to_uint8
 from pipelines.config import as_dict
 from pipelines.embedding import load_encoders
 from pipelines.fit import fit
 from pipelines.io import write_bytes, write_json
+from pipelines.network import build_network
 from pipelines.shards import validate_shards
 from pipelines.tracking import absolute_uri, mark_run, tracking_uri
-from pipelines.training import build_network, evaluate, to_uint8, validation_batch
+from pipelines.validation import evaluate, validation_batch
 from pipelines.viz import grid_image
 from stages._common import load_params, parser, progress_enabled, setup_logging
 

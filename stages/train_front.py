@@ -25,13 +25,14 @@ import numpy as np
 import torch
 
 from models.iconface import FrontEnd, save_front
+from pipelines.batches import to_uint8, to_unit
 from pipelines.degradations import get_preset
 from pipelines.evaluation import psnr_u8
 from pipelines.io import write_bytes, write_json
+from pipelines.module import lr_factor
 from pipelines.shards import iter_samples, shard_paths
 from pipelines.stats import paired_bootstrap
 from pipelines.stream import DegradationStream, connect
-from pipelines.training import lr_factor, to_uint8, to_unit
 from stages._common import load_params, parser, progress_enabled, setup_logging
 
 

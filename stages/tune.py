@@ -53,7 +53,7 @@ def run_trials(n: int, params_path: str, shards: str, encoders: str, parent_run:
     from pipelines.embedding import load_encoders
     from pipelines.fit import SCORE, fit
     from pipelines.tracking import tracking_uri
-    from pipelines.training import validation_batch
+    from pipelines.validation import validation_batch
 
     cfgs = load_params(params_path, "tune", "train", "degrade", "embed")
     cfg, tcfg, dcfg, ecfg = cfgs["tune"], cfgs["train"], cfgs["degrade"], cfgs["embed"]

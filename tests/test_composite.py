@@ -439,7 +439,9 @@ def test_bad_composite_configuration_says_what_to_change(override, message):
 @pytest.mark.parametrize("id_loss", ["hard_example", "adaptive"])
 def test_three_composite_training_steps_decrease_the_loss(id_loss):
     from models.id_encoder import IRBackbone, IRConfig
-    from pipelines.training import IConFaceModule, build_network, make_batch
+    from pipelines.batches import make_batch
+    from pipelines.module import IConFaceModule
+    from pipelines.network import build_network
 
     cfg = _cfg(id_loss=id_loss, context_dropout=0.3, image_dropout=0.3, lr=1e-3, lr_schedule="constant")
     torch.manual_seed(0)
@@ -476,8 +478,8 @@ def test_three_composite_training_steps_decrease_the_loss(id_loss):
 def bundle(tmp_path_factory):
     """A tiny composite bundle trained with one reference (max_refs 1), random pathways."""
     from models.lora import save_trainable
+    from pipelines.network import build_network
     from pipelines.restorer import write_bundle
-    from pipelines.training import build_network
 
     tmp = tmp_path_factory.mktemp("composite_bundle")
     enc = write_encoders(tmp / "encoders")

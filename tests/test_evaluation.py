@@ -139,7 +139,7 @@ def _free_port() -> int:
 def _tiny_model(out: Path, seed: int, params: dict) -> None:
     from models.lora import save_trainable
     from pipelines.config import TrainConfig, build
-    from pipelines.training import build_network
+    from pipelines.network import build_network
 
     cfg = build(TrainConfig, {**params["train"], "seed": seed, "front": None}, "train")
     net, _, _ = build_network(cfg, 512)

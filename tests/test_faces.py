@@ -28,8 +28,8 @@ def bundle(tmp_path_factory) -> Path:
 
     from models.lora import save_trainable
     from pipelines.config import TrainConfig, build
+    from pipelines.network import build_network
     from pipelines.restorer import write_bundle
-    from pipelines.training import build_network
 
     tmp = tmp_path_factory.mktemp("bundle")
     enc = write_encoders(tmp / "encoders")

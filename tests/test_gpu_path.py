@@ -46,7 +46,7 @@ def _cfg(**over):
 
 
 def _batch(b: int = 2, refs=(3, 1), res: int = 32, dim: int = 16, seed: int = 0):
-    from pipelines.training import make_batch
+    from pipelines.batches import make_batch
 
     rng = np.random.default_rng(seed)
     img = lambda: rng.integers(0, 255, (res, res, 3), dtype=np.uint8)  # noqa: E731
@@ -65,7 +65,8 @@ def _batch(b: int = 2, refs=(3, 1), res: int = 32, dim: int = 16, seed: int = 0)
 
 def _module(cfg):
     from models.id_encoder import IRBackbone, IRConfig
-    from pipelines.training import IConFaceModule, build_network
+    from pipelines.module import IConFaceModule
+    from pipelines.network import build_network
 
     enc = IRBackbone(IRConfig(**ENCODER)).eval()
     net, codec, text = build_network(cfg, enc.cfg.embedding_dim)

@@ -172,7 +172,7 @@ def test_reference_readout_lets_a_random_backbone_take_detail_from_an_aligned_re
 def test_the_reference_readout_follows_the_backbone():
     """auto: on for a random backbone predicting x0_residual (the CPU default), off for the recipe."""
     from pipelines.config import TrainConfig
-    from pipelines.training import reference_readout
+    from pipelines.network import reference_readout
 
     assert reference_readout(TrainConfig())
     assert not reference_readout(TrainConfig(prediction="velocity"))

@@ -13,12 +13,13 @@ import torch
 from safetensors.torch import load_file
 
 from pipelines.config import TrainConfig, build
-from pipelines.training import cast_frozen, frozen_dtype, low_precision
+from pipelines.module import cast_frozen, frozen_dtype, low_precision
 
 
 def _module(train_backbone: bool = False, precision: str = "bf16-mixed", prediction: str = "velocity"):
     from models.id_encoder import IRBackbone, IRConfig
-    from pipelines.training import IConFaceModule, build_network
+    from pipelines.module import IConFaceModule
+    from pipelines.network import build_network
 
     cfg = build(
         TrainConfig,
@@ -43,7 +44,7 @@ def _module(train_backbone: bool = False, precision: str = "bf16-mixed", predict
 
 
 def _batches(n: int = 3, b: int = 2, r: int = 2, seed: int = 0) -> list[dict]:
-    from pipelines.training import make_batch
+    from pipelines.batches import make_batch
 
     rng = np.random.default_rng(seed)
     img = lambda: rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)  # noqa: E731

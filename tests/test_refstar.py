@@ -257,7 +257,8 @@ def pair_shards(tmp_path_factory) -> Path:
 
 def _module(**over):
     from models.id_encoder import IRBackbone, IRConfig
-    from pipelines.training import IConFaceModule, build_network
+    from pipelines.module import IConFaceModule
+    from pipelines.network import build_network
 
     cfg = build(
         TrainConfig,
@@ -277,9 +278,9 @@ def _module(**over):
 def test_three_training_steps_with_masks_and_the_cycle_loss(pair_shards, route):
     """Batches from the degradation stream (masks passed through), collated with masks and the degraded
     first reference: three optimiser steps give finite losses with a cycle term, eq. 7's total."""
+    from pipelines.batches import StreamIterable
     from pipelines.shards import shard_paths
     from pipelines.stream import DegradationStream
-    from pipelines.training import StreamIterable
 
     module = _module(
         reference_masks="truth", cycle_loss=True, reference_route=route, ref_schedule=[0, 0.5, 0.5, 0]
@@ -426,7 +427,7 @@ def test_the_train_stage_trains_with_masks_and_records_their_provenance(tmp_path
 
 
 def test_collate_needs_a_mask_on_every_chosen_reference():
-    from pipelines.training import collate
+    from pipelines.batches import collate
 
     rng = np.random.default_rng(0)
     img = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
@@ -475,9 +476,9 @@ def masked_bundle(tmp_path_factory) -> Path:
     """A 32 px restorer bundle of a model trained with masks and the decoupled route, with a RefSel model."""
     from models.lora import save_trainable
     from models.refsel import RefSelConfig, RefSelUNet
+    from pipelines.network import build_network
     from pipelines.refsel import save_model
     from pipelines.restorer import write_bundle
-    from pipelines.training import build_network
 
     tmp = tmp_path_factory.mktemp("bundle")
     enc = write_encoders(tmp / "encoders")

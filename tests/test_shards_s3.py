@@ -126,7 +126,7 @@ def test_training_batches_from_an_s3_folder_equal_local(s3):
     """The Lightning data module (what `fit` builds) over the s3 folder: the same collated tensors."""
     import torch
 
-    from pipelines.training import StreamDataModule
+    from pipelines.batches import StreamDataModule
 
     def first_batches(root: str, n: int = 3) -> list[dict]:
         dm = StreamDataModule(

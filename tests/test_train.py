@@ -15,8 +15,9 @@ import torch
 import yaml
 from conftest import REPO, make_shards, write_encoders
 
+from pipelines.batches import collate
 from pipelines.config import ConfigError, TrainConfig, build
-from pipelines.training import build_network, collate
+from pipelines.network import build_network
 
 
 @pytest.mark.parametrize(
@@ -217,7 +218,7 @@ def test_noise_is_drawn_per_rank_and_reproducible():
 def test_training_step_uses_the_rank(monkeypatch):
     """The module draws through noise_generator with its global rank (the bug: every rank drew alike)."""
     import models.losses
-    import pipelines.training as tr
+    import pipelines.module as tr
 
     seen = []
     real = models.losses.noise_generator
@@ -230,7 +231,7 @@ def test_training_step_uses_the_rank(monkeypatch):
 
 def _tiny_module(crop_border: float = 0.0, temperature: float = 1.0, front_end: int = 0):
     from models.id_encoder import IRBackbone, IRConfig
-    from pipelines.training import IConFaceModule
+    from pipelines.module import IConFaceModule
 
     cfg = build(
         TrainConfig,
@@ -255,7 +256,7 @@ def _tiny_module(crop_border: float = 0.0, temperature: float = 1.0, front_end: 
 
 
 def _tiny_batch(b: int = 2, r: int = 2):
-    from pipelines.training import make_batch
+    from pipelines.batches import make_batch
 
     rng = np.random.default_rng(0)
     img = lambda: rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)  # noqa: E731
@@ -285,7 +286,7 @@ def test_the_crop_is_applied_wherever_the_module_embeds():
 
 def test_the_loss_anchor_uses_the_temperature(monkeypatch):
     """The identity loss aggregates the references with train.temperature, like the model (eq. 4)."""
-    import pipelines.training as tr
+    import pipelines.module as tr
 
     temps = []
     real = tr.identity_anchor
@@ -295,7 +296,7 @@ def test_the_loss_anchor_uses_the_temperature(monkeypatch):
 
 
 def test_lr_schedule_warms_up_then_decays():
-    from pipelines.training import lr_factor
+    from pipelines.module import lr_factor
 
     assert lr_factor(50, "constant", 10, 100) == 1.0
     assert lr_factor(0, "cosine", 10, 100) == 0.1 and lr_factor(9, "cosine", 10, 100) == 1.0
@@ -331,7 +332,7 @@ def test_the_model_conditions_on_the_frozen_front_end(tmp_path):
     rebuilds it without train.front."""
     from models.iconface import FrontEnd, save_front
     from models.lora import load_trainable, save_trainable
-    from pipelines.training import IConFaceModule
+    from pipelines.module import IConFaceModule
 
     f = FrontEnd(8)
     torch.nn.init.normal_(f.out.weight, std=0.1)

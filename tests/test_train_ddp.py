@@ -24,7 +24,8 @@ SCRIPT = textwrap.dedent(
     from models.id_encoder import IRBackbone, IRConfig
     from models.lora import add_lora
     from models.prompt import synthetic_prompt
-    from pipelines.training import IConFaceModule, OptimConfig, StreamDataModule
+    from pipelines.batches import StreamDataModule
+    from pipelines.module import IConFaceModule, OptimConfig
 
     paths, out = json.loads(sys.argv[1]), sys.argv[2]
     torch.manual_seed(0)

@@ -141,8 +141,8 @@ def data(tmp_path_factory):
 
 
 def _val(paths):
+    from pipelines.batches import collate
     from pipelines.stream import degrade_chunk_local, plan_chunks
-    from pipelines.training import collate
 
     raw = degrade_chunk_local(plan_chunks(paths, 4)[0], "face_classic", 0, 0)
     return collate(raw, (0.3, 0.3, 0.2, 0.2), 3, 0, 0)
