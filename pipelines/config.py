@@ -23,7 +23,7 @@ BACKBONE_NAMES = ("tiny", "small", "klein_base_4b")
 VARIANT_NAMES = ("concat", "+struct", "+id", "single_route", "full")
 # ablate rows of RefSTAR's transfer (pipelines.refstar.ABLATE_ROWS), besides the IConFace variants
 REFSTAR_ROW_NAMES = ("refstar_in_context", "refstar_decoupled", "refstar_decoupled_cycle")
-# ablate rows of seed 002 (stages.ablate.SEED002_ROWS): Composite Context, and the same model sampled with
+# ablate rows of seed 002 (pipelines.ablation.SEED002_ROWS): Composite Context, and the same model sampled with
 # the training-free multi-reference ensemble (its eq. 6)
 SEED002_ROW_NAMES = ("composite", "composite_ensemble")
 PRESET_NAMES = (

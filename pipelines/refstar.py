@@ -41,7 +41,7 @@ from models.refstar import CycleWeights, cycle_loss, token_keep, total_loss
 
 MASK_OPTIONS = ("none", "refsel", "truth")
 
-# Rows of the ablation table (stages/ablate.py) for RefSTAR's transfer, as train overrides; the masks are
+# Rows of the ablation table (pipelines/ablation.py) for RefSTAR's transfer, as train overrides; the masks are
 # those of the shards ablate reads (data/shards: the synthetic ground truth). An explicit dict, no registry.
 ABLATE_ROWS: dict[str, dict] = {
     "refstar_in_context": {"reference_route": "in_context", "cycle_loss": False},

@@ -32,101 +32,18 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipelines.batches import to_uint8
+from pipelines.ablation import SEED002_ROWS, control_batch, protocol, report
 from pipelines.embedding import load_encoders
 from pipelines.fit import SCORE, fit
 from pipelines.io import write_bytes, write_json
-from pipelines.network import reference_readout
 from pipelines.refstar import ABLATE_ROWS, ablate_overrides, mask_provenance
 from pipelines.shards import iter_samples, validate_shards
-from pipelines.stats import paired_bootstrap
 from pipelines.tracking import mark_run, tracking_uri
-from pipelines.validation import no_refs, psnr, validation_batch
+from pipelines.validation import validation_batch
 from stages._common import load_params, parser, progress_enabled, setup_logging
-
-COLUMNS = (
-    ("restored_id_sim", "ID-GT (refs) ↑"),
-    ("restored_noref_id_sim", "ID-GT (no ref) ↑"),
-    ("restored_psnr", "PSNR (refs) ↑"),
-    ("restored_noref_psnr", "PSNR (no ref) ↑"),
-    ("final_loss", "train loss ↓"),
-    ("trainable_parameters", "trainable params"),
-)
-
-
-# seed 002's rows: (train overrides, sampler options)
-SEED002_ROWS: dict[str, tuple[dict, dict]] = {
-    "composite": ({"conditioning": "composite"}, {}),
-    "composite_ensemble": ({"conditioning": "composite"}, {"ref_ensemble": True}),
-}
-PER_REFERENCE = ("refs", "ref_mask", "z_refs", "ref_consistent")  # batch keys that belong to the references
-
-
-def control_batch(batch: dict, identities: list[str]) -> tuple[dict, list[bool]]:
-    """The wrong-person control: every target gets the references of the next target (cyclically) of
-    another identity, preferring one with at least as many, cut to the smaller count. Returns the batch
-    and, per target, whether it has a control (False where the batch holds no other identity: those
-    targets keep their own references and are left out of the control's pairs)."""
-    counts = batch["ref_mask"].sum(1).tolist()
-    n = len(identities)
-    pick, has = [], []
-    for i in range(n):
-        others = [(i + step) % n for step in range(1, n) if identities[(i + step) % n] != identities[i]]
-        enough = [j for j in others if counts[j] >= counts[i]]
-        j = enough[0] if enough else max(others, key=lambda k: counts[k]) if others else i
-        pick.append(j)
-        has.append(bool(others))
-    out = dict(batch)
-    for k in PER_REFERENCE:
-        if k in batch:
-            out[k] = batch[k][pick]
-    count = torch.tensor([min(counts[i], counts[j]) for i, j in enumerate(pick)])
-    keep = torch.arange(batch["ref_mask"].shape[1])[None, :] < count[:, None]
-    out["ref_mask"] = out["ref_mask"] & keep
-    return out, has
-
-
-def protocol(
-    module, batch, control, has_control, evaluator, steps, guidance, masks, tau, sampler, known=None
-) -> dict:
-    """Per-target ID-GT with references, blind and with the control's references, and the copy score
-    of the output with references in the first reference's conflict region (NaN where none)."""
-    import torch.nn.functional as F
-
-    from models.id_encoder import raw_embedding
-    from pipelines.evaluation import copy_score
-
-    def unit(x):
-        return F.normalize(
-            raw_embedding(evaluator.eval(), (x.clamp(-1, 1) + 1) / 2, module.crop_border), dim=-1
-        )
-
-    with torch.no_grad():
-        g = unit(batch["gt"])
-        outs = dict(known or {})  # fit's validation restorations, when they are this row's
-        if "ref" not in outs:
-            outs["ref"] = module.restore(batch, steps=steps, guidance=guidance, **sampler)
-        if "none" not in outs:
-            outs["none"] = module.restore(no_refs(batch), steps=steps, guidance=guidance)
-        outs["control"] = module.restore(control, steps=steps, guidance=guidance, **sampler)
-        per = {k: (unit(v) * g).sum(-1).numpy() for k, v in outs.items()}
-        per["control"] = np.where(has_control, per["control"], np.nan)  # no other identity: no pair
-        per["ref_psnr"] = psnr(outs["ref"], batch["gt"])
-    out_u8, gt_u8, ref_u8 = to_uint8(outs["ref"]), to_uint8(batch["gt"]), to_uint8(batch["refs"][:, 0])
-    copies = []
-    for i, m in enumerate(masks):
-        c = (
-            None
-            if m is None or not bool(batch["ref_mask"][i, 0])
-            else copy_score(out_u8[i], gt_u8[i], ref_u8[i], m, tau)
-        )
-        copies.append(np.nan if c is None else c)
-    per["copy"] = np.array(copies, np.float64)
-    return per
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -225,135 +142,9 @@ def main(argv: list[str] | None = None) -> None:
         mlflow.log_metrics({"lq_psnr": lq["lq_psnr"], "lq_id_sim": lq["lq_id_sim"]})
         run_id = parent.info.run_id
 
-    lines = [
-        "# Ablation of IConFace's parts (paper Table 3 layout), seed 002 and RefSTAR under one protocol",
-        "",
-        "Wall-clock training times are in the MLflow runs (`ablate/<variant>`), not here: this file is a DVC output "
-        "and must be byte-identical on a rerun.",
-        "",
-        f"Each row trains from seed {cfg.seed} for {cfg.steps} steps (batch {cfg.batch_size}, backbone "
-        f"`{tcfg.backbone}`, prediction `{tcfg.prediction}`, reference readout "
-        f"{'on' if reference_readout(tcfg) else 'off'}) and is evaluated on {len(val['keys'])} validation "
-        f"targets degraded with `{tcfg.val_preset}`. ID-GT: cosine to the target with the evaluator encoder. "
-        f"Degraded input: PSNR {lq['lq_psnr']:.2f} dB, ID-GT {lq['lq_id_sim']:.4f}. MLflow: the `ablate` run "
-        "of experiment `"
-        + tcfg.experiment
-        + "`."
-        + (
-            f" RefSTAR rows (variant `{tcfg.variant}`): conflict masks `{masks['option']}` "
-            f"({', '.join(f'{k} {n}' for k, n in masks['provenance'].items())} masks in the train split)."
-            if masks
-            else ""
-        ),
-        "",
-        "| variant | " + " | ".join(c[1] for c in COLUMNS) + " |",
-        "|---|" + "---:|" * len(COLUMNS),
-    ]
-    for v, m in results.items():
-        cells = [
-            f"{m[k]:,}" if k == "trainable_parameters" else f"{m[k]:.2f}" if "psnr" in k else f"{m[k]:.4f}"
-            for k, _ in COLUMNS
-        ]
-        lines.append(f"| {v} | " + " | ".join(cells) + " |")
-    # Paired differences on the same targets: each variant against the one before it in Table 3's order
-    # and against concat (the paper's base), 95 % bootstrap intervals.
-    names = list(results)
-    paired = {}
-    lines += [
-        "",
-        f"Paired differences of ID-GT with references on the same {len(val['keys'])} targets (mean [95 % bootstrap "
-        f"interval], seed {cfg.seed}); an interval that contains 0 is no difference:",
-        "",
-        "| variant | vs previous row | verdict | vs concat | verdict |",
-        "|---|---:|---|---:|---|",
-    ]
-    for i, v in enumerate(names):
-        row = {}
-        for label, other in (("previous", names[i - 1] if i else None), ("concat", names[0])):
-            if other is None or other == v:
-                row[label] = None
-                continue
-            d = paired_bootstrap(per_target[v], per_target[other], seed=cfg.seed)
-            row[label] = {**d.as_dict(), "vs": other, "verdict": d.verdict}
-        paired[v] = row
-        cells = [
-            (f"{c['diff']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}] | {c['verdict']}" if c else "— | —")
-            for c in (row["previous"], row["concat"])
-        ]
-        lines.append(f"| {v} | " + " | ".join(cells) + " |")
-
-    def steps_of(ok: bool) -> list[str]:
-        """Table 3's steps between consecutive IConFace variants (RefSTAR rows apart) that hold (ok) or not."""
-        return [
-            f"{names[i - 1]} < {v}" if ok else f"{names[i - 1]} vs {v}: {paired[v]['previous']['verdict']}"
-            for i, v in enumerate(names)
-            if i
-            and v not in ABLATE_ROWS
-            and names[i - 1] not in ABLATE_ROWS
-            and paired[v]["previous"]
-            and (paired[v]["previous"]["verdict"] == "higher") == ok
-        ]
-
-    ordered, not_ordered = steps_of(True), steps_of(False)
-    lines += [
-        "",
-        "The paper's order (Table 3) is concat < +struct < +id < single_route < full on ID-GT.",
-        f"Holds here (interval clear of zero): {', '.join(ordered) or 'no step'}.",
-        f"Does not hold (no difference or reversed): {', '.join(not_ordered) or 'none'}.",
-    ]
-    if masks:
-        lines += [
-            "RefSTAR (its Table 2): the decoupled cross-attention and the cycle loss each raise ID-GT and ID-Ref; "
-            "read the RefSTAR rows against the row before them.",
-        ]
-    # One protocol for every row: the reference gain, the wrong-person control and the copy score.
-    proto = {}
-    lines += [
-        "",
-        "## One protocol for every row",
-        "",
-        f"On the same {len(val['keys'])} targets: ID-GT with references − blind; with the true references − "
-        "with as many references of another person (the next validation target of another identity); the "
-        f"copy score in the first reference's conflict region (τ = {tau:g}; the share of conflict pixels taken "
-        "from the reference rather than the target, lower is better; mean over the targets whose reference has "
-        "a conflict region). Intervals: 95 % paired bootstrap, seed "
-        f"{cfg.seed}; an interval that contains 0 is no difference.",
-        "",
-        "| row | refs − blind | verdict | true − other person | verdict | copy (conflict) ↓ | pairs |",
-        "|---|---:|---|---:|---|---:|---:|",
-    ]
-    for v in names:
-        per = extra[v]
-        gain = paired_bootstrap(per["ref"], per["none"], seed=cfg.seed)
-        ok = np.isfinite(per["control"])
-        ctl = paired_bootstrap(per["ref"][ok], per["control"][ok], seed=cfg.seed)
-        copies = per["copy"][np.isfinite(per["copy"])]
-        copy = round(float(copies.mean()), 4) if len(copies) else None
-        proto[v] = {
-            "ref_minus_blind": {**gain.as_dict(), "verdict": gain.verdict},
-            "true_minus_other": {**ctl.as_dict(), "verdict": ctl.verdict},
-            "control_id_sim": round(float(per["control"][ok].mean()), 4) if ok.any() else None,
-            "copy_score": copy,
-            "copy_pairs": int(len(copies)),
-        }
-        lines.append(
-            f"| {v} | {gain.text()} | {gain.verdict} | "
-            f"{ctl.text()} | {ctl.verdict} | "
-            f"{'—' if copy is None else f'{copy:.4f}'} | {len(copies)} |"
-        )
-    helps = [v for v in names if proto[v]["true_minus_other"]["verdict"] == "higher"]
-    lines += [
-        "",
-        f"Rows whose true references beat another person's (interval clear of zero): {', '.join(helps) or 'none'}.",
-    ]
-    write_bytes(args.report, ("\n".join(lines) + "\n").encode())
-    write_json(
-        args.metrics,
-        {
-            v: {**{k: m[k] for k, _ in COLUMNS}, "paired": paired[v], "protocol": proto[v]}
-            for v, m in results.items()
-        },
-    )
+    markdown, metrics = report(results, per_target, extra, cfg, tcfg, len(val["keys"]), masks, tau)
+    write_bytes(args.report, markdown.encode())
+    write_json(args.metrics, metrics)
     mark_run(mlflow.MlflowClient(), run_id, "ablate", args.metrics)
     best = max(results, key=lambda v: results[v][SCORE])
     print(

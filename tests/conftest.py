@@ -6,9 +6,14 @@ import io
 import os
 from pathlib import Path
 
-import numpy as np
-import pytest
-from PIL import Image
+# Before numpy (and torch, cv2) load: the CPU pins act only then, so the tests run pinned (pipelines.cpu_pins).
+from pipelines.cpu_pins import pin_cpu_numerics  # isort: skip
+
+pin_cpu_numerics()
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
 
 os.environ.setdefault("REFFACE_PROGRESS", "0")
 
