@@ -88,15 +88,20 @@ def _as_frame(model_input):
 
     from pipelines.restorer import InputError
 
+    def cell(v):  # MLflow's `inputs` parser gives 0-d numpy arrays for scalars
+        return v.item() if isinstance(v, np.ndarray) and v.ndim == 0 else v
+
     if isinstance(model_input, pd.DataFrame):
         return model_input
     if isinstance(model_input, dict):
-        cols = {k: list(np.atleast_1d(np.asarray(v, dtype=object))) for k, v in model_input.items()}
+        cols = {
+            k: [cell(x) for x in np.atleast_1d(np.asarray(v, dtype=object))] for k, v in model_input.items()
+        }
         if len({len(v) for v in cols.values()}) > 1:
             raise InputError(f"input: columns {sorted(map(str, cols))} have different lengths")
         return pd.DataFrame(cols)
     if isinstance(model_input, list | np.ndarray) and all(isinstance(r, dict) for r in model_input):
-        return pd.DataFrame(list(model_input))
+        return pd.DataFrame([{k: cell(v) for k, v in r.items()} for r in model_input])
     raise InputError(
         f"input: expected a table with columns lq, {', '.join(REF_COLUMNS)} "
         f"(dataframe_split, dataframe_records or inputs), got {type(model_input).__name__}"

@@ -21,234 +21,28 @@ labelled with their GT-ID per mode).
 from __future__ import annotations
 
 import csv
-import io
 import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from pipelines.embedding import load_encoders
-from pipelines.evaluation import copy_score, cosine, embed, psnr_u8, ssim_u8
 from pipelines.io import write_bytes, write_json
-from pipelines.quality import LOWER_IS_BETTER, PER_TARGET, WeightMetrics, load_weight_metrics
+from pipelines.quality import PER_TARGET, load_weight_metrics
 from pipelines.restorer import Restorer, write_bundle
-from pipelines.shards import decode_sample, iter_raw, shard_paths, validate_shards
-from pipelines.stats import paired_bootstrap
-from pipelines.viz import change_map, save_grid
+from pipelines.set_evaluation import (
+    COLUMNS,
+    PAIRED,
+    evaluate_set,
+    markdown,
+    paired_rows,
+    real_photo_figure,
+    row_means,
+    save_set_grid,
+)
+from pipelines.shards import validate_shards
 from stages._common import load_params, parser, progress_enabled, setup_logging
-
-COLUMNS = ("n", "psnr", "ssim", "ref_id_primary", "ref_id_evaluator", "gt_id", "copy_score", "copy_pairs")
-PAIRED = ("gt_id", "psnr", "ssim", "copy_score")  # differences to the blind mode, with intervals
-CONTROL = "{k} reference{s} of another person"
-FRONT = "front end alone"  # ours: the stage-1 output (names must be valid MLflow metric keys)
-
-
-def mode_label(k: int) -> str:
-    """The row name of a mode: "no reference", "1 reference", "2 references", ..."""
-    return "no reference" if k == 0 else f"{k} reference{'s' if k > 1 else ''}"
-
-
-def load_set(root: str, name: str, limit: int, min_refs: int = 0) -> tuple[list[dict], int]:
-    """The first `limit` targets (0: all) of a set that have at least `min_refs` references, and how
-    many targets were read to find them."""
-    out, seen = [], 0
-    for raw in iter_raw(shard_paths(root, name)):
-        if limit and len(out) >= limit:
-            break
-        seen += 1
-        if json.loads(raw["meta.json"])["ref_count"] < min_refs:
-            continue
-        s = decode_sample(raw)
-        s["lq"] = np.asarray(Image.open(io.BytesIO(raw["lq.png"])).convert("RGB"))
-        out.append(s)
-    return out, seen
-
-
-def per_target(
-    outs, samples, prim, evaluator, tau, border, wm: WeightMetrics | None = None
-) -> dict[str, np.ndarray]:
-    """Per-target metrics (N,) of outputs `outs`. Ref-ID and the copy score are taken against each
-    target's first true reference (in every row, the blind mode and the control included); LPIPS,
-    DISTS and CLIP-IQA when their weights are configured (`wm`)."""
-    gt = np.stack([s["gt"] for s in samples])
-    ref0 = np.stack([s["refs"][0] for s in samples])
-    e_out_p, e_out_e = embed(prim, outs, border), embed(evaluator, outs, border)
-    copies = []
-    for o, s in zip(outs, samples):
-        c = None if s["masks"][0] is None else copy_score(o, s["gt"], s["refs"][0], s["masks"][0], tau)
-        copies.append(np.nan if c is None else c)
-    return {
-        "psnr": psnr_u8(outs, gt),
-        "ssim": ssim_u8(outs, gt),
-        "gt_id": cosine(e_out_e, embed(evaluator, gt, border)),
-        "ref_id_primary": cosine(e_out_p, embed(prim, ref0, border)),
-        "ref_id_evaluator": cosine(e_out_e, embed(evaluator, ref0, border)),
-        "copy_score": np.array(copies, np.float64),
-        **(wm.per_target(outs, gt) if wm is not None else {}),
-    }
-
-
-def summarise(values: dict[str, np.ndarray]) -> dict:
-    copies = values["copy_score"][np.isfinite(values["copy_score"])]
-    m = {"n": len(values["psnr"])}
-    for k in ("psnr", "ssim", "ref_id_primary", "ref_id_evaluator", "gt_id"):
-        m[k] = round(float(np.mean(values[k])), 4)
-    m["copy_score"] = round(float(copies.mean()), 4) if len(copies) else None
-    m["copy_pairs"] = int(len(copies))
-    for k in PER_TARGET:
-        if k in values:
-            m[k] = round(float(np.mean(values[k])), 4)
-    return m
-
-
-def other_person(samples: list[dict], pool: list[dict], k: int) -> list[list]:
-    """For each target, the first k references of the next target in `pool` (cyclically, after the
-    target's own key) whose identity differs: the control row's references, as many as the true ones."""
-    keys = [p["key"] for p in pool]
-    out = []
-    for s in samples:
-        start = keys.index(s["key"]) if s["key"] in keys else 0
-        for step in range(1, len(pool) + 1):
-            o = pool[(start + step) % len(pool)]
-            if o["meta"].get("identity") != s["meta"].get("identity") and len(o["refs"]) >= k:
-                out.append(o["refs"][:k])
-                break
-        else:
-            raise SystemExit(
-                f"error: no target of another identity with {k} references for {s['key']}; "
-                "the control row needs at least two identities"
-            )
-    return out
-
-
-def markdown(
-    results: dict, paired: dict, not_computed: dict, model: str, seed: int, files: dict | None = None
-) -> str:
-    files = files or {}
-    extra = [
-        c for c in (*PER_TARGET, "fid") if any(c in m for rows in results.values() for m in rows.values())
-    ]
-    arrow = {c: "↓" if c in LOWER_IS_BETTER else "↑" for c in extra}
-    names = {
-        "lpips": "LPIPS",
-        "lpips_vgg": "LPIPS (vgg)",
-        "dists": "DISTS",
-        "clipiqa": "CLIP-IQA",
-        "fid": "FID",
-    }
-    paired_cols = [*PAIRED, *(c for c in extra if c in PER_TARGET)]
-    lines = [f"# Evaluation of {model}", ""]
-    lines.append(
-        "Layout of the IConFace paper's Tables 1–2: one block per evaluation set, the degraded input as a "
-        "baseline row, then the model without references (blind mode), with 1–3 references, and a control "
-        "with as many references of another person. **Every row of a block is computed on the same targets** "
-        "(those with 3 references). Ref-ID: cosine to the first protocol reference (primary encoder / "
-        "independent evaluator); GT-ID: cosine to the target (evaluator). Copy score: share of conflict pixels "
-        "where the output follows the reference instead of the target (lower is better; pairs with conflict "
-        "masks only). With a degradation-removal front end (ours, DiffBIR's stage 1; train_front) its output "
-        "alone is a row too: what the IConFace transformer and the references add is the difference to it."
-    )
-    for name, rows in results.items():
-        lines += [
-            "",
-            f"## {name}",
-            "",
-            "| row | n | PSNR ↑ | SSIM ↑ | Ref-ID (primary) ↑ | Ref-ID (evaluator) ↑ | GT-ID ↑ | copy ↓ (pairs) |"
-            + "".join(f" {names[c]} {arrow[c]} |" for c in extra),
-        ]
-        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(extra))
-        for row, m in rows.items():
-
-            def f(v):
-                return "—" if v is None else f"{v:.4f}"
-
-            lines.append(
-                f"| {row} | {m['n']} | {m['psnr']:.2f} | {f(m['ssim'])} | {f(m['ref_id_primary'])} | "
-                f"{f(m['ref_id_evaluator'])} | {f(m['gt_id'])} | {f(m['copy_score'])} ({m['copy_pairs']}) |"
-                + "".join(f" {f(m.get(c))} |" for c in extra)
-            )
-        lines += [
-            "",
-            f"Paired differences to the blind mode (same targets; mean [95 % bootstrap interval], seed {seed}); "
-            "an interval that contains 0 is no difference:",
-            "",
-            "| row | Δ GT-ID | Δ PSNR (dB) | Δ SSIM | Δ copy |"
-            + "".join(f" Δ {names[c]} |" for c in paired_cols[len(PAIRED) :])
-            + " verdict on GT-ID |",
-            "|---|---:|---:|---:|---:|" + "---:|" * (len(paired_cols) - len(PAIRED)) + "---|",
-        ]
-        for row, d in paired[name].items():
-            if row == "true vs another person":
-                continue
-            cells = [
-                "—"
-                if m not in d or d[m]["n"] == 0
-                else f"{d[m]['diff']:+.4f} [{d[m]['lo']:+.4f}, {d[m]['hi']:+.4f}]"
-                for m in paired_cols
-            ]
-            lines.append(f"| {row} | " + " | ".join(cells) + f" | {d['gt_id']['verdict']} |")
-        c = paired[name].get("true vs another person")
-        if c:
-            lines += [
-                "",
-                f"Control: GT-ID with the true references minus with another person's ({c['rows'][0]}, same targets): "
-                f"{c['diff']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}] — {c['verdict']}"
-                + (" (the model reads who the references show)" if c["verdict"] == "higher" else ""),
-            ]
-    if "fid" in extra:
-        lines += [
-            "",
-            "FID is one number per row (the row's outputs against the reference statistics), without an "
-            "interval: on a few tens of targets it is dominated by its own sampling error.",
-        ]
-    if files:
-        lines += ["", "## Weights", "", "| column | key | file | sha256 |", "|---|---|---|---|"]
-        lines += [
-            f"| {c} | {f['key']} | {f['file']} | `{f['sha256']}` |" for c, fs in files.items() for f in fs
-        ]
-    lines += ["", "## Not computed", ""]
-    lines += [f"- {k}: {v}" for k, v in not_computed.items()]
-    return "\n".join(lines) + "\n"
-
-
-def real_photo_figure(restorer, path: str | Path) -> str:
-    """A real photo through `refface restore` (detect, align, restore, paste back) with the trained model:
-    matplotlib's Grace Hopper sample (512x600, a local file of the installed package). Returns a line
-    for the log. The model of the embedded default knows 64 px synthetic faces, and the figure says so."""
-    import matplotlib.cbook as cbook
-
-    from pipelines.faces import FaceAligner, paste_back
-    from pipelines.images import load_rgb
-
-    with cbook.get_sample_data("grace_hopper.jpg") as f:
-        photo, _ = load_rgb("grace_hopper.jpg", data=f.read())
-    aligner = FaceAligner(restorer.resolution)
-    faces = aligner.detect(photo)
-    if not faces:
-        return "real photo: no face found (the figure is not written)"
-    crops = [aligner.align(photo, face) for face in faces]
-    restored = list(restorer.restore_batch(crops, [[] for _ in crops]))
-    out = paste_back(photo, faces, restored)
-
-    def square(img):
-        side = max(img.shape[:2])
-        canvas = np.full((side, side, 3), 255, np.uint8)
-        y, x = (side - img.shape[0]) // 2, (side - img.shape[1]) // 2
-        canvas[y : y + img.shape[0], x : x + img.shape[1]] = img
-        return canvas
-
-    save_grid(
-        path,
-        [[square(photo), square(out)], [crops[0], restored[0]]],
-        title="refface restore on a real photo (Grace Hopper, matplotlib's sample): the embedded default's model, "
-        "trained on 64 px synthetic faces",
-        row_labels=["photo", "face"],
-        col_labels=["input", "restored (pasted back)"],
-        cell=300,
-    )
-    return f"real photo: {len(faces)} face(s) restored and pasted back -> {path}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -287,122 +81,36 @@ def main(argv: list[str] | None = None) -> None:
         not_computed["ref_id_evaluator"] = encoders.fallback
 
     index = json.loads((Path(args.eval_sets) / "index.json").read_text())
-    kmax = max(cfg.modes)
     results: dict[str, dict] = {}
     paired: dict[str, dict] = {}
     targets: dict[str, dict] = {}
     plot_rows = []
-    total = len(index["splits"]) * (len(cfg.modes) + 1)
-    bar = tqdm(total=total, desc="evaluate", unit="row", disable=not progress_enabled())
-
-    def restore(lqs, refs):
-        parts = [
-            restorer.restore_batch(lqs[i : i + cfg.batch_size], refs[i : i + cfg.batch_size])
-            for i in range(0, len(lqs), cfg.batch_size)
-        ]
-        return np.concatenate(parts)
-
+    bar = tqdm(
+        total=len(index["splits"]) * (len(cfg.modes) + 1),
+        desc="evaluate",
+        unit="row",
+        disable=not progress_enabled(),
+    )
     for name in sorted(index["splits"]):
-        samples, seen = load_set(args.eval_sets, name, cfg.samples, max(kmax, 1))
-        if len(samples) < 2:
-            raise SystemExit(
-                f"error: evaluation set {name} in {args.eval_sets} has {len(samples)} targets with "
-                f"{max(kmax, 1)} references (of {seen}); need at least 2 for a paired comparison"
-            )
-        lq = [s["lq"] for s in samples]
-        row_outs = {"degraded input": np.stack(lq)}
-        values = {
-            "degraded input": per_target(np.stack(lq), samples, prim, evaluator, cfg.copy_tau, border, wm)
-        }
-        front = restorer.front_only(lq)
-        if front is not None:  # stage 1 alone: what the transformer adds is the difference to it
-            values[FRONT] = per_target(front, samples, prim, evaluator, cfg.copy_tau, border, wm)
-            row_outs[FRONT] = front
-        outputs = {}
-        for k in cfg.modes:
-            outs = restore(lq, [s["refs"][:k] for s in samples])
-            label = mode_label(k)
-            values[label] = per_target(outs, samples, prim, evaluator, cfg.copy_tau, border, wm)
-            row_outs[label] = outs
-            outputs[k] = {s["key"]: o for s, o in zip(samples, outs)}
-            bar.update(1)
-        k_ctl = max(kmax, 1)
-        pool = samples if not cfg.samples else load_set(args.eval_sets, name, 0, k_ctl)[0]
-        outs = restore(lq, other_person(samples, pool, k_ctl))
-        control = CONTROL.format(k=k_ctl, s="s" if k_ctl > 1 else "")
-        values[control] = per_target(outs, samples, prim, evaluator, cfg.copy_tau, border, wm)
-        row_outs[control] = outs
-        bar.update(1)
-        results[name] = {row: summarise(v) for row, v in values.items()}
+        try:
+            res = evaluate_set(restorer, args.eval_sets, name, cfg, prim, evaluator, border, wm, bar)
+        except ValueError as exc:
+            raise SystemExit(f"error: {exc}") from exc
+        results[name] = {row: row_means(v) for row, v in res.values.items()}
         if wm.inception is not None:
-            ref_stats = wm.reference_stats(np.stack([s["gt"] for s in samples]))
-            for row, o in row_outs.items():
+            ref_stats = wm.reference_stats(np.stack([s["gt"] for s in res.samples]))
+            for row, o in res.outputs.items():
                 results[name][row]["fid"] = round(wm.fid(o, ref_stats), 4)
-        blind = values.get("no reference")
-        paired[name] = {}
-        for row, v in values.items():
-            if blind is None or row in ("no reference",):
-                continue
-            paired[name][row] = {}
-            for m in paired_cols:
-                r = paired_bootstrap(v[m], blind[m], seed=cfg.seed)
-                paired[name][row][m] = {**r.as_dict(), "verdict": r.verdict}
-        true_label = mode_label(k_ctl)
-        if true_label in values:
-            d = paired_bootstrap(values[true_label]["gt_id"], values[control]["gt_id"], seed=cfg.seed)
-            paired[name]["true vs another person"] = {
-                "rows": [true_label, control],
-                **d.as_dict(),
-                "verdict": d.verdict,
-            }
+        paired[name] = paired_rows(res, paired_cols, cfg.seed)
         targets[name] = {
-            "keys": [s["key"] for s in samples],
+            "keys": [s["key"] for s in res.samples],
             "rows": {
-                row: {m: [round(float(x), 5) for x in v[m]] for m in PAIRED} for row, v in values.items()
+                row: {m: [round(float(x), 5) for x in v[m]] for m in PAIRED} for row, v in res.values.items()
             },
         }
         for row, m in results[name].items():
             plot_rows.append({"set": name, "row": row, **{c: m[c] for c in COLUMNS}})
-        # Grid: degraded | refs | output per mode | target | what references changed, for the targets
-        # where references matter most; each row labelled with its GT-ID per mode.
-        gain = values.get("1 reference", values[control])["gt_id"] - (
-            blind["gt_id"] if blind is not None else 0
-        )
-        order = np.argsort(-gain, kind="stable")[: cfg.grid_samples]
-        with_refs = [k for k in cfg.modes if k > 0]
-        changed = sorted({min(with_refs), max(with_refs)}) if with_refs and 0 in cfg.modes else []
-        labels = [mode_label(k) for k in cfg.modes]
-        grid, row_labels = [], []
-        for i in order:
-            s = samples[i]
-            outs_s = [outputs.get(k, {}).get(s["key"]) for k in cfg.modes]
-            diffs = [change_map(outputs[k][s["key"]], outputs[0][s["key"]], gain=8.0) for k in changed]
-            grid.append(
-                [s["lq"], *(s["refs"][:3] + [None] * (3 - len(s["refs"][:3]))), *outs_s, s["gt"], *diffs]
-            )
-            row_labels.append(
-                "ID " + "/".join(f"{values[lab]['gt_id'][i]:.2f}" for lab in labels if lab in values)
-            )
-        save_grid(
-            out / f"grid_{name}.png",
-            grid,
-            title=(
-                f"{name}: degraded | references | output with {'/'.join(map(str, cfg.modes))} references | target"
-                + (" | |output with k refs - blind| x8" if changed else "")
-                + f"; left: GT-ID per mode ({'/'.join(map(str, cfg.modes))} refs)"
-            ),
-            row_labels=row_labels,
-            col_labels=[
-                "degraded",
-                "ref1",
-                "ref2",
-                "ref3",
-                *[f"out {k} ref" for k in cfg.modes],
-                "target",
-                *[f"{k} ref - blind" for k in changed],
-            ],
-            cell=96,
-        )
+        save_set_grid(out / f"grid_{name}.png", name, res, tuple(cfg.modes), cfg.grid_samples)
     bar.close()
     metrics = {
         "sets": results,
@@ -413,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
             "steps": cfg.steps,
             "guidance": cfg.guidance,
             "samples": cfg.samples,
-            "targets_with_refs": kmax,
+            "targets_with_refs": max(cfg.modes),
         },
     }
     write_json(args.metrics, metrics)

@@ -75,6 +75,13 @@ def test_server_targets_run_with_the_venv_on_path():
     ]
     r = _make("-n", "serve", "MODEL=models:/other/3", "PORT=5999")
     assert '-m "models:/other/3"' in r.stdout and r.stdout.rstrip().endswith("-p 5999")
+    # every `make ...` line of the README names a target of this Makefile
+    lines = [ln.split("#")[0].split() for ln in (ROOT / "README.md").read_text().splitlines()]
+    makes = [ln[1:] for ln in lines if ln[:1] == ["make"]]
+    assert ["serve"] in makes and ["label-studio"] in makes
+    for args in makes:
+        r = _make("-n", *args)
+        assert r.returncode == 0, (args, r.stderr)
     # a recipe of this Makefile, run from a shell without the venv, finds the venv's uvicorn and python
     assert str(VENV_BIN) not in _bare_env()["PATH"].split(os.pathsep)
     probe = "probe: ; @command -v uvicorn; command -v python; command -v mlflow; command -v dvc"
@@ -290,8 +297,9 @@ def test_served_model_refuses_bad_requests_and_keeps_serving(served):
     # the other request formats reach the same checks
     records = {"dataframe_records": [{"lq": lq64, "ref1": ref64}, {"lq": lq64}]}
     assert served.post("/invocations", json=records).status_code == 200
-    inputs = {"inputs": {"lq": [lq64], "ref1": [ref64]}}
-    assert served.post("/invocations", json=inputs).status_code == 200
+    for inputs in ({"inputs": {"lq": [lq64], "ref1": [ref64]}}, {"inputs": [{"lq": lq64, "ref1": ref64}]}):
+        resp = served.post("/invocations", json=inputs)
+        assert resp.status_code == 200, resp.text[-1000:]
     _assert_refused(
         served.post("/invocations", json={"inputs": {"lq": [lq64], "ref4": [ref64]}}), ["ref4", "at most 3"]
     )
