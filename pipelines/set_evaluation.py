@@ -10,6 +10,7 @@ difference to the blind mode carries a 95 % paired bootstrap interval (pipelines
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from dataclasses import dataclass
@@ -292,6 +293,24 @@ def evaluate_set(
         progress.update(1)
     # the rows' order as the report has always had it: degraded, front, modes, control
     return SetResult(samples, values, outputs, control, k_ctl)
+
+
+def targets_record(res: SetResult) -> dict:
+    """A set's entry of `per_target.json`: the target keys, a digest of what was evaluated (each target's
+    degraded input, references and ground truth: a set re-made with another seed has the same keys and
+    other pixels), and the per-target values of the paired metrics per row."""
+    h = hashlib.sha256()
+    for s in res.samples:
+        h.update(s["key"].encode())
+        for img in (s["lq"], s["gt"], *s["refs"]):
+            h.update(np.ascontiguousarray(img).tobytes())
+    return {
+        "keys": [s["key"] for s in res.samples],
+        "content": h.hexdigest(),
+        "rows": {
+            row: {m: [round(float(x), 5) for x in v[m]] for m in PAIRED} for row, v in res.values.items()
+        },
+    }
 
 
 def paired_rows(res: SetResult, cols: tuple[str, ...], seed: int) -> dict:

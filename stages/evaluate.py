@@ -40,6 +40,7 @@ from pipelines.set_evaluation import (
     real_photo_figure,
     row_means,
     save_set_grid,
+    targets_record,
 )
 from pipelines.shards import validate_shards
 from stages._common import load_params, parser, progress_enabled, setup_logging
@@ -102,12 +103,7 @@ def main(argv: list[str] | None = None) -> None:
             for row, o in res.outputs.items():
                 results[name][row]["fid"] = round(wm.fid(o, ref_stats), 4)
         paired[name] = paired_rows(res, paired_cols, cfg.seed)
-        targets[name] = {
-            "keys": [s["key"] for s in res.samples],
-            "rows": {
-                row: {m: [round(float(x), 5) for x in v[m]] for m in PAIRED} for row, v in res.values.items()
-            },
-        }
+        targets[name] = targets_record(res)
         for row, m in results[name].items():
             plot_rows.append({"set": name, "row": row, **{c: m[c] for c in COLUMNS}})
         save_set_grid(out / f"grid_{name}.png", name, res, tuple(cfg.modes), cfg.grid_samples)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipelines.champion import champion_on_targets, same_targets
 from pipelines.io import read_json, write_bytes, write_json
 from pipelines.registry import Gate, blocking, bundle_sha, decide, find_version, flatten, log_model_version
 from pipelines.tracking import mark_run, registry_uri, tracking_uri
@@ -42,13 +43,59 @@ def champion_targets(client, mv) -> dict | None:
         return None
 
 
+def champion_evidence(client, name: str, champ, targets, gate: Gate, cfgs: dict, args) -> tuple:
+    """(champion's flat metrics, its per-target values, a note or None) to decide against: its own
+    evaluation, or, when the challenger was evaluated on other targets, its bundle re-evaluated on the
+    challenger's (pipelines.champion; cached per bundle and targets)."""
+    if champ is None:
+        return None, None, None
+    metrics = json.loads(champ.tags.get("evaluation", "{}")) or None
+    own = champion_targets(client, champ)
+    sets = gate_sets(gate)
+    if targets is None or same_targets(targets, own, sets):
+        return metrics, own, None
+    if not args.eval_sets:  # decide then refuses: no paired comparison is possible
+        return (
+            metrics,
+            None,
+            (
+                f"the challenger was evaluated on other targets than champion version {champ.version}, and "
+                "register was given no --eval-sets to re-evaluate the champion on"
+            ),
+        )
+    try:
+        ev, pt, how = champion_on_targets(
+            client, name, champ, targets, sets, args.eval_sets, cfgs["evaluate"], cfgs["embed"], args.encoders,
+            cfgs["register"].experiment,
+        )  # fmt: skip
+    except ValueError as exc:
+        return metrics, own, f"champion version {champ.version} could not be re-evaluated: {exc}"
+    n = len(pt[sets[0]]["keys"]) if sets else 0
+    note = (
+        f"the evaluation sets changed since champion version {champ.version} was evaluated: its own bundle "
+        f"was re-evaluated on the challenger's {n} targets of {', '.join(sets)} ({how}), and the decision "
+        "below is paired on those"
+    )
+    return flatten(ev), pt, note
+
+
+def gate_sets(gate: Gate) -> list[str]:
+    """The evaluation sets the gate's primary metric and guards read."""
+    return sorted({k.split("/")[0] for k in (gate.primary, *gate.guards)})
+
+
 def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__)
     for a in ("--evaluate", "--metrics-in", "--report", "--metrics"):
         p.add_argument(a, required=True)
+    p.add_argument(
+        "--eval-sets", help="the evaluation sets: the champion is re-evaluated on them when needed"
+    )
+    p.add_argument("--encoders", help="the evaluator encoder's folder (with --eval-sets)")
     args = p.parse_args(argv)
     setup_logging()
-    cfg = load_params(args.params, "register")["register"]
+    cfgs = load_params(args.params, "register", "evaluate", "embed")
+    cfg = cfgs["register"]
     import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -96,14 +143,11 @@ def main(argv: list[str] | None = None) -> None:
         if champ is not None and str(champ.version) == version:
             promote, reasons = True, [f"version {version} already holds champion"]
         else:
-            champ_metrics = json.loads(champ.tags.get("evaluation", "{}")) or None if champ else None
-            promote, reasons = decide(
-                flat,
-                champ_metrics if champ is not None else None,
-                gate,
-                targets,
-                champion_targets(client, champ) if champ is not None else None,
+            champ_metrics, champ_targets, note = champion_evidence(
+                client, name, champ, targets, gate, cfgs, args
             )
+            promote, reasons = decide(flat, champ_metrics, gate, targets, champ_targets)
+            reasons = [note, *reasons] if note else reasons
         if promote:
             client.set_registered_model_alias(name, "champion", version)
         decision = "promoted" if promote else "rejected"

@@ -541,3 +541,72 @@ def iqa_sha(path) -> str:
     from pipelines.images import sha256_file
 
     return sha256_file(path)
+
+
+@pytest.mark.slow
+def test_the_gate_reevaluates_the_champion_when_the_evaluation_sets_change(project):
+    """Promote a model; re-make the evaluation sets with another seed (same target keys, other pixels);
+    a worse and then a better challenger: register restores with the champion's own bundle on the
+    challenger's targets (once: the second decision reads the cached re-evaluation) and decides paired
+    on them, with no store touched by hand."""
+    tmp, _, params, env = project
+    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'gate.db'}"}
+    gp = {**params, "register": {"model_name": "refface-gate", "experiment": "refface-gate"}}
+    pp = tmp / "gate_params.yaml"
+    pp.write_text(yaml.safe_dump(gp))
+
+    def register(tag: str, eval_sets: Path | None) -> tuple[dict, str]:
+        extra = ["--eval-sets", str(eval_sets), "--encoders", str(tmp / "encoders")] if eval_sets else []
+        r = _run(
+            env, tmp, "stages.register", "--params", str(pp), "--evaluate", str(tmp / f"ev_{tag}"),
+            "--metrics-in", str(tmp / f"ev_{tag}.json"), "--report", str(tmp / f"promo_{tag}.md"),
+            "--metrics", str(tmp / f"reg_{tag}.json"), *extra,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads((tmp / f"reg_{tag}.json").read_text()), (tmp / f"promo_{tag}.md").read_text()
+
+    def shift_primary(tag: str, delta: float) -> None:
+        f = tmp / f"ev_{tag}" / "per_target.json"
+        t = json.loads(f.read_text())
+        t["severe"]["rows"]["1 reference"]["gt_id"] = [
+            v + delta for v in t["severe"]["rows"]["1 reference"]["gt_id"]
+        ]
+        f.write_text(json.dumps(t))
+
+    _evaluate(tmp, pp, env, tmp / "model", "g_champ")
+    assert register("g_champ", None)[0]["decision"] == "promoted"
+    # the evaluation sets again, degraded with another seed: the same target keys, other pixels
+    sets2 = tmp / "eval_sets_seed43"
+    pp2 = tmp / "gate_params_43.yaml"
+    pp2.write_text(yaml.safe_dump({**gp, "eval_sets": {"seed": 43}}))
+    r = _run(
+        env, ROOT, "stages.eval_sets", "--params", str(pp2), "--shards", str(tmp / "shards"), "--out",
+        str(sets2), "--metrics", str(tmp / "es43.json"), timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    a = json.loads((tmp / "ev_g_champ" / "per_target.json").read_text())["severe"]
+    for tag, seed, delta in (("g_worse", 11, -0.5), ("g_better", 12, +0.5)):
+        _tiny_model(tmp / f"model_{tag}", seed, params)
+        _evaluate_on(tmp, pp, env, tmp / f"model_{tag}", tag, sets2)
+        b = json.loads((tmp / f"ev_{tag}" / "per_target.json").read_text())["severe"]
+        assert b["keys"] == a["keys"] and b["content"] != a["content"]  # same keys, other pixels
+        shift_primary(tag, delta)
+    # without the sets to re-evaluate on, no paired comparison is possible: refused, not compared
+    refused, why = register("g_worse", None)
+    assert refused["decision"] == "rejected" and "no --eval-sets" in why and "impossible" in why
+    worse, why = register("g_worse", sets2)
+    assert worse["decision"] == "rejected"
+    assert "re-evaluated on the challenger's" in why and "(computed)" in why
+    assert "no demonstrated gain" in why and "paired targets" in why
+    better, why = register("g_better", sets2)
+    assert better["decision"] == "promoted" and "(cached)" in why and "lies above min_gain" in why
+
+
+def _evaluate_on(tmp, pp, env, model: Path, tag: str, eval_sets: Path) -> dict:
+    r = _run(
+        env, ROOT, "stages.evaluate", "--params", str(pp), "--eval-sets", str(eval_sets), "--model", str(model),
+        "--encoders", str(tmp / "encoders"), "--out", str(tmp / f"ev_{tag}"), "--metrics",
+        str(tmp / f"ev_{tag}.json"), "--report", str(tmp / f"ev_{tag}.md"), "--plot", str(tmp / f"ev_{tag}.csv"),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads((tmp / f"ev_{tag}.json").read_text())
