@@ -85,53 +85,33 @@ def report_markdown(model: dict, baseline: dict, version: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = parser(__doc__)
-    for a in ("--shards", "--annotate", "--out", "--metrics", "--plot"):
-        p.add_argument(a, required=True)
-    args = p.parse_args(argv)
-    setup_logging()
-    cfgs = load_params(args.params, "refsel", "annotate")
-    cfg, acfg = cfgs["refsel"], cfgs["annotate"]
-    torch.set_num_threads(cfg.threads)
-    validate_shards(args.shards)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ann = Path(args.annotate)
-
-    # ---- training set: the winning annotations ----------------------------------------------------
+def decided_annotations(ann: Path, shards: str) -> tuple[dict, dict, dict]:
+    """(decisions by pair key, pairs per split, pairs by key): the annotations that won, each checked to
+    name a pair of `shards` drawn on the pixels the shards show now."""
     decisions = {d["pair_key"]: d for d in read_jsonl(ann / "decisions.jsonl")}
     if not decisions:
         raise SystemExit(
             f"error: {ann}/decisions.jsonl has no decided annotations to train on; run annotate first"
         )
-    pairs = {s: list(iter_pairs(args.shards, s)) for s in SPLITS}
+    pairs = {s: list(iter_pairs(shards, s)) for s in SPLITS}
     by_key = {q.key: q for s in SPLITS for q in pairs[s]}
     gone = [k for k in decisions if k not in by_key]
     if gone:
         raise SystemExit(
-            f"error: annotated pair {gone[0]} is not in {args.shards}; re-run annotate on these shards"
+            f"error: annotated pair {gone[0]} is not in {shards}; re-run annotate on these shards"
         )
     stale = [k for k in sorted(decisions) if decisions[k].get("content") != pair_content(by_key[k])]
     if stale:
         raise SystemExit(
             f"error: the decided annotation of {stale[0]} (and {len(stale) - 1} more) was drawn on other images "
-            f"than {args.shards} shows for that pair (content {decisions[stale[0]].get('content') or 'not recorded'}, "
+            f"than {shards} shows for that pair (content {decisions[stale[0]].get('content') or 'not recorded'}, "
             f"now {pair_content(by_key[stale[0]])}); re-run annotate on these shards"
         )
-    keys = sorted(decisions)
-    annotated = {k: load_mask(ann / "masks" / f"{k}.png") for k in keys}
-    lq = to_tensor([degraded_target(by_key[k], cfg.preset, cfg.seed) for k in keys])
-    ref = to_tensor([by_key[k].ref for k in keys])
-    masks = torch.from_numpy(np.stack([annotated[k] for k in keys]))
-    model, history = train(lq, ref, masks, cfg, progress=progress_enabled())
-    version = save_model(model, out / "model.safetensors", {"trained_on": len(keys)})
-    with open(args.plot, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["epoch", "loss"])
-        w.writerows([i, round(v, 6)] for i, v in enumerate(history))
+    return decisions, pairs, by_key
 
-    # ---- predict every pair -------------------------------------------------------------------------
+
+def predict_pairs(model, pairs: dict, cfg) -> tuple[dict, dict]:
+    """(predicted mask, confidence) of every pair of every split."""
     pred_masks, conf = {}, {}
     for s in SPLITS:
         if not pairs[s]:
@@ -144,64 +124,56 @@ def main(argv: list[str] | None = None) -> None:
         for q, m, c in zip(pairs[s], predicted_masks(probs), confidence(probs).tolist()):
             pred_masks[q.key], conf[q.key] = m, c
 
-    # ---- report (Table 3 layout) --------------------------------------------------------------------
-    test = [q for q in pairs["test"] if q.truth is not None and q.truth_provenance == "synthetic"]
-    table = per_type_report(test, np.stack([pred_masks[q.key] for q in test])) if test else {}
-    baseline = (
-        per_type_report(test, np.stack([np.where(q.truth == 255, 255, 0).astype(np.uint8) for q in test]))
-        if test
-        else {}
+    return pred_masks, conf
+
+
+def push_review(review: list[dict], by_key: dict, pred_masks: dict, acfg, version: str) -> int:
+    """The review queue as Label Studio tasks with the predictions attached; returns how many were pushed."""
+    if not review:
+        return 0
+    from label_studio_sdk.core.api_error import ApiError
+
+    from annotation.project import (
+        STORAGE_DIR,
+        LabelStudioError,
+        PairTask,
+        connect,
+        ensure_project,
+        push_predictions,
+        push_tasks,
     )
-    write_bytes(out / "report.md", report_markdown(table, baseline, version).encode())
 
-    # ---- review queue ------------------------------------------------------------------------------
-    candidates = sorted(
-        (c, q.key)
-        for q in pairs.get(acfg.split, [])
-        if q.key not in decisions and (c := conf[q.key]) < cfg.review_confidence
-    )[: cfg.review_max]
-    review = [{"pair_key": k, "confidence": round(c, 4), "model_version": version} for c, k in candidates]
-    write_jsonl(out / "review.jsonl", review)
-    pushed = 0
-    if acfg.backend == "label_studio" and review:
-        from label_studio_sdk.core.api_error import ApiError
-
-        from annotation.project import (
-            STORAGE_DIR,
-            LabelStudioError,
-            PairTask,
-            connect,
-            ensure_project,
-            push_predictions,
-            push_tasks,
+    try:
+        client = connect()
+        media = Path(acfg.media_root)
+        tasks = []
+        for r in review:
+            q = by_key[r["pair_key"]]
+            content = pair_content(q)
+            gt, rf = (f"{STORAGE_DIR}/{q.key}_{content}_{part}.png" for part in ("gt", "ref"))
+            for rel, img in ((gt, q.gt), (rf, q.ref)):
+                write_bytes(media / rel, png_bytes(img))
+            tasks.append(PairTask(q.key, q.target, q.reference, q.ref_index, gt, rf, content))
+        project = ensure_project(client, acfg.project, media)
+        ids = push_tasks(client, project.id, tasks, media)
+        pushed = push_predictions(
+            client,
+            ids,
+            {r["pair_key"]: pred_masks[r["pair_key"]] for r in review},
+            version,
+            {r["pair_key"]: r["confidence"] for r in review},
         )
+    except LabelStudioError as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    except ApiError as exc:
+        raise SystemExit(f"error: Label Studio answered HTTP {exc.status_code}: {exc.body}") from exc
 
-        try:
-            client = connect()
-            media = Path(acfg.media_root)
-            tasks = []
-            for r in review:
-                q = by_key[r["pair_key"]]
-                content = pair_content(q)
-                gt, rf = (f"{STORAGE_DIR}/{q.key}_{content}_{part}.png" for part in ("gt", "ref"))
-                for rel, img in ((gt, q.gt), (rf, q.ref)):
-                    write_bytes(media / rel, png_bytes(img))
-                tasks.append(PairTask(q.key, q.target, q.reference, q.ref_index, gt, rf, content))
-            project = ensure_project(client, acfg.project, media)
-            ids = push_tasks(client, project.id, tasks, media)
-            pushed = push_predictions(
-                client,
-                ids,
-                {r["pair_key"]: pred_masks[r["pair_key"]] for r in review},
-                version,
-                {r["pair_key"]: r["confidence"] for r in review},
-            )
-        except LabelStudioError as exc:
-            raise SystemExit(f"error: {exc}") from exc
-        except ApiError as exc:
-            raise SystemExit(f"error: Label Studio answered HTTP {exc.status_code}: {exc.body}") from exc
+    return pushed
 
-    # ---- shards with annotated / predicted masks ----------------------------------------------------
+
+def write_mask_shards(shards: str, out: Path, annotated: dict, pred_masks: dict, version: str) -> dict:
+    """The shards again with each reference's mask: annotated where a decision exists, else predicted;
+    returns the count of each."""
     shards_out = out / "shards"
     shards_out.mkdir(exist_ok=True)
     for old in shards_out.glob("*.tar"):
@@ -209,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     provenance_counts = {"annotated": 0, "predicted": 0}
 
     def samples(split: str):
-        for raw in iter_raw(shard_paths(args.shards, split)):
+        for raw in iter_raw(shard_paths(shards, split)):
             meta = json.loads(raw["meta.json"])
             s = {k: v for k, v in raw.items() if not k.startswith("refmask")}
             prov = []
@@ -227,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
             s["meta.json"] = json.dumps(meta, sort_keys=True).encode()
             yield s
 
-    src_index = json.loads((Path(args.shards) / INDEX_NAME).read_text())
+    src_index = json.loads((Path(shards) / INDEX_NAME).read_text())
     index = {
         "format_version": FORMAT_VERSION,
         "config": src_index["config"],
@@ -241,8 +213,11 @@ def main(argv: list[str] | None = None) -> None:
     write_json(shards_out / INDEX_NAME, index)
     validate_shards(shards_out)
 
-    # ---- grid -------------------------------------------------------------------------------------
-    show = test[: cfg.grid_samples] if test else pairs["train"][: cfg.grid_samples]
+    return provenance_counts
+
+
+def save_predictions(out: Path, show: list, pred_masks: dict, cfg, version: str) -> None:
+    """target | degraded | reference | predicted mask | ground truth for the pairs in `show`."""
     rows = [
         [
             q.gt,
@@ -262,6 +237,59 @@ def main(argv: list[str] | None = None) -> None:
             row_labels=[",".join(q.kinds) or "none" for q in show],
             cell=96,
         )
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__)
+    for a in ("--shards", "--annotate", "--out", "--metrics", "--plot"):
+        p.add_argument(a, required=True)
+    args = p.parse_args(argv)
+    setup_logging()
+    cfgs = load_params(args.params, "refsel", "annotate")
+    cfg, acfg = cfgs["refsel"], cfgs["annotate"]
+    torch.set_num_threads(cfg.threads)
+    validate_shards(args.shards)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ann = Path(args.annotate)
+
+    decisions, pairs, by_key = decided_annotations(ann, args.shards)
+    keys = sorted(decisions)
+    annotated = {k: load_mask(ann / "masks" / f"{k}.png") for k in keys}
+    lq = to_tensor([degraded_target(by_key[k], cfg.preset, cfg.seed) for k in keys])
+    ref = to_tensor([by_key[k].ref for k in keys])
+    masks = torch.from_numpy(np.stack([annotated[k] for k in keys]))
+    model, history = train(lq, ref, masks, cfg, progress=progress_enabled())
+    version = save_model(model, out / "model.safetensors", {"trained_on": len(keys)})
+    with open(args.plot, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["epoch", "loss"])
+        w.writerows([i, round(v, 6)] for i, v in enumerate(history))
+
+    pred_masks, conf = predict_pairs(model, pairs, cfg)
+
+    # ---- report (Table 3 layout) --------------------------------------------------------------------
+    test = [q for q in pairs["test"] if q.truth is not None and q.truth_provenance == "synthetic"]
+    table = per_type_report(test, np.stack([pred_masks[q.key] for q in test])) if test else {}
+    baseline = (
+        per_type_report(test, np.stack([np.where(q.truth == 255, 255, 0).astype(np.uint8) for q in test]))
+        if test
+        else {}
+    )
+    write_bytes(out / "report.md", report_markdown(table, baseline, version).encode())
+
+    # ---- review queue ------------------------------------------------------------------------------
+    candidates = sorted(
+        (c, q.key)
+        for q in pairs.get(acfg.split, [])
+        if q.key not in decisions and (c := conf[q.key]) < cfg.review_confidence
+    )[: cfg.review_max]
+    review = [{"pair_key": k, "confidence": round(c, 4), "model_version": version} for c, k in candidates]
+    write_jsonl(out / "review.jsonl", review)
+    pushed = push_review(review, by_key, pred_masks, acfg, version) if acfg.backend == "label_studio" else 0
+    provenance_counts = write_mask_shards(args.shards, out, annotated, pred_masks, version)
+    show = test[: cfg.grid_samples] if test else pairs["train"][: cfg.grid_samples]
+    save_predictions(out, show, pred_masks, cfg, version)
 
     all_conf = np.array(list(conf.values()))
     metrics = {
