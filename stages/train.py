@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from models.lora import save_trainable
 from pipelines.batches import to_uint8
@@ -135,91 +136,18 @@ def main(argv: list[str] | None = None) -> None:
     cfg, dcfg, ecfg = cfgs["train"], cfgs["degrade"], cfgs["embed"]
     validate_shards(args.shards)
     encoders = load_encoders(ecfg, args.encoders)
-    masks = None
-    try:
-        build_network(cfg, encoders.primary.cfg.embedding_dim)  # fails on a bad backbone before any start
-        if cfg.reference_masks != "none":  # RefSTAR: the shards must hold the masks asked for
-            from pipelines.refstar import mask_provenance
+    masks, val = check_before_start(cfg, args.shards, encoders)
 
-            masks = {"option": cfg.reference_masks, **mask_provenance(args.shards, cfg.reference_masks)}
-            print(f"train: reference masks {cfg.reference_masks} from {args.shards}: {masks['provenance']}")
-        if cfg.cycle_loss:
-            from pipelines.refstar import load_perceptual
-
-            print(f"train: cycle loss (RefSTAR eq. 5), perceptual term {load_perceptual(cfg)[1]}")
-        val = validation_batch(args.shards, cfg, cfg.max_refs)
-    except (ValueError, FileNotFoundError) as exc:
-        raise SystemExit(f"error: {exc}") from exc
-
-    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-    from lightning.pytorch.loggers import MLFlowLogger
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
     out = Path(args.out)
     ckpt_dir = out / "ckpt"
     run_file = ckpt_dir / "run.json"
     chash = config_hash(cfg, dcfg, ecfg)
-    resume, run_id = None, None
-    if run_file.is_file():
-        state = json.loads(run_file.read_text())
-        if state.get("config") == chash and not state.get("finished") and (ckpt_dir / "last.ckpt").is_file():
-            resume, run_id = str(ckpt_dir / "last.ckpt"), state["run_id"]
-    if resume is None and ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)  # a finished run or another configuration: start afresh
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-
-    logger = MLFlowLogger(
-        experiment_name=cfg.experiment,
-        run_name="train",
-        tracking_uri=absolute_uri(tracking_uri()),  # the same store from a Ray Train worker's folder
-        run_id=run_id,
-        log_model=False,
-    )
-    run_id = logger.run_id
+    resume, run_id = resume_state(ckpt_dir, chash)
+    logger, client, run_id = start_run(cfg, dcfg, ecfg, encoders, args.shards, masks, run_id, resume)
     write_json(run_file, {"run_id": run_id, "config": chash, "finished": False})
-    client = logger.experiment
-    if resume is None:
-        params = {f"train.{k}": v for k, v in as_dict(cfg).items()} | {
-            f"degrade.{k}": v for k, v in as_dict(dcfg).items()
-        }
-        params |= {"embed.encoder": encoders.name, "embed.crop_border": ecfg.crop_border}
-        for k, v in params.items():
-            client.log_param(run_id, k, str(v)[:500])
-        client.set_tag(run_id, "git_commit", git_commit())
-        client.set_tag(run_id, "shards_hash", shards_hash(args.shards))
-        client.set_tag(run_id, "hardware", json.dumps(hardware()))
-        if masks is not None:  # RefSTAR: where the masks came from
-            client.log_param(run_id, "masks.mask_model", str(masks["mask_model"]))
-            for kind, n in masks["provenance"].items():
-                client.log_param(run_id, f"masks.{kind}", n)
-    else:
-        print(f"train: resuming MLflow run {run_id} from {resume}")
-
     history_file = (ckpt_dir / "history.csv").resolve()  # absolute: Ray Train workers run elsewhere
-
-    class Track(Callback):
-        """Loss history (kept across resumes), sample grids every grid_every steps; rank 0 only."""
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if trainer.global_rank != 0:
-                return
-            step = trainer.global_step
-            if step % cfg.log_every == 0 and pl_module.history:
-                h = pl_module.history[-1]
-                new = not history_file.exists()
-                with open(history_file, "a", newline="") as f:
-                    wr = csv.writer(f)
-                    if new:
-                        wr.writerow(["step", "loss", "fm", "id"])
-                    wr.writerow([h["step"], round(h["loss"], 6), round(h["fm"], 6), round(h["id"], 6)])
-            if (
-                cfg.grid_every
-                and step > 0
-                and step % cfg.grid_every == 0
-                and batch_idx % trainer.accumulate_grad_batches == 0
-            ):
-                _, outs = evaluate(pl_module, val, encoders.evaluator, cfg.val_steps, cfg.val_guidance)
-                _log_grid(client, run_id, sample_grid(val, outs), f"grids/step_{step:06d}.png")
-
     ckpt = ModelCheckpoint(
         dirpath=ckpt_dir,
         filename="step{step:06d}",
@@ -230,18 +158,11 @@ def main(argv: list[str] | None = None) -> None:
         mode="max",
         auto_insert_metric_name=False,
     )
+    track = Track(cfg, val, encoders.evaluator, history_file, client, run_id)
     result = fit(
-        cfg,
-        dcfg,
-        args.shards,
-        encoders,
-        val,
-        callbacks=[Track()],
-        logger=logger,
-        checkpoint=ckpt,
-        resume=resume,
-        progress=progress_enabled(),
-    )
+        cfg, dcfg, args.shards, encoders, val, callbacks=[track], logger=logger, checkpoint=ckpt,
+        resume=resume, progress=progress_enabled(),
+    )  # fmt: skip
     if result.module.global_rank != 0:
         return
 
@@ -270,6 +191,105 @@ def main(argv: list[str] | None = None) -> None:
         f"val PSNR {metrics['lq_psnr']:.2f} (degraded) -> {metrics['restored_psnr']:.2f} dB, identity "
         f"{metrics['lq_id_sim']:.3f} -> {metrics['restored_id_sim']:.3f}; MLflow run {run_id}"
     )
+
+
+def check_before_start(cfg, shards: str, encoders) -> tuple[dict | None, dict]:
+    """(RefSTAR's mask provenance or None, the validation batch); a bad backbone, missing masks or
+    weights exit with the reason before anything starts."""
+    masks = None
+    try:
+        build_network(cfg, encoders.primary.cfg.embedding_dim)  # fails on a bad backbone before any start
+        if cfg.reference_masks != "none":  # RefSTAR: the shards must hold the masks asked for
+            from pipelines.refstar import mask_provenance
+
+            masks = {"option": cfg.reference_masks, **mask_provenance(shards, cfg.reference_masks)}
+            print(f"train: reference masks {cfg.reference_masks} from {shards}: {masks['provenance']}")
+        if cfg.cycle_loss:
+            from pipelines.refstar import load_perceptual
+
+            print(f"train: cycle loss (RefSTAR eq. 5), perceptual term {load_perceptual(cfg)[1]}")
+        val = validation_batch(shards, cfg, cfg.max_refs)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    return masks, val
+
+
+def resume_state(ckpt_dir: Path, chash: str) -> tuple[str | None, str | None]:
+    """(last.ckpt, MLflow run id) of an unfinished run of the same configuration, else (None, None) with
+    the checkpoint folder cleared (a finished run or another configuration starts afresh)."""
+    run_file = ckpt_dir / "run.json"
+    resume, run_id = None, None
+    if run_file.is_file():
+        state = json.loads(run_file.read_text())
+        if state.get("config") == chash and not state.get("finished") and (ckpt_dir / "last.ckpt").is_file():
+            resume, run_id = str(ckpt_dir / "last.ckpt"), state["run_id"]
+    if resume is None and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    return resume, run_id
+
+
+def start_run(cfg, dcfg, ecfg, encoders, shards: str, masks, run_id: str | None, resume: str | None):
+    """(MLflow logger, client, run id): a new run with the params, commit, shards hash and hardware, or the
+    unfinished run being resumed."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    logger = MLFlowLogger(
+        experiment_name=cfg.experiment,
+        run_name="train",
+        tracking_uri=absolute_uri(tracking_uri()),  # the same store from a Ray Train worker's folder
+        run_id=run_id,
+        log_model=False,
+    )
+    run_id = logger.run_id
+    client = logger.experiment
+    if resume is not None:
+        print(f"train: resuming MLflow run {run_id} from {resume}")
+        return logger, client, run_id
+    params = {f"train.{k}": v for k, v in as_dict(cfg).items()} | {
+        f"degrade.{k}": v for k, v in as_dict(dcfg).items()
+    }
+    params |= {"embed.encoder": encoders.name, "embed.crop_border": ecfg.crop_border}
+    for k, v in params.items():
+        client.log_param(run_id, k, str(v)[:500])
+    client.set_tag(run_id, "git_commit", git_commit())
+    client.set_tag(run_id, "shards_hash", shards_hash(shards))
+    client.set_tag(run_id, "hardware", json.dumps(hardware()))
+    if masks is not None:  # RefSTAR: where the masks came from
+        client.log_param(run_id, "masks.mask_model", str(masks["mask_model"]))
+        for kind, n in masks["provenance"].items():
+            client.log_param(run_id, f"masks.{kind}", n)
+    return logger, client, run_id
+
+
+class Track(Callback):
+    """Loss history (kept across resumes), sample grids every grid_every steps; rank 0 only."""
+
+    def __init__(self, cfg, val, evaluator, history_file: Path, client, run_id: str):
+        super().__init__()
+        self.cfg, self.val, self.evaluator = cfg, val, evaluator
+        self.history_file, self.client, self.run_id = history_file, client, run_id
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_rank != 0:
+            return
+        cfg, step = self.cfg, trainer.global_step
+        if step % cfg.log_every == 0 and pl_module.history:
+            h = pl_module.history[-1]
+            new = not self.history_file.exists()
+            with open(self.history_file, "a", newline="") as f:
+                wr = csv.writer(f)
+                if new:
+                    wr.writerow(["step", "loss", "fm", "id"])
+                wr.writerow([h["step"], round(h["loss"], 6), round(h["fm"], 6), round(h["id"], 6)])
+        if (
+            cfg.grid_every
+            and step > 0
+            and step % cfg.grid_every == 0
+            and batch_idx % trainer.accumulate_grad_batches == 0
+        ):
+            _, outs = evaluate(pl_module, self.val, self.evaluator, cfg.val_steps, cfg.val_guidance)
+            _log_grid(self.client, self.run_id, sample_grid(self.val, outs), f"grids/step_{step:06d}.png")
 
 
 def _log_grid(client, run_id: str, grid: np.ndarray, name: str) -> None:
