@@ -1,6 +1,7 @@
 """Do the CPU pins bind, and what do they cost? Each training path of the pipeline, pinned and not.
 
     python benchmarks/bench_cpu_pins.py [--paths id_encoder,train_front,train,refsel] [--runs 2]
+                                        [--set MKL_CBWR=COMPATIBLE]
 
 For each path a short fixed-seed training on tiny data made in-process runs in a fresh subprocess (the
 pins act only when set before numpy, torch and cv2 load), `--runs` times with the pins
@@ -218,11 +219,13 @@ def child(path: str, result: str) -> None:
 # ---- the driver -------------------------------------------------------------------------------------
 
 
-def run_child(path: str, pinned: bool) -> dict:
+def run_child(path: str, pinned: bool, overrides: dict[str, str]) -> dict:
     from pipelines.cpu_pins import PINS, SWITCH
 
     env = {k: v for k, v in os.environ.items() if k not in PINS}  # a clean start: no inherited pins
     env.update({SWITCH: "1" if pinned else "0", "REFFACE_PROGRESS": "0", "PYTHONHASHSEED": "0"})
+    if pinned:
+        env.update(overrides)  # explicit values win over the pins (setdefault)
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         p = subprocess.run(
             [sys.executable, __file__, "--child", path, "--result", f.name],
@@ -240,6 +243,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--paths", default=",".join(PATHS))
     ap.add_argument("--runs", type=int, default=2, help="runs per setting (default 2)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="VAR=VALUE",
+        help="a pin's value for the pinned runs (e.g. MKL_CBWR=COMPATIBLE, MKL's cross-vendor branch)",
+    )
     ap.add_argument("--child", choices=PATHS, help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -250,13 +260,14 @@ def main() -> None:
     unknown = set(paths) - set(PATHS)
     if unknown:
         raise SystemExit(f"unknown path(s) {sorted(unknown)}; valid: {', '.join(PATHS)}")
+    overrides = dict(kv.split("=", 1) for kv in args.set)
     t_all = time.perf_counter()
     rows, notes = [], []
     for path in paths:
         runs = {True: [], False: []}
         for _ in range(args.runs):
             for pinned in (True, False):  # interleaved: a load change hits both settings alike
-                runs[pinned].append(run_child(path, pinned))
+                runs[pinned].append(run_child(path, pinned, overrides))
         pin, unp = runs[True], runs[False]
         same = lambda rs: len({r["digest"] for r in rs}) == 1  # noqa: E731
         sp = min(r["seconds"] for r in pin)  # best of the runs: robust to other load on the machine
@@ -288,6 +299,7 @@ def main() -> None:
     print(
         f"CPU pins: {args.runs} runs per setting, {THREADS} torch threads, {os.cpu_count()} CPUs; seconds of "
         "training (best of the runs), ratio = pinned / unpinned"
+        + (f"; pinned runs with {overrides}" if overrides else "")
     )
     print(head)
     print("-" * len(head))

@@ -62,6 +62,7 @@ def params_read(entry_files: set[str]) -> set[str]:
         for node in ast.walk(ast.parse((ROOT / rel).read_text())):
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "load_params":
                 out.update(a.value for a in node.args[1:] if isinstance(a, ast.Constant))
+                out.add("overlay")  # load_params merges the file params.yaml's `overlay` names
     return out
 
 
@@ -93,6 +94,13 @@ def test_every_stage_lists_exactly_the_params_sections_it_reads():
                 f"(add {sorted(read - listed) or 'nothing'}, remove {sorted(listed - read) or 'nothing'})"
             )
     assert not problems, "dvc.yaml params disagree with the sections the stages read:\n" + "\n".join(problems)
+
+
+def test_every_stage_depends_on_the_overlays():
+    """params.yaml's `overlay` names a file under configs/: every stage that reads params lists the key and
+    the folder, so switching to or editing an overlay reruns what it changes."""
+    for name, stage in _stages().items():
+        assert "configs" in stage.get("deps", []), f"stage {name}: add configs to deps"
 
 
 def test_the_closure_follows_lazy_imports(tmp_path):
