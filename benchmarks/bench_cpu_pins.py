@@ -133,8 +133,8 @@ def run_train(tmp: Path):
     import torch
     import yaml
 
-    from models.iconface import FrontEnd, save_front
     from models.id_encoder import IRBackbone, IRConfig
+    from models.pathways import FrontEnd, save_front
     from pipelines.config import DegradeConfig, TrainConfig, build
     from pipelines.embedding import Encoders
     from pipelines.fit import fit

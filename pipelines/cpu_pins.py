@@ -263,7 +263,8 @@ def pins_in_effect(probe: bool = True) -> dict:
     t, n, c = report["torch"], report["numpy"], report["opencv"]
     if env["ATEN_CPU_CAPABILITY"] and t["cpu_capability"] != env["ATEN_CPU_CAPABILITY"].upper():
         problems.append(f"ATen runs {t['cpu_capability']}, not {env['ATEN_CPU_CAPABILITY'].upper()}")
-    if env["MKL_CBWR"] and probe and t.get("mkl_cnr") != env["MKL_CBWR"].split(",")[0].upper():
+    branch = (env["MKL_CBWR"] or "").upper().removeprefix("BRANCH=").split(",")[0].strip()  # "AVX2[,STRICT]"
+    if branch and probe and (t.get("mkl_cnr") or "").split(",")[0] != branch:
         problems.append(
             f"MKL runs CNR branch {t.get('mkl_cnr')}, not {env['MKL_CBWR']} (MKL honours branches other "
             "than AUTO and COMPATIBLE on Intel CPUs only)"

@@ -7,8 +7,9 @@ import torch
 
 from models.codecs import Flux2VAECodec, LatentCodec, PixelCodec
 from models.composite import build_composite
-from models.iconface import IConFace, IConFaceConfig, build_backbone, load_front
+from models.iconface import IConFace, IConFaceConfig, build_backbone
 from models.lora import add_lora
+from models.pathways import load_front
 from models.prompt import load_prompt_cache, synthetic_prompt
 from pipelines.config import TrainConfig
 

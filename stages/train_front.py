@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.iconface import FrontEnd, save_front
+from models.pathways import FrontEnd, save_front
 from pipelines.batches import to_uint8, to_unit
 from pipelines.degradations import get_preset
 from pipelines.evaluation import psnr_u8

@@ -138,14 +138,20 @@ def test_the_pretended_device_context_catches_a_cpu_generator():
 
 
 @pytest.mark.slow
-def test_compiled_blocks_with_checkpointing_inside_match_the_eager_gradients():
-    """IConFace.compile_blocks with gradient checkpointing: the checkpoint inside each compiled block
-    (inductor on the CPU) gives the eager checkpointed step's output and gradients."""
-    cfg = _cfg(gradient_checkpointing=True, prediction="x0_residual")
+@pytest.mark.parametrize("checkpointing, budget", [(True, 1.0), (False, 0.5)], ids=["inside", "budget"])
+def test_compiled_blocks_match_the_eager_gradients(checkpointing, budget):
+    """IConFace.compile_blocks (inductor on the CPU) gives the eager step's output and gradients: with
+    gradient checkpointing inside each compiled block (the recipe), and with the activation memory budget
+    (selective recomputation chosen by the partitioner) instead of checkpointing."""
+    import torch._dynamo
+    import torch._functorch.config as functorch_config
+
+    cfg = _cfg(gradient_checkpointing=checkpointing, prediction="x0_residual")
     torch.manual_seed(0)
     eager = _module(cfg)
     compiled = _module(cfg)
     compiled.load_state_dict(eager.state_dict())
+    torch._dynamo.reset()
     batch = _batch()
 
     def step(m):
@@ -157,9 +163,13 @@ def test_compiled_blocks_with_checkpointing_inside_match_the_eager_gradients():
         return out.detach(), grads
 
     out_e, grads_e = step(eager)
-    compiled.net.compile_blocks()
-    assert compiled.net.checkpoint_inside and not compiled.net._outer_checkpoint()
-    out_c, grads_c = step(compiled)
+    try:
+        compiled.net.compile_blocks(budget)
+        assert compiled.net.checkpoint_inside == checkpointing and not compiled.net._outer_checkpoint()
+        out_c, grads_c = step(compiled)
+    finally:
+        functorch_config.activation_memory_budget = 1.0
+        torch._dynamo.reset()
     torch.testing.assert_close(out_c, out_e, rtol=1e-4, atol=1e-5)
     assert grads_e.keys() == grads_c.keys() and len(grads_e) > 20
     for n in grads_e:

@@ -10,17 +10,13 @@ from models.codecs import Flux2VAECodec, PixelCodec, patchify, unpatchify
 from models.iconface import (
     VARIANTS,
     Conditioning,
-    FrontEnd,
     IConFace,
     IConFaceConfig,
-    aggregate_identity,
     build_backbone,
     count_parameters,
-    identity_anchor,
-    load_front,
-    save_front,
     stock_forward,
 )
+from models.pathways import FrontEnd, aggregate_identity, identity_anchor, load_front, save_front
 from models.lora import add_lora, load_trainable, lora_parameters, save_trainable
 from models.sampler import flux2_sigmas, sample
 

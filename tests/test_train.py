@@ -93,7 +93,7 @@ def _project(tmp: Path) -> tuple[Path, dict]:
         }
     (shards / INDEX_NAME).write_text(json.dumps(idx))
     enc = write_encoders(tmp / "encoders")
-    from models.iconface import FrontEnd, save_front
+    from models.pathways import FrontEnd, save_front
 
     torch.manual_seed(0)
     save_front(FrontEnd(8), tmp / "front.safetensors")  # as the train_front stage writes it
@@ -306,7 +306,7 @@ def test_lr_schedule_warms_up_then_decays():
 def test_front_end_passes_through_at_init_and_loads_by_width(tmp_path):
     """The front end starts as the identity (zero last layer); its file round-trips; a missing file or
     another width is an error naming the file."""
-    from models.iconface import FrontEnd, load_front, save_front
+    from models.pathways import FrontEnd, load_front, save_front
 
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     assert torch.equal(FrontEnd(8)(x), x)
@@ -330,8 +330,8 @@ def test_the_model_conditions_on_the_frozen_front_end(tmp_path):
     """build_network loads train.front into a frozen front end; the module's conditioning (degraded
     tokens, blind identity fallback) uses its output; the saved trainable weights carry it, so a bundle
     rebuilds it without train.front."""
-    from models.iconface import FrontEnd, save_front
     from models.lora import load_trainable, save_trainable
+    from models.pathways import FrontEnd, save_front
     from pipelines.module import IConFaceModule
 
     f = FrontEnd(8)

@@ -1,0 +1,292 @@
+"""`train`: the typed section of IConFace training (pipelines.config holds the other sections)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pipelines.config_base import BACKBONE_NAMES, VARIANT_NAMES, ConfigError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """`train`: IConFace training (tiny on CPU by default; klein_base_4b with weights on GPUs)."""
+
+    backbone: str = "small"  # tiny (smoke tests) | small (CPU training) | klein_base_4b
+    weights: str | None = None  # local diffusers transformer folder (klein); None = random init (tiny)
+    vae: str | None = None  # local AutoencoderKLFlux2 folder; None = pixel codec (embedded default)
+    prompt_cache: str | None = None  # safetensors {prompt, empty} from models.prompt; None = synthetic (tiny)
+    pixel_patch: int = 8  # 64 px -> 8x8 tokens per image (the CPU budget); the FLUX.2 VAE gives 1/16
+    variant: str = "full"
+    lora_rank: int = 16
+    train_backbone: bool = True  # random backbones have no prior to keep frozen (false for klein)
+    memory_tokens: int = 64  # 256 in the recipe (64 px images have 256 tokens)
+    temperature: float = 1.0  # T of the reference aggregation (eq. 4)
+    lambda_id: float = 0.30  # supplement eq. 1
+    lambda_h: float = 0.25
+    max_refs: int = 3
+    ref_schedule: tuple[float, ...] = (0.3, 0.3, 0.2, 0.2)
+    # uniform = the supplement. shifted (ours): σ = s·u/(1 + (s − 1)·u), FLUX.2's time shift on training's
+    # draws with s = sigma_shift; s < 1 trains more at low σ (models.losses.sample_sigma)
+    sigma_scheme: Literal["uniform", "logit_normal", "shifted"] = "shifted"
+    sigma_shift: float = 0.5
+    # 1.0 = the recipe (generation from pure noise). Below 1: training draws σ ∈ (0, sigma_max) and
+    # sampling starts from the degraded latent noised to sigma_max (a budget setting for CPU models).
+    sigma_max: float = 1.0
+    # ours: the degradation-removal front end (models.iconface.FrontEnd, DiffBIR's stage 1) of this
+    # width, its weights from the train_front stage (frozen here); the transformer conditions on its
+    # output. front_end 0 = off (the paper).
+    front_end: int = 48
+    front: str | None = "data/front/front.safetensors"
+    # ours: the head also reads an aligned fusion of the references' final tokens (models.iconface,
+    # "Reference readout"). auto: on where the degraded readout is (a random backbone with x0_residual);
+    # off = the paper's head (klein)
+    reference_readout: Literal["auto", "on", "off"] = "auto"
+    # velocity = the recipe (û from the network). x0_residual: the network predicts the clean latent as
+    # a residual over the degraded one, ẑ0 = z_deg + f(·), û = (z_σ − ẑ0)/σ, and L_fm is taken in ẑ0
+    # space (= σ²·‖û − u*‖²): a from-scratch CPU model starts at the degraded image instead of at noise.
+    prediction: Literal["velocity", "x0_residual"] = "x0_residual"  # velocity = the recipe (klein)
+    lr: float = 5e-4  # the CPU model's; the recipe's 1e-5 is for klein
+    # constant = the recipe (a fixed learning rate); cosine: linear warm-up over warmup_steps, then a
+    # cosine decay to 0 at max_steps (ours, for the short CPU budget)
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    batch_size: int = 8  # global; split evenly across ranks (recipe: 1)
+    accumulate: int = 1  # recipe: 4
+    max_steps: int = 1000
+    precision: Literal[
+        "32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "16-true", "bf16-true", "64-true", "64"
+    ] = "32-true"  # bf16-mixed on GPUs
+    accelerator: Literal["cpu", "gpu", "cuda", "mps", "tpu", "auto"] = "cpu"
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp", "deepspeed"] = (
+        "auto"
+    )
+    # local: Lightning in this process (devices x num_nodes ranks, `strategy`). ray: Ray Train workers on the
+    # Ray cluster (RAY_ADDRESS, else local Ray), one DDP rank each (pipelines/ray_fit.py).
+    launcher: Literal["local", "ray"] = "local"
+    ray_workers: int = 2  # ray: training processes (DDP ranks); one GPU each when accelerator is gpu
+    ray_cpus_per_worker: int = 1  # ray: CPUs reserved per worker (and its torch threads)
+    # ray: inline = each worker degrades its own share of the stream (safe on small clusters); tasks = it
+    # submits Ray tasks (needs free CPUs beyond the workers', or they starve)
+    ray_degrade: Literal["inline", "tasks"] = "inline"
+    ray_max_failures: int = 2  # ray: restarts of the worker group from the last checkpoint after a failure
+    # ray: where Ray Train keeps checkpoints, a path every node sees or a URI (s3://...); null: the
+    # train stage's <out>/ckpt/ray, a temporary folder elsewhere (one machine only)
+    ray_storage: str | None = None
+    gradient_checkpointing: bool = False
+    # Storage dtype of the frozen weights (transformer but LoRA, VAE, identity encoder). auto: bf16
+    # under bf16-mixed (LoRA and pathways stay float32 with float32 AdamW state), float32 otherwise.
+    frozen_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # torch.compile every transformer block (GPUs; paid once per process and shape); with
+    # gradient_checkpointing the checkpoint sits inside each compiled block (IConFace.compile_blocks)
+    compile: bool = False
+    # compile without checkpointing: the fraction of activation memory the compiled blocks keep (< 1:
+    # selective recomputation of the cheapest ops, torch's activation memory budget); 1 = keep all
+    compile_memory_budget: float = 1.0
+    seed: int = 0
+    threads: int = 2
+    log_every: int = 10
+    checkpoint_every: int = 50
+    grid_every: int = 200
+    val_samples: int = 32
+    val_steps: int = 12
+    val_guidance: float = 1.0  # the embedded default's prompt is synthetic: guidance has nothing to amplify
+    val_preset: str = "refldm_severe"
+    experiment: str = "refface"
+    # Seed 002 (Composite Context, arXiv:2505.21905) as a conditioning of the same model: `composite` gives the
+    # references to the transformer as Composite Context tokens (models.composite) instead of IConFace's
+    # in-context latents and identity modulation.
+    conditioning: Literal["iconface", "composite"] = "iconface"
+    # composite: φ_G, the general face encoder: `small` (ours: a 64 px CLIP tower trained jointly) or
+    # `farl_vit_b16` (the paper: FaRL ViT-B/16, frozen, from general_encoder_weights, a local checkpoint)
+    general_encoder: Literal["small", "farl_vit_b16"] = "small"
+    general_encoder_weights: str | None = None
+    # composite: CFG training drops (Sec. 4 of 002, 0.1 each, independently): the context's identity
+    # token and its general tokens (key-masked) with context_dropout, the degraded input (zeroed) with
+    # image_dropout
+    context_dropout: float = 0.1
+    image_dropout: float = 0.1
+    # adaptive = IConFace's λ* (supplement eq. 1); hard_example = seed 002's eq. 3 with a fixed λ
+    id_loss: Literal["adaptive", "hard_example"] = "adaptive"
+    hei_lambda: float = 0.6  # λ of 002's eq. 3 (the reference's weight)
+    # ---- RefSTAR's transfer with masks (RefSTAR, arXiv:2507.10470; models/refstar.py, pipelines/refstar.py) ----
+    # The shards the train stage reads (dvc.yaml: `--shards ${train.shards}` and a dep on that folder):
+    # data/shards, or data/refsel/shards for reference_masks: refsel.
+    shards: str = "data/shards"
+    # none = IConFace (masks unused); refsel = the refsel stage's masks (annotated / predicted), which
+    # needs shards: data/refsel/shards; truth = the synthetic ground-truth masks of data/shards (ours: the
+    # oracle). A reference token is kept when >= mask_token_keep of its pixels are consistent.
+    reference_masks: Literal["none", "refsel", "truth"] = "none"
+    mask_token_keep: float = 0.5
+    # in_context = one joint attention (RefSTAR eq. 3; the IConFace paper); decoupled = eq. 4 in every
+    # block with scale decoupled_scale (eq. 4: 1) and rank-decoupled_rank reference K/V adapters
+    reference_route: Literal["in_context", "decoupled"] = "in_context"
+    decoupled_scale: float = 1.0
+    decoupled_rank: int = 16
+    # Mask-Compatible Cycle-Consistency loss (eq. 5) in the total of eq. 7: λ_GT·L_GT + λ_cycle·L_cycle
+    cycle_loss: bool = False
+    lambda_gt: float = 1.0
+    lambda_cycle: float = 1.5
+    cycle_lambda_l1: float = 1.0
+    cycle_lambda_id: float = 1.2
+    # λ_perc: only with cycle_lpips (torchvision AlexNet weights); else the term is off
+    cycle_lambda_perc: float = 0.8
+    cycle_lpips: str | None = None  # alexnet-owt-7be5be79.pth
+    cycle_lpips_heads: str | None = None  # LPIPS v0.1 alex.pth; default: the installed lpips package's
+    # max (ours): the cycle restores from the sampler's start σ = sigma_max (no clean signal in its input,
+    # like the paper's one-step restorer); train: at the step's drawn σ (its noisy input holds (1-σ)·I_Ref)
+    cycle_sigma: Literal["max", "train"] = "max"
+
+    def validate(self, where: str) -> None:
+        self._validate_compile(where)
+        if not 0 < self.mask_token_keep <= 1:
+            raise ConfigError(f"{where}.mask_token_keep must lie in (0, 1] (got {self.mask_token_keep})")
+        if not self.sigma_shift > 0:
+            raise ConfigError(f"{where}.sigma_shift must be > 0 (got {self.sigma_shift})")
+        if self.decoupled_rank < 0:
+            raise ConfigError(f"{where}.decoupled_rank must be 0 or more (got {self.decoupled_rank})")
+        if self.cycle_loss and self.max_refs < 1:
+            raise ConfigError(f"{where}.cycle_loss needs references (max_refs >= 1)")
+        if self.conditioning == "composite" and (
+            self.reference_masks != "none" or self.reference_route != "in_context" or self.cycle_loss
+        ):
+            raise ConfigError(
+                f"{where}: RefSTAR's transfer (reference_masks, reference_route: decoupled, cycle_loss) acts on "
+                "the in-context reference tokens, which conditioning: composite replaces; use conditioning: iconface"
+            )
+        if self.cycle_lpips_heads and not self.cycle_lpips:
+            raise ConfigError(f"{where}.cycle_lpips_heads is set but cycle_lpips (the backbone) is not")
+        for name in ("cycle_lpips", "cycle_lpips_heads"):
+            path = getattr(self, name)
+            if path is not None:
+                from pathlib import Path
+
+                if not Path(path).exists():
+                    raise ConfigError(f"{where}.{name}: {path} does not exist; give a local path or null")
+        if self.backbone not in BACKBONE_NAMES:
+            raise ConfigError(
+                f"{where}.backbone: unknown backbone {self.backbone!r}; valid: {', '.join(BACKBONE_NAMES)}"
+            )
+        if self.variant not in VARIANT_NAMES:
+            raise ConfigError(
+                f"{where}.variant: unknown variant {self.variant!r}; valid: {', '.join(VARIANT_NAMES)}"
+            )
+        if not 0 < self.sigma_max <= 1:
+            raise ConfigError(
+                f"{where}.sigma_max must lie in (0, 1] (got {self.sigma_max}); 1.0 is the recipe"
+            )
+        if self.lora_rank < 1:
+            raise ConfigError(
+                f"{where}.lora_rank must be at least 1 (got {self.lora_rank}); the recipe uses 16"
+            )
+        if not 0 <= self.max_refs <= 3:
+            raise ConfigError(
+                f"{where}.max_refs: the model accepts 0-3 references, got {self.max_refs}; set it to 3 or less"
+            )
+        if len(self.ref_schedule) != self.max_refs + 1 or abs(sum(self.ref_schedule) - 1) > 1e-6:
+            raise ConfigError(
+                f"{where}.ref_schedule needs max_refs + 1 = {self.max_refs + 1} probabilities summing to 1"
+            )
+        if self.launcher == "ray":
+            if self.devices != 1 or self.num_nodes != 1:
+                raise ConfigError(
+                    f"{where}: launcher ray takes its ranks from ray_workers (one device each); set devices "
+                    f"and num_nodes to 1 (got {self.devices} and {self.num_nodes})"
+                )
+            if self.accelerator not in ("cpu", "gpu", "cuda", "auto"):
+                raise ConfigError(
+                    f"{where}.accelerator {self.accelerator!r}: launcher ray runs CPU or GPU workers "
+                    "(cpu, gpu, cuda, auto)"
+                )
+            if self.strategy not in ("auto", "ddp"):
+                raise ConfigError(
+                    f"{where}.strategy {self.strategy!r}: launcher ray runs DDP (RayDDPStrategy); use auto or ddp"
+                )
+            if self.ray_workers < 1 or self.ray_cpus_per_worker < 1 or self.ray_max_failures < -1:
+                raise ConfigError(
+                    f"{where}: ray_workers and ray_cpus_per_worker must be at least 1, ray_max_failures at "
+                    "least -1 (-1 = retry without limit)"
+                )
+        world = self.ray_workers if self.launcher == "ray" else self.devices * self.num_nodes
+        if self.batch_size % world:
+            ranks = "ray_workers" if self.launcher == "ray" else "devices x num_nodes"
+            raise ConfigError(
+                f"{where}.batch_size {self.batch_size} is not divisible by {world} ranks ({ranks}); "
+                f"use a multiple of {world}"
+            )
+        if self.front and not self.front_end:
+            raise ConfigError(f"{where}.front is set but front_end is 0: give the front end's width")
+        for name in ("weights", "vae", "prompt_cache"):
+            path = getattr(self, name)
+            if path is not None:
+                from pathlib import Path
+
+                if not Path(path).exists():
+                    raise ConfigError(f"{where}.{name}: {path} does not exist; give a local path or null")
+        if self.backbone == "klein_base_4b" and (
+            self.weights is None or self.vae is None or self.prompt_cache is None
+        ):
+            raise ConfigError(
+                f"{where}: backbone klein_base_4b needs weights, vae and prompt_cache (local paths)"
+            )
+        for name in ("context_dropout", "image_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(
+                    f"{where}.{name} must lie in [0, 1) (got {getattr(self, name)}); 002 uses 0.1"
+                )
+        if not 0 <= self.hei_lambda <= 1:
+            raise ConfigError(f"{where}.hei_lambda must lie in [0, 1] (got {self.hei_lambda}); 002 uses 0.6")
+        if self.conditioning == "composite" and self.strategy in ("ddp", "ddp_spawn"):
+            # a rank whose batch has no reference leaves the composite context out of its graph
+            raise ConfigError(
+                f"{where}.strategy {self.strategy}: conditioning composite needs "
+                "ddp_find_unused_parameters_true (a batch without references does not use the context)"
+            )
+        if (
+            self.conditioning == "composite"
+            and self.general_encoder == "farl_vit_b16"
+            and self.general_encoder_weights is None
+        ):
+            raise ConfigError(
+                f"{where}.general_encoder farl_vit_b16 needs general_encoder_weights (a local FaRL "
+                "ViT-B/16 checkpoint); `small` needs none"
+            )
+
+    def _validate_compile(self, where: str) -> None:
+        """Compiled blocks only where benchmarks/gpu_check.py has run them on a GPU (the IConFace route,
+        bf16-mixed or float32, one process): another combination is refused here rather than met as a
+        crash inside a compiled kernel."""
+        if not 0 < self.compile_memory_budget <= 1:
+            raise ConfigError(
+                f"{where}.compile_memory_budget must lie in (0, 1] (got {self.compile_memory_budget})"
+            )
+        if self.compile_memory_budget < 1 and (not self.compile or self.gradient_checkpointing):
+            raise ConfigError(
+                f"{where}.compile_memory_budget {self.compile_memory_budget} acts on compiled blocks without "
+                "gradient checkpointing (it replaces it): set compile true and gradient_checkpointing false, "
+                "or the budget to 1.0"
+            )
+        if not self.compile:
+            return
+        unproven = [
+            f"{key} {value}"
+            for key, value, proven in (
+                ("conditioning", self.conditioning, ("iconface",)),
+                ("reference_route", self.reference_route, ("in_context",)),
+                ("reference_masks", self.reference_masks, ("none",)),
+                ("cycle_loss", self.cycle_loss, (False,)),
+                ("precision", self.precision, ("bf16-mixed", "32-true", "32")),
+                ("launcher", self.launcher, ("local",)),
+            )
+            if value not in proven
+        ]
+        if unproven:
+            raise ConfigError(
+                f"{where}.compile: compiled blocks are proven on a GPU (benchmarks/gpu_check.py) with "
+                "conditioning iconface, reference_route in_context, reference_masks none, no cycle loss, "
+                f"precision bf16-mixed or 32-true and the local launcher; not with {', '.join(unproven)}. "
+                "Set compile false, or run that combination through benchmarks/gpu_check.py first"
+            )
