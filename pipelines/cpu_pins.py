@@ -28,16 +28,23 @@ process's pin). `REFFACE_CPU_PINS=0` turns the pins off (nothing is set). `pins_
 what the libraries of this process actually run (ATen's capability, MKL's CNR branch and ISA, oneDNN's
 ISA and convolution kernel, numpy's AVX-512 targets, OpenBLAS's core, OpenCV's features and IPP).
 
-Each switch was checked on an Intel Xeon with AVX-512 (benchmarks/bench_cpu_pins.py, the tests): with it,
-the library reports the AVX2 path and results change bytes against the run without it.
+Each switch was checked on an Intel Xeon with AVX-512 (tests/test_cpu_pins.py): with it the library
+reports its AVX2 path (ATen AVX2, MKL "CNR:AVX2", oneDNN "jit:avx2", no numpy AVX-512 target, OpenBLAS
+Haswell, OpenCV "AVX512-SKX?"), and torch, numpy and MKL results change bytes against a run without it.
+OpenCV's switch binds but no OpenCV call of the pipeline changes bytes with it (the degradations' digests
+are the same pinned and unpinned). benchmarks/bench_cpu_pins.py: the weights of all four training paths
+differ pinned vs unpinned and repeat byte for byte within each; pinned training takes ~1.1x the time.
 
 Known limits (what these switches do not pin):
   - MKL_CBWR=AVX2 is honoured on Intel CPUs only. MKL's documentation: "Settings other than AUTO or
-    COMPATIBLE are available only for Intel processors"; elsewhere MKL silently uses AUTO (its ISA
-    dispatch, with CNR's deterministic reductions). On AMD CPUs, set MKL_CBWR=COMPATIBLE (SSE2, slower)
-    for MKL's cross-vendor branch; `pins_in_effect()["torch"]["mkl_cnr"]` shows the branch MKL runs.
-  - oneDNN and MKL size some blockings by the CPU's cache sizes; CNR pins MKL's, nothing pins oneDNN's.
+    COMPATIBLE are available only for Intel processors"; elsewhere MKL silently uses AUTO (its own ISA
+    dispatch). MKL_CBWR=COMPATIBLE (SSE2) is its one branch for Intel and AMD alike: set it in the
+    environment for outputs that must match across vendors (measured: ~1.3x the unpinned training time,
+    1.75x for IConFace's `train`). `pins_in_effect()["torch"]["mkl_cnr"]` shows the branch MKL runs.
+  - oneDNN sizes some blockings by the CPU's cache sizes; nothing pins that.
   - Thread counts: reductions split by thread, so results are the same for the same thread count only.
+  - A Ray cluster joined by RAY_ADDRESS: its workers have the cluster's environment, not the driver's;
+    start the cluster with these variables set (a local Ray inherits them).
 """
 
 from __future__ import annotations

@@ -260,8 +260,11 @@ def connect(num_cpus: int | None = None) -> str:
     if ray.is_initialized():
         return ray.get_runtime_context().gcs_address
     address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
+    if address:  # a cluster's workers do not inherit this process's environment: send the CPU pins along
+        from pipelines.cpu_pins import READ_BY
+
+        pins = {k: os.environ[k] for k in (*READ_BY, "REFFACE_CPU_PINS") if k in os.environ}
+        ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": pins} if pins else None)
     else:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     return ray.get_runtime_context().gcs_address
