@@ -94,7 +94,7 @@ TRAIN_ROWS: list[tuple[str, dict]] = [
     ("eager: frozen weights float32", {"compile": False, "frozen_dtype": "float32"}),
     ("eager: batch 4", {"compile": False, "batch": 4}),
     ("recipe: compiled blocks, checkpointing inside", {}),
-    ("compiled, memory budget 0.5 (selective recompute)", {"gradient_checkpointing": False, "budget": 0.5}),
+    ("compiled, checkpointing inside half the blocks", {"fraction": 0.5}),
     ("compiled, no checkpointing", {"gradient_checkpointing": False}),
 ]
 RECIPE_ROW = "recipe: compiled blocks, checkpointing inside"
@@ -174,7 +174,7 @@ def train_config(scale: Scale, paths: dict[str, str], over: dict):
         variant=over.get("variant", "full"),
         frozen_dtype=over.get("frozen_dtype", train["frozen_dtype"]),
         compile=over.get("compile", True),
-        compile_memory_budget=over.get("budget", 1.0),
+        checkpoint_fraction=over.get("fraction", 1.0),
         max_refs=3,
         batch_size=over.get("batch", 1),
         accumulate=1,
@@ -280,12 +280,10 @@ def train_row(scale: Scale, paths: dict, dev: torch.device, over: dict, warmup: 
 
 
 def fresh_compile() -> None:
-    """Forget compiled graphs and the activation memory budget between rows (each row compiles its own)."""
+    """Forget compiled graphs between rows (each row compiles its own)."""
     import torch._dynamo
-    import torch._functorch.config as functorch_config
 
     torch._dynamo.reset()
-    functorch_config.activation_memory_budget = 1.0
 
 
 def count_forward_flops(module, batch, dev: torch.device) -> int:

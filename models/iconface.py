@@ -55,6 +55,7 @@ output equals the stock diffusers forward exactly.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 from types import MethodType
 from typing import Literal
@@ -313,6 +314,7 @@ class IConFace(nn.Module):
             self.pool_base = self.pool_detail = None
             self.xattn = None
         self.compiled = False  # compile_blocks() ran
+        self.n_checkpointed = n_blocks  # blocks under gradient checkpointing when it is on (checkpoint_blocks)
         self.checkpoint_inside = False  # the compiled blocks checkpoint themselves (compile_blocks)
         self.dca = None  # RefSTAR's decoupled cross-attention (eq. 4): reference K/V adapters per block
         if cfg.reference_route == "decoupled":
@@ -425,13 +427,13 @@ class IConFace(nn.Module):
         # ---- blocks --------------------------------------------------------------------------------
         k = 0
         for block in tr.transformer_blocks:
-            ehs, hs = self._run(block, hs, ehs, mod_img, mod_txt, rotary, attn_kwargs)
+            ehs, hs = self._run(k, block, hs, ehs, mod_img, mod_txt, rotary, attn_kwargs)
             if memory is not None:
                 hs = torch.cat([self.xattn[k](hs[:, :n_img], memory), hs[:, n_img:]], 1)
             k += 1
         hs = torch.cat([ehs, hs], 1)  # (B, L_txt + L_img, D)
         for block in tr.single_transformer_blocks:
-            hs = self._run_single(block, hs, mod_single, rotary, attn_kwargs)
+            hs = self._run_single(k, block, hs, mod_single, rotary, attn_kwargs)
             if memory is not None:
                 s = n_txt
                 hs = torch.cat(
@@ -473,52 +475,54 @@ class IConFace(nn.Module):
         tr = self.transformer
         return [*tr.transformer_blocks, *tr.single_transformer_blocks]
 
-    def compile_blocks(self, memory_budget: float = 1.0) -> None:
+    def checkpoint_blocks(self, fraction: float = 1.0) -> None:
+        """Gradient checkpointing on the first ceil(fraction · n) blocks in forward order (1: every block,
+        the recipe's memory; less trades memory for the recomputation the other blocks skip). Call before
+        `compile_blocks`; the transformer's gradient checkpointing must be on."""
+        if not 0 < fraction <= 1:
+            raise ValueError(f"checkpoint fraction must lie in (0, 1], got {fraction}")
+        if self.compiled:
+            raise RuntimeError("checkpoint_blocks after compile_blocks: the compiled blocks are already built")
+        self.n_checkpointed = math.ceil(fraction * len(self.blocks()))
+
+    def compile_blocks(self) -> None:
         """`torch.compile` every block in place (regional compilation: the module tree and state-dict keys
         do not change, and the blocks of one kind share one compiled graph).
 
-        With gradient checkpointing on, the checkpoint goes *inside* the compiled region: each block's
-        forward becomes `checkpoint(forward)` and the compiled function traces it, so one graph holds the
-        forward and the recomputation of its backward (the order torchtitan uses: activation checkpointing
-        applied first, `torch.compile` per block over it). The reverse order, a checkpoint around a
-        compiled block, recomputes through a compiled region from inside autograd; it crashed on an H200
-        and is not built. Idempotent.
-
-        `memory_budget` < 1 (without checkpointing): the fraction of the blocks' activation memory the
-        compiled backward may keep; the partitioner then recomputes the cheapest ops instead of saving
-        them (selective activation checkpointing by `torch._functorch.config.activation_memory_budget`,
-        a process-wide setting read when the blocks compile)."""
+        With gradient checkpointing on, the checkpoint goes *inside* the compiled region: each checkpointed
+        block's forward becomes `checkpoint(forward)` and the compiled function traces it, so one graph holds
+        the forward and the recomputation of its backward (the order torchtitan uses: activation
+        checkpointing applied first, `torch.compile` per block over it). The reverse order, a checkpoint
+        around a compiled block, recomputes through a compiled region from inside autograd; it crashed on
+        an H200 and is not built. Idempotent."""
         if self.compiled:
             return
-        if not 0 < memory_budget <= 1:
-            raise ValueError(f"memory_budget must lie in (0, 1], got {memory_budget}")
-        if memory_budget < 1:
-            import torch._functorch.config as functorch_config
-
-            functorch_config.activation_memory_budget = memory_budget
         inside = bool(self.transformer.gradient_checkpointing)
-        for block in self.blocks():
-            if inside:
+        for k, block in enumerate(self.blocks()):
+            if inside and k < self.n_checkpointed:
                 block.forward = MethodType(_checkpointed_forward, block)
             block.compile()
         self.compiled, self.checkpoint_inside = True, inside
 
-    def _run(self, block, hs, ehs, mod_img, mod_txt, rotary, attn_kwargs):
-        if self._outer_checkpoint():
+    def _run(self, k, block, hs, ehs, mod_img, mod_txt, rotary, attn_kwargs):
+        if self._outer_checkpoint(k):
             return self.transformer._gradient_checkpointing_func(
                 block, hs, ehs, mod_img, mod_txt, rotary, attn_kwargs
             )
         return block(hs, ehs, mod_img, mod_txt, rotary, attn_kwargs)
 
-    def _run_single(self, block, hs, mod, rotary, attn_kwargs):
-        if self._outer_checkpoint():
+    def _run_single(self, k, block, hs, mod, rotary, attn_kwargs):
+        if self._outer_checkpoint(k):
             return self.transformer._gradient_checkpointing_func(block, hs, None, mod, rotary, attn_kwargs)
         return block(hs, None, mod, rotary, attn_kwargs)
 
-    def _outer_checkpoint(self) -> bool:
-        """Checkpoint around the block call: eager blocks with gradient checkpointing, while training."""
+    def _outer_checkpoint(self, k: int) -> bool:
+        """Checkpoint around block k's call: eager blocks with gradient checkpointing, while training."""
         return (
-            torch.is_grad_enabled() and self.transformer.gradient_checkpointing and not self.checkpoint_inside
+            torch.is_grad_enabled()
+            and self.transformer.gradient_checkpointing
+            and not self.checkpoint_inside
+            and k < self.n_checkpointed
         )
 
 

@@ -56,7 +56,7 @@ def sample(
     guidance_image: float | None = None,
     guidance_context: float | None = None,
     ref_ensemble: bool = False,
-    batch_cfg: bool = True,
+    batch_cfg: bool = False,
 ) -> torch.Tensor:
     """Restored latents (B, C, H, W) for `cond` (see `IConFace.forward`); 0–3 references per sample.
 
@@ -69,8 +69,10 @@ def sample(
     be 1 (an error otherwise: two guidance rules at once are not defined).
 
     batch_cfg: the conditional and the empty-prompt branch run as one batch of 2B (one forward per step
-    instead of two; equal to the two forwards up to floating-point summation order). The reference
-    layout is read from the mask once, before the loop, so no step waits on the device.
+    instead of two; equal to the two forwards up to floating-point summation order). Off by default: on
+    an H200 with klein at 512² and 3 references a forward already fills the GPU, and the batch of two was
+    no faster (docs/results.md). The reference layout is read from the mask once, before the loop, so no
+    step waits on the device.
     """
     dual = guidance_image is not None or guidance_context is not None or ref_ensemble
     if dual and guidance != 1.0:

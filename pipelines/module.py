@@ -105,7 +105,7 @@ def prepare_for_training(module: IConFaceModule, cfg: TrainConfig) -> None:
         cast_frozen([module.net, module.codec, module.id_encoder], dtype)
         module._low = None
     if cfg.compile:
-        module.net.compile_blocks(cfg.compile_memory_budget)
+        module.net.compile_blocks()
 
 
 def frozen_dtype(cfg: TrainConfig) -> torch.dtype | None:
@@ -364,7 +364,7 @@ class IConFaceModule(L.LightningModule):
         guidance_image: float | None = None,
         guidance_context: float | None = None,
         ref_ensemble: bool = False,
-        batch_cfg: bool = True,
+        batch_cfg: bool = False,
     ) -> torch.Tensor:
         """Restored images (B, 3, H, W) in [-1, 1], float32 on the CPU, for a collated batch (0–3
         references per sample); the batch may lie on the CPU whatever the module's device.

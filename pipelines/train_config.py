@@ -83,9 +83,9 @@ class TrainConfig:
     # torch.compile every transformer block (GPUs; paid once per process and shape); with
     # gradient_checkpointing the checkpoint sits inside each compiled block (IConFace.compile_blocks)
     compile: bool = False
-    # compile without checkpointing: the fraction of activation memory the compiled blocks keep (< 1:
-    # selective recomputation of the cheapest ops, torch's activation memory budget); 1 = keep all
-    compile_memory_budget: float = 1.0
+    # with gradient_checkpointing: the fraction of the blocks (the first ones) whose activations are
+    # recomputed; less than 1 trades memory for the recomputation of the others
+    checkpoint_fraction: float = 1.0
     seed: int = 0
     threads: int = 2
     log_every: int = 10
@@ -259,15 +259,13 @@ class TrainConfig:
         """Compiled blocks only where benchmarks/gpu_check.py has run them on a GPU (the IConFace route,
         bf16-mixed or float32, one process): another combination is refused here rather than met as a
         crash inside a compiled kernel."""
-        if not 0 < self.compile_memory_budget <= 1:
+        if not 0 < self.checkpoint_fraction <= 1:
             raise ConfigError(
-                f"{where}.compile_memory_budget must lie in (0, 1] (got {self.compile_memory_budget})"
+                f"{where}.checkpoint_fraction must lie in (0, 1] (got {self.checkpoint_fraction})"
             )
-        if self.compile_memory_budget < 1 and (not self.compile or self.gradient_checkpointing):
+        if self.checkpoint_fraction < 1 and not self.gradient_checkpointing:
             raise ConfigError(
-                f"{where}.compile_memory_budget {self.compile_memory_budget} acts on compiled blocks without "
-                "gradient checkpointing (it replaces it): set compile true and gradient_checkpointing false, "
-                "or the budget to 1.0"
+                f"{where}.checkpoint_fraction {self.checkpoint_fraction} needs gradient_checkpointing: true"
             )
         if not self.compile:
             return

@@ -156,3 +156,27 @@ def write_encoders(folder: Path) -> Path:
             name,
         )
     return folder
+
+
+def write_tiny_bundle(tmp: Path) -> Path:
+    """A tiny restorer bundle (tiny backbone, 32 px, random pathways) written as `evaluate` writes one."""
+    import torch
+
+    from models.lora import save_trainable
+    from pipelines.config import TrainConfig, build
+    from pipelines.network import build_network
+    from pipelines.restorer import write_bundle
+
+    enc = write_encoders(tmp / "encoders")
+    train = {"backbone": "tiny", "pixel_patch": 4, "memory_tokens": 8, "train_backbone": True}
+    cfg = build(TrainConfig, {**train, "front_end": 0, "front": None}, "train")
+    net, _, _ = build_network(cfg, 512)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 1e-3)
+    save_trainable(net, tmp / "model")
+    return write_bundle(
+        tmp / "bundle", cfg, tmp / "model", "small_ir", enc / "primary.safetensors", 32, steps=2
+    )

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from dataclasses import replace
@@ -138,15 +139,14 @@ def test_the_pretended_device_context_catches_a_cpu_generator():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("checkpointing, budget", [(True, 1.0), (False, 0.5)], ids=["inside", "budget"])
-def test_compiled_blocks_match_the_eager_gradients(checkpointing, budget):
-    """IConFace.compile_blocks (inductor on the CPU) gives the eager step's output and gradients: with
-    gradient checkpointing inside each compiled block (the recipe), and with the activation memory budget
-    (selective recomputation chosen by the partitioner) instead of checkpointing."""
+@pytest.mark.parametrize("fraction", [1.0, 0.5], ids=["every-block", "half-the-blocks"])
+def test_compiled_blocks_with_checkpointing_inside_match_the_eager_gradients(fraction):
+    """IConFace.compile_blocks (inductor on the CPU) with gradient checkpointing inside each compiled
+    block (the recipe), on every block or on the first half: the eager checkpointed step's output and
+    gradients."""
     import torch._dynamo
-    import torch._functorch.config as functorch_config
 
-    cfg = _cfg(gradient_checkpointing=checkpointing, prediction="x0_residual")
+    cfg = _cfg(gradient_checkpointing=True, checkpoint_fraction=fraction, prediction="x0_residual")
     torch.manual_seed(0)
     eager = _module(cfg)
     compiled = _module(cfg)
@@ -163,12 +163,15 @@ def test_compiled_blocks_match_the_eager_gradients(checkpointing, budget):
         return out.detach(), grads
 
     out_e, grads_e = step(eager)
+    n = len(compiled.net.blocks())
+    assert eager.net.n_checkpointed == compiled.net.n_checkpointed == math.ceil(fraction * n)
     try:
-        compiled.net.compile_blocks(budget)
-        assert compiled.net.checkpoint_inside == checkpointing and not compiled.net._outer_checkpoint()
+        compiled.net.compile_blocks()
+        assert compiled.net.checkpoint_inside and not any(compiled.net._outer_checkpoint(k) for k in range(n))
+        wrapped = [k for k, b in enumerate(compiled.net.blocks()) if "forward" in vars(b)]
+        assert wrapped == list(range(compiled.net.n_checkpointed))
         out_c, grads_c = step(compiled)
     finally:
-        functorch_config.activation_memory_budget = 1.0
         torch._dynamo.reset()
     torch.testing.assert_close(out_c, out_e, rtol=1e-4, atol=1e-5)
     assert grads_e.keys() == grads_c.keys() and len(grads_e) > 20
@@ -248,8 +251,8 @@ def test_the_overlay_key_of_params_yaml_reaches_every_stage(tmp_path, monkeypatc
         ({"compile": True, "conditioning": "composite"}, "conditioning composite"),
         ({"compile": True, "reference_route": "decoupled"}, "reference_route decoupled"),
         ({"compile": True, "precision": "16-mixed"}, "precision 16-mixed"),
-        ({"compile_memory_budget": 0.5}, "compile true"),
-        ({"compile": True, "gradient_checkpointing": True, "compile_memory_budget": 0.5}, "replaces it"),
+        ({"checkpoint_fraction": 0.5}, "needs gradient_checkpointing"),
+        ({"gradient_checkpointing": True, "checkpoint_fraction": 0.0}, "must lie in"),
     ],
 )
 def test_compile_combinations_not_run_on_a_gpu_are_refused(over, words):

@@ -16,8 +16,8 @@ from models.iconface import (
     count_parameters,
     stock_forward,
 )
-from models.pathways import FrontEnd, aggregate_identity, identity_anchor, load_front, save_front
 from models.lora import add_lora, load_trainable, lora_parameters, save_trainable
+from models.pathways import FrontEnd, aggregate_identity, identity_anchor, load_front, save_front
 from models.sampler import flux2_sigmas, sample
 
 B, C, H, W = 2, 48, 4, 4

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_encoders
+from conftest import write_tiny_bundle
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,38 +95,7 @@ def test_server_targets_run_with_the_venv_on_path():
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
-    """A tiny restorer bundle (tiny backbone, 32 px, random pathways) written as `evaluate` writes one."""
-    import torch
-
-    from models.lora import save_trainable
-    from pipelines.config import TrainConfig, build
-    from pipelines.network import build_network
-    from pipelines.restorer import write_bundle
-
-    tmp = tmp_path_factory.mktemp("serve_bundle")
-    enc = write_encoders(tmp / "encoders")
-    cfg = build(
-        TrainConfig,
-        {
-            "backbone": "tiny",
-            "pixel_patch": 4,
-            "memory_tokens": 8,
-            "train_backbone": True,
-            "front_end": 0,
-            "front": None,
-        },
-        "train",
-    )
-    net, _, _ = build_network(cfg, 512)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in net.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 1e-3)
-    save_trainable(net, tmp / "model")
-    return write_bundle(
-        tmp / "bundle", cfg, tmp / "model", "small_ir", enc / "primary.safetensors", 32, steps=2
-    )
+    return write_tiny_bundle(tmp_path_factory.mktemp("serve_bundle"))
 
 
 def _bad_requests() -> list[tuple[dict, list[str]]]:
