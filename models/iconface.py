@@ -314,7 +314,9 @@ class IConFace(nn.Module):
             self.pool_base = self.pool_detail = None
             self.xattn = None
         self.compiled = False  # compile_blocks() ran
-        self.n_checkpointed = n_blocks  # blocks under gradient checkpointing when it is on (checkpoint_blocks)
+        self.n_checkpointed = (
+            n_blocks  # blocks under gradient checkpointing when it is on (checkpoint_blocks)
+        )
         self.checkpoint_inside = False  # the compiled blocks checkpoint themselves (compile_blocks)
         self.dca = None  # RefSTAR's decoupled cross-attention (eq. 4): reference K/V adapters per block
         if cfg.reference_route == "decoupled":
@@ -482,7 +484,9 @@ class IConFace(nn.Module):
         if not 0 < fraction <= 1:
             raise ValueError(f"checkpoint fraction must lie in (0, 1], got {fraction}")
         if self.compiled:
-            raise RuntimeError("checkpoint_blocks after compile_blocks: the compiled blocks are already built")
+            raise RuntimeError(
+                "checkpoint_blocks after compile_blocks: the compiled blocks are already built"
+            )
         self.n_checkpointed = math.ceil(fraction * len(self.blocks()))
 
     def compile_blocks(self) -> None:
