@@ -77,7 +77,7 @@ def _run(args, cwd, env):
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("proj")
-    for d in ("stages", "pipelines", "models", "annotation"):
+    for d in ("stages", "pipelines", "models", "annotation", "configs"):
         shutil.copytree(REPO / d, root / d, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
