@@ -93,11 +93,25 @@ TRAIN_ROWS: list[tuple[str, dict]] = [
     ("eager: no checkpointing", {"compile": False, "gradient_checkpointing": False}),
     ("eager: frozen weights float32", {"compile": False, "frozen_dtype": "float32"}),
     ("eager: batch 4", {"compile": False, "batch": 4}),
-    ("recipe: compiled blocks, checkpointing inside", {}),
+    ("compiled blocks, full checkpointing inside", {}),
     ("compiled, checkpointing inside half the blocks", {"fraction": 0.5}),
     ("compiled, no checkpointing", {"gradient_checkpointing": False}),
+    ("compiled, checkpointing keeping matmul and attention outputs", {"policy": "save_matmuls"}),
+    (
+        "eager: checkpointing keeping matmul and attention outputs",
+        {"compile": False, "policy": "save_matmuls"},
+    ),
+    ("compiled, checkpointing keeping attention outputs", {"policy": "save_attention"}),
+    (
+        "recipe: compiled, keeping attention outputs, on 60 % of the blocks",
+        {"policy": "save_attention", "fraction": 0.6},
+    ),
+    (
+        "compiled, keeping attention outputs, on 64 % of the blocks",
+        {"policy": "save_attention", "fraction": 0.64},
+    ),
 ]
-RECIPE_ROW = "recipe: compiled blocks, checkpointing inside"
+RECIPE_ROW = "recipe: compiled, keeping attention outputs, on 60 % of the blocks"
 
 # (label, set-up) of the restore rows; batch_cfg: both guidance branches as one batch of two
 RESTORE_SETUPS: list[tuple[str, dict]] = [
@@ -175,6 +189,7 @@ def train_config(scale: Scale, paths: dict[str, str], over: dict):
         frozen_dtype=over.get("frozen_dtype", train["frozen_dtype"]),
         compile=over.get("compile", True),
         checkpoint_fraction=over.get("fraction", 1.0),
+        checkpoint_policy=over.get("policy", "full"),
         max_refs=3,
         batch_size=over.get("batch", 1),
         accumulate=1,
@@ -319,58 +334,107 @@ def forward_s(module, batch, dev: torch.device, n: int = 5) -> float:
 
 
 def restore_rows(
-    scale: Scale, paths: dict, dev: torch.device, steps: int, guidance: float, runs: int, setups: list
+    scale: Scale,
+    paths: dict,
+    dev: torch.device,
+    steps: int,
+    guidance: float,
+    runs: int,
+    setups: list,
+    profiles: dict | None = None,
 ) -> list:
-    """(label, forward s, restore s per image, compile s, peak GiB, max |Δ| vs the first) per set-up."""
-    from models.lora import merge_lora
-    from pipelines.module import cast_frozen
-
+    """(label, forward s, restore s per image, compile s, peak GiB, max |Δ| vs the first) per set-up;
+    with `profiles` (a dict) also where one forward's device time goes, per set-up."""
     rows = []
     batch = synthetic_batch(scale, 1, 3, seed=1)
     reference = None
     for label, s in setups:
-        cfg = train_config(scale, paths, {"frozen_dtype": "float32", "compile": False})
-        fresh_compile()
-        reset_peak(dev)
-        module = build_module(scale, cfg, dev)
-        module.net.transformer.disable_gradient_checkpointing()  # inference
-        g = torch.Generator(device="cpu").manual_seed(7)
-        for p in module.net.parameters():  # a LoRA that is not zero, as after training
-            if p.requires_grad:
-                p.data = (torch.randn(p.shape, generator=g, device=g.device) * 1e-3).to(p)
-        if s["merge"]:
-            merge_lora(module.net.transformer)
-        if s["cast"]:
-            module.net.requires_grad_(False)
-            cast_frozen([module.net, module.codec, module.id_encoder], torch.bfloat16)
-            module._low = None
-        elif dev.type == "cuda" or scale.precision == "bf16-mixed":
-            module._low = torch.bfloat16  # autocast over float32 weights (Lightning's bf16-mixed)
-        compile_s = None
-        opts = dict(steps=steps, guidance=guidance, batch_cfg=s["batch_cfg"])
-        if s["compile"]:
-            module.net.compile_blocks()
-            sync(dev)
-            t = time.perf_counter()
-            forward_s(module, batch, dev, n=1)
-            module.restore(batch, **opts)  # the sampler's shapes and strides too
-            sync(dev)
-            compile_s = time.perf_counter() - t
-        fwd = forward_s(module, batch, dev)
-        per_image = []
-        for _ in range(runs):
-            sync(dev)
-            t = time.perf_counter()
-            out = module.restore(batch, **opts)
-            sync(dev)
-            per_image.append(time.perf_counter() - t)
-        if reference is None:
-            reference = out
-        diff = float((out - reference).abs().max())
-        rows.append((label, fwd, statistics.median(per_image), compile_s, peak_gib(dev), diff))
-        del module
-        reset_peak(dev)
+        *row, out = restore_row(scale, paths, dev, steps, guidance, runs, batch, label, s, profiles)
+        reference = out if reference is None else reference
+        rows.append((*row, float((out - reference).abs().max())))
     return rows
+
+
+def restore_row(scale, paths, dev, steps, guidance, runs, batch, label, s, profiles) -> tuple:
+    """One restore set-up: (label, forward s, restore s per image, compile s, peak GiB, the output)."""
+    from models.lora import merge_lora
+    from pipelines.module import cast_frozen
+
+    cfg = train_config(scale, paths, {"frozen_dtype": "float32", "compile": False})
+    fresh_compile()
+    reset_peak(dev)
+    module = build_module(scale, cfg, dev)
+    module.net.transformer.disable_gradient_checkpointing()  # inference
+    g = torch.Generator(device="cpu").manual_seed(7)
+    for p in module.net.parameters():  # a LoRA that is not zero, as after training
+        if p.requires_grad:
+            p.data = (torch.randn(p.shape, generator=g, device=g.device) * 1e-3).to(p)
+    if s["merge"]:
+        merge_lora(module.net.transformer)
+    if s["cast"]:
+        module.net.requires_grad_(False)
+        cast_frozen([module.net, module.codec, module.id_encoder], torch.bfloat16)
+        module._low = None
+    elif dev.type == "cuda" or scale.precision == "bf16-mixed":
+        module._low = torch.bfloat16  # autocast over float32 weights (Lightning's bf16-mixed)
+    compile_s = None
+    opts = dict(steps=steps, guidance=guidance, batch_cfg=s["batch_cfg"])
+    if s["compile"]:
+        module.net.compile_blocks()
+        sync(dev)
+        t = time.perf_counter()
+        forward_s(module, batch, dev, n=1)
+        module.restore(batch, **opts)  # the sampler's shapes and strides too
+        sync(dev)
+        compile_s = time.perf_counter() - t
+    fwd = forward_s(module, batch, dev)
+    per_image = []
+    for _ in range(runs):
+        sync(dev)
+        t = time.perf_counter()
+        out = module.restore(batch, **opts)
+        sync(dev)
+        per_image.append(time.perf_counter() - t)
+    if profiles is not None:
+        profiles[label] = profile_forward(module, batch, dev)
+    row = (label, fwd, statistics.median(per_image), compile_s, peak_gib(dev), out)
+    del module
+    reset_peak(dev)
+    return row
+
+
+def profile_forward(module, batch, dev: torch.device) -> dict:
+    """Where one forward's device time goes (torch.profiler): milliseconds per kernel class (matrix
+    products, attention, the rest) and the ten costliest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = dev.type == "cuda"
+    batch = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    with torch.no_grad(), module.autocast():
+        cond = module.conditioning(batch)
+        z = torch.randn_like(cond.deg)
+        sigma = torch.full((z.shape[0],), 0.5, device=dev)
+        module.net(z, sigma, cond)
+        sync(dev)
+        with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+            module.net(z, sigma, cond)
+            sync(dev)
+
+    def own(e) -> float:
+        return (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3
+
+    events = [e for e in prof.key_averages() if own(e) > 0]
+    classes = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    for e in events:
+        name = e.key.lower()
+        if any(w in name for w in ("flash", "fmha", "attention", "cudnn")):
+            classes["attention"] += own(e)
+        elif any(w in name for w in ("gemm", "sm90", "cutlass", "nvjet", "aten::mm", "aten::addmm")):
+            classes["matmul"] += own(e)
+        else:
+            classes["other"] += own(e)
+    top = sorted(events, key=own, reverse=True)[:10]
+    return {"ms": classes, "top": [(e.key[:90], own(e)) for e in top]}
 
 
 def matmul_flops_per_s(dev: torch.device, n: int) -> float:
@@ -404,6 +468,9 @@ def main(argv: list[str] | None = None) -> dict:
         "--restore", default="all", help="restore set-ups, 1-based, comma-separated, or 'all' / 'none'"
     )
     p.add_argument("--no-compile", action="store_true", help="skip the compiled rows and set-ups")
+    p.add_argument(
+        "--profile", action="store_true", help="profile one forward per restore set-up (kernel classes)"
+    )
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path)
     args = p.parse_args(argv)
@@ -471,7 +538,10 @@ def main(argv: list[str] | None = None) -> dict:
         )
         print("|---|---:|---:|---:|---:|---:|---:|", flush=True)
         n_fwd = args.restore_steps * (2 if args.guidance != 1.0 else 1)
-        rrows = restore_rows(scale, paths, dev, args.restore_steps, args.guidance, args.restore_runs, setups)
+        profiles = {} if args.profile else None
+        rrows = restore_rows(
+            scale, paths, dev, args.restore_steps, args.guidance, args.restore_runs, setups, profiles
+        )
         for label, fwd, img_s, comp, peak, diff in rrows:
             x = img_s / (floor_fwd * n_fwd)
             result["restore"].append(
@@ -490,6 +560,9 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{diff:.4f} |",
                 flush=True,
             )
+        if profiles:
+            result["profile"] = profiles
+            print_profiles(profiles)
     save(result, args.json)
     parts = [f"bench_gpu: {len(result['train'])} training rows, {len(result['restore'])} restore set-ups"]
     recipe = next((r for r in result["train"] if r["label"] == RECIPE_ROW), None)
@@ -502,6 +575,18 @@ def main(argv: list[str] | None = None) -> dict:
     if args.plot and result["train"] and result["restore"]:
         plot(result, args.plot)
     return result
+
+
+def print_profiles(profiles: dict) -> None:
+    print("\nOne forward's device time (ms) by kernel class:\n")
+    print("| set-up | matmul | attention | other |\n|---|---:|---:|---:|")
+    for label, prof in profiles.items():
+        ms = prof["ms"]
+        print(f"| {label} | {ms['matmul']:.1f} | {ms['attention']:.1f} | {ms['other']:.1f} |")
+    for label, prof in profiles.items():
+        print(f"\n{label}: costliest kernels (ms per forward)")
+        for name, ms in prof["top"]:
+            print(f"  {ms:8.2f}  {name}")
 
 
 def pick(items: list, spec: str) -> list:

@@ -22,9 +22,9 @@ the others unless they need its output. Items:
            targets with 0 and with 3 references
   pyfunc   the served model's code (`pipelines.registry.RestorerModel`: load_context, predict) on
            base64 rows, without MLflow
-  bench    `bench_gpu.py`'s rows at klein's full depth: the eager and the compiled recipe step (the
-           ratio between them, same process), and restoring with the `Restorer`'s set-up (merged,
-           bf16, compiled); `bench_gpu.py` alone has the other rows
+  bench    `bench_gpu.py`'s rows at klein's full depth: the recipe's compiled training step, and
+           restoring with the `Restorer`'s set-up (merged, bf16, compiled) with where one forward's
+           device time goes; `bench_gpu.py` alone has the other rows
 
 Nothing here imports Ray, MLflow, label-studio-sdk or Optuna (the GPU machine may lack them; the test
 of `--small` runs with them blocked).
@@ -88,7 +88,7 @@ FULL = Check(
     2,
     12,
     "cuda",
-    ("--rows", "1,7", "--restore", "4", "--warmup", "2", "--steps", "3", "--restore-runs", "2"),
+    ("--rows", "13", "--restore", "4", "--profile", "--warmup", "2", "--steps", "3", "--restore-runs", "2"),
 )
 SMALL = Check(
     bench_gpu.SMALL,

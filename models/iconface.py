@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
+from functools import partial
 from types import MethodType
 from typing import Literal
 
@@ -318,6 +319,7 @@ class IConFace(nn.Module):
             n_blocks  # blocks under gradient checkpointing when it is on (checkpoint_blocks)
         )
         self.checkpoint_inside = False  # the compiled blocks checkpoint themselves (compile_blocks)
+        self.checkpoint_policy = "full"  # what a checkpointed block keeps (checkpoint_blocks)
         self.dca = None  # RefSTAR's decoupled cross-attention (eq. 4): reference K/V adapters per block
         if cfg.reference_route == "decoupled":
             from models.refstar import install_decoupled
@@ -477,12 +479,22 @@ class IConFace(nn.Module):
         tr = self.transformer
         return [*tr.transformer_blocks, *tr.single_transformer_blocks]
 
-    def checkpoint_blocks(self, fraction: float = 1.0) -> None:
+    def checkpoint_blocks(self, fraction: float = 1.0, policy: str = "full") -> None:
         """Gradient checkpointing on the first ceil(fraction · n) blocks in forward order (1: every block,
         the recipe's memory; less trades memory for the recomputation the other blocks skip). Call before
-        `compile_blocks`; the transformer's gradient checkpointing must be on."""
+        `compile_blocks`; the transformer's gradient checkpointing must be on.
+
+        policy `full` keeps a block's inputs only and recomputes the whole block in the backward. The
+        others are selective activation checkpointing: `save_matmuls` also keeps the outputs of its
+        matrix products and attention (`MATMUL_OPS`, `ATTENTION_OPS`) and recomputes only what lies
+        between them (norms, modulation, rotary embedding, activations, casts); `save_attention` keeps
+        the attention outputs only (a few MiB per block) and recomputes the rest. All give the
+        gradients of no checkpointing."""
         if not 0 < fraction <= 1:
             raise ValueError(f"checkpoint fraction must lie in (0, 1], got {fraction}")
+        if policy not in CHECKPOINT_POLICIES:
+            raise ValueError(f"checkpoint policy must be one of {CHECKPOINT_POLICIES}, got {policy!r}")
+        self.checkpoint_policy = policy
         if self.compiled:
             raise RuntimeError(
                 "checkpoint_blocks after compile_blocks: the compiled blocks are already built"
@@ -504,20 +516,20 @@ class IConFace(nn.Module):
         inside = bool(self.transformer.gradient_checkpointing)
         for k, block in enumerate(self.blocks()):
             if inside and k < self.n_checkpointed:
-                block.forward = MethodType(_checkpointed_forward, block)
+                block.forward = MethodType(_checkpointed_forward(self.checkpoint_policy), block)
             block.compile()
         self.compiled, self.checkpoint_inside = True, inside
 
     def _run(self, k, block, hs, ehs, mod_img, mod_txt, rotary, attn_kwargs):
         if self._outer_checkpoint(k):
-            return self.transformer._gradient_checkpointing_func(
-                block, hs, ehs, mod_img, mod_txt, rotary, attn_kwargs
+            return checkpoint(
+                block, hs, ehs, mod_img, mod_txt, rotary, attn_kwargs, policy=self.checkpoint_policy
             )
         return block(hs, ehs, mod_img, mod_txt, rotary, attn_kwargs)
 
     def _run_single(self, k, block, hs, mod, rotary, attn_kwargs):
         if self._outer_checkpoint(k):
-            return self.transformer._gradient_checkpointing_func(block, hs, None, mod, rotary, attn_kwargs)
+            return checkpoint(block, hs, None, mod, rotary, attn_kwargs, policy=self.checkpoint_policy)
         return block(hs, None, mod, rotary, attn_kwargs)
 
     def _outer_checkpoint(self, k: int) -> bool:
@@ -530,13 +542,56 @@ class IConFace(nn.Module):
         )
 
 
-def _checkpointed_forward(block: nn.Module, *args):
-    """A block's own forward under non-reentrant activation checkpointing while gradients are on (bound
-    to the block by `IConFace.compile_blocks`, which compiles it: the recomputation is part of the graph)."""
-    forward = type(block).forward
-    if torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(forward, block, *args, use_reentrant=False)
-    return forward(block, *args)
+CHECKPOINT_POLICIES = ("full", "save_matmuls", "save_attention")
+
+_aten = torch.ops.aten
+# the ops whose outputs selective checkpointing keeps: matrix products (the linear layers, LoRA
+# included) and attention, the expensive parts of a block
+MATMUL_OPS = frozenset((_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default))
+ATTENTION_OPS = frozenset(
+    op
+    for op in (
+        _aten._scaled_dot_product_flash_attention.default,
+        _aten._scaled_dot_product_efficient_attention.default,
+        _aten._scaled_dot_product_cudnn_attention.default,
+        getattr(getattr(_aten, "_scaled_dot_product_flash_attention_for_cpu", None), "default", None),
+    )
+    if op is not None
+)
+SAVED_OPS = {"save_matmuls": MATMUL_OPS | ATTENTION_OPS, "save_attention": ATTENTION_OPS}
+
+
+def _saving(ops: frozenset):
+    def policy(ctx, op, *args, **kwargs):
+        from torch.utils.checkpoint import CheckpointPolicy
+
+        return CheckpointPolicy.MUST_SAVE if op in ops else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def checkpoint(fn, *args, policy: str = "full"):
+    """Non-reentrant activation checkpointing of fn(*args) with a `CHECKPOINT_POLICIES` policy."""
+    from torch.utils.checkpoint import checkpoint as ckpt
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    if policy == "full":
+        return ckpt(fn, *args, use_reentrant=False)
+    context = partial(create_selective_checkpoint_contexts, _saving(SAVED_OPS[policy]))
+    return ckpt(fn, *args, use_reentrant=False, context_fn=context)
+
+
+def _checkpointed_forward(policy: str):
+    """A block's own forward under `checkpoint` (with `policy`) while gradients are on, to bind to the
+    block with MethodType (`IConFace.compile_blocks`, which compiles it: the recomputation is part of
+    the graph)."""
+
+    def forward(block: nn.Module, *args):
+        if torch.is_grad_enabled():
+            return checkpoint(type(block).forward, block, *args, policy=policy)
+        return type(block).forward(block, *args)
+
+    return forward
 
 
 def stock_forward(

@@ -80,7 +80,7 @@ def build_network(cfg: TrainConfig, z_dim: int) -> tuple[IConFace, LatentCodec, 
         composite,
     )
     if cfg.gradient_checkpointing:
-        net.checkpoint_blocks(cfg.checkpoint_fraction)
+        net.checkpoint_blocks(cfg.checkpoint_fraction, cfg.checkpoint_policy)
     if cfg.front_end:
         if cfg.front:  # the train_front stage's weights (a bundle's come with its pathway weights)
             load_front(net.front, cfg.front)

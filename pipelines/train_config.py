@@ -86,6 +86,10 @@ class TrainConfig:
     # with gradient_checkpointing: the fraction of the blocks (the first ones) whose activations are
     # recomputed; less than 1 trades memory for the recomputation of the others
     checkpoint_fraction: float = 1.0
+    # with gradient_checkpointing: what a checkpointed block keeps for its backward. full: its inputs
+    # (the whole block is recomputed); save_attention: also its attention outputs; save_matmuls: also
+    # the outputs of its matrix products (the most memory, the least recomputation)
+    checkpoint_policy: Literal["full", "save_matmuls", "save_attention"] = "full"
     seed: int = 0
     threads: int = 2
     log_every: int = 10
@@ -266,6 +270,10 @@ class TrainConfig:
         if self.checkpoint_fraction < 1 and not self.gradient_checkpointing:
             raise ConfigError(
                 f"{where}.checkpoint_fraction {self.checkpoint_fraction} needs gradient_checkpointing: true"
+            )
+        if self.checkpoint_policy != "full" and not self.gradient_checkpointing:
+            raise ConfigError(
+                f"{where}.checkpoint_policy {self.checkpoint_policy} needs gradient_checkpointing: true"
             )
         if not self.compile:
             return

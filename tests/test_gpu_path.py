@@ -138,29 +138,91 @@ def test_the_pretended_device_context_catches_a_cpu_generator():
         assert torch.randn(3, generator=g, device=g.device).shape == (3,)
 
 
+def _grad_step(m, batch):
+    cond = m.conditioning(batch)
+    z = torch.linspace(-1, 1, cond.deg.numel()).view_as(cond.deg)
+    out = m.net(z, torch.tensor([0.3, 0.8]), cond)
+    (out.square().mean()).backward()
+    grads = {n: p.grad.clone() for n, p in m.net.named_parameters() if p.grad is not None}
+    return out.detach(), grads
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """How many matrix products and attention calls run inside the mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.matmul = self.attention = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from models.iconface import ATTENTION_OPS, MATMUL_OPS
+
+        self.matmul += func in MATMUL_OPS
+        self.attention += func in ATTENTION_OPS
+        return func(*args, **(kwargs or {}))
+
+
+def test_selective_checkpointing_keeps_what_it_names_and_gives_the_same_gradients():
+    """checkpoint_policy save_matmuls / save_attention (every reference slot real, so attention takes
+    its fused kernel): the output and gradients of no checkpointing;
+    the backward of save_matmuls recomputes no matrix product and no attention, that of save_attention
+    no attention but the matrix products (full's recomputes both: it reruns every block)."""
+    batch = _batch(refs=(3, 3))
+    results, backward = {}, {}
+    for name, over in {
+        "none": {},
+        "full": {"gradient_checkpointing": True},
+        "save_matmuls": {"gradient_checkpointing": True, "checkpoint_policy": "save_matmuls"},
+        "save_attention": {"gradient_checkpointing": True, "checkpoint_policy": "save_attention"},
+    }.items():
+        torch.manual_seed(0)
+        m = _module(_cfg(prediction="x0_residual", **over))
+        m.net.train()
+        cond = m.conditioning(batch)
+        z = torch.linspace(-1, 1, cond.deg.numel()).view_as(cond.deg)
+        out = m.net(z, torch.tensor([0.3, 0.8]), cond)
+        with _CountOps() as count:
+            out.square().mean().backward()
+        backward[name] = (count.matmul, count.attention)
+        results[name] = (out.detach(), {n: p.grad for n, p in m.net.named_parameters() if p.grad is not None})
+    assert m.net.checkpoint_policy == "save_attention"
+    (mm_none, at_none), (mm_full, at_full) = backward["none"], backward["full"]
+    assert mm_none < mm_full and at_none < at_full
+    assert backward["save_matmuls"] == (mm_none, at_none)
+    assert backward["save_attention"] == (mm_full, at_none)
+    for name in ("full", "save_matmuls", "save_attention"):
+        torch.testing.assert_close(results[name][0], results["none"][0], rtol=0, atol=0)
+        assert results[name][1].keys() == results["none"][1].keys()
+        for n, g in results["none"][1].items():
+            torch.testing.assert_close(results[name][1][n], g, rtol=1e-5, atol=1e-7, msg=f"{name}: {n}")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("fraction", [1.0, 0.5], ids=["every-block", "half-the-blocks"])
-def test_compiled_blocks_with_checkpointing_inside_match_the_eager_gradients(fraction):
+@pytest.mark.parametrize(
+    "fraction, policy",
+    [(1.0, "full"), (0.5, "full"), (1.0, "save_matmuls"), (0.6, "save_attention")],
+    ids=["every-block", "half-the-blocks", "save-matmuls", "save-attention-on-60-percent"],
+)
+def test_compiled_blocks_with_checkpointing_inside_match_the_eager_gradients(fraction, policy):
     """IConFace.compile_blocks (inductor on the CPU) with gradient checkpointing inside each compiled
-    block (the recipe), on every block or on the first half: the eager checkpointed step's output and
+    block (the recipe), on every block, on the first half, keeping matmul and attention outputs, or
+    keeping attention outputs on 60 % of the blocks: the eager checkpointed step's output and
     gradients."""
     import torch._dynamo
 
-    cfg = _cfg(gradient_checkpointing=True, checkpoint_fraction=fraction, prediction="x0_residual")
+    cfg = _cfg(
+        gradient_checkpointing=True,
+        checkpoint_fraction=fraction,
+        checkpoint_policy=policy,
+        prediction="x0_residual",
+    )
     torch.manual_seed(0)
     eager = _module(cfg)
     compiled = _module(cfg)
     compiled.load_state_dict(eager.state_dict())
     torch._dynamo.reset()
     batch = _batch()
-
-    def step(m):
-        cond = m.conditioning(batch)
-        z = torch.linspace(-1, 1, cond.deg.numel()).view_as(cond.deg)
-        out = m.net(z, torch.tensor([0.3, 0.8]), cond)
-        (out.square().mean()).backward()
-        grads = {n: p.grad.clone() for n, p in m.net.named_parameters() if p.grad is not None}
-        return out.detach(), grads
+    step = lambda m: _grad_step(m, batch)  # noqa: E731
 
     out_e, grads_e = step(eager)
     n = len(compiled.net.blocks())
@@ -253,6 +315,7 @@ def test_the_overlay_key_of_params_yaml_reaches_every_stage(tmp_path, monkeypatc
         ({"compile": True, "precision": "16-mixed"}, "precision 16-mixed"),
         ({"checkpoint_fraction": 0.5}, "needs gradient_checkpointing"),
         ({"gradient_checkpointing": True, "checkpoint_fraction": 0.0}, "must lie in"),
+        ({"checkpoint_policy": "save_attention"}, "needs gradient_checkpointing"),
     ],
 )
 def test_compile_combinations_not_run_on_a_gpu_are_refused(over, words):
@@ -279,6 +342,14 @@ def test_bench_gpu_full_configuration_passes_the_train_validation(tmp_path):
     recipe = dict(bench_gpu.TRAIN_ROWS)[bench_gpu.RECIPE_ROW]
     cfg = bench_gpu.train_config(bench_gpu.FULL, paths, recipe)
     assert cfg.compile and cfg.gradient_checkpointing and cfg.frozen_dtype == "bfloat16"
+    # the row called the recipe is the overlay's checkpointing
+    from pipelines.config import read_params
+
+    overlay = read_params(REPO / "params.yaml", REPO / "configs" / "recipe_gpu.yaml")["train"]
+    assert (cfg.checkpoint_policy, cfg.checkpoint_fraction) == (
+        overlay["checkpoint_policy"],
+        overlay["checkpoint_fraction"],
+    )
     assert replace(cfg, weights=None).weights is None
 
 
