@@ -126,7 +126,7 @@ def test_identity_cues_fine_shares_colour_and_shape_mixed_keeps_the_first_draws(
     differ in marks, brows and iris; `mixed` reproduces the original draws (before `identity_cues`)."""
     import pytest
 
-    from pipelines.synthetic import _HAIR_COLOURS, _SKIN_TONES, IDENTITY_CUES
+    from pipelines.synthetic_people import _HAIR_COLOURS, _SKIN_TONES, IDENTITY_CUES
 
     fine = [sample_identity(7, "album", i) for i in range(60)]
     mixed = [sample_identity(7, "album", i, "mixed") for i in range(60)]
