@@ -369,52 +369,10 @@ class IConFace(nn.Module):
             txt, txt_keep = self._append_composite(txt, cond, r_ctx)
         n_txt = txt.shape[1]
 
-        # Key mask for padded references, masked context tokens and (RefSTAR) masked reference tokens:
-        # (B, 1, 1, L_txt + L_img), True = attend.
-        attn_kwargs = None
-        tok = cond.ref_tokens
-        decoupled = r and self.cfg.reference_route == "decoupled"
-        if (
-            (r and not all_real)
-            or txt_keep is not None
-            or decoupled
-            or (r and tok is not None and not bool(tok[:, :r].all()))
-        ):
-            keep = torch.ones(b, n_txt + x.shape[1], dtype=torch.bool, device=dev)
-            if txt_keep is not None:
-                keep[:, :n_txt] = txt_keep
-            for i in range(r):
-                s = n_txt + (2 + i) * n_img
-                ok = cond.ref_mask[:, i : i + 1]  # (B, 1)
-                keep[:, s : s + n_img] = ok if tok is None else ok & tok[:, i]
-            attn_kwargs = {"attention_mask": keep[:, None, None, :]}
-            if decoupled:  # eq. 4 replaces the joint softmax (models.refstar.decoupled_attention)
-                from models.refstar import RefSplit
-
-                s0 = n_txt + 2 * n_img
-                attn_kwargs = {"ref_split": RefSplit(s0, s0 + r * n_img, keep, self.cfg.decoupled_scale)}
+        attn_kwargs = self._key_mask(cond, r, all_real, txt_keep, n_txt, n_img, x.shape[1])
 
         # ---- stock embedders and modulation (as Flux2Transformer2DModel.forward) ---------------------
-        timestep = sigma.to(x.dtype) * 1000
-        temb = tr.time_guidance_embed(timestep, None)  # (B, D)
-        mod_img = tr.double_stream_modulation_img(temb)  # (B, 6D)
-        mod_txt = tr.double_stream_modulation_txt(temb)  # (B, 6D)
-        mod_single = tr.single_stream_modulation(temb)  # (B, 3D)
-        if self.identity is not None:
-            e_id = identity_anchor(
-                cond.z_refs[:, :r] if r else cond.z_refs[:, :0],
-                cond.ref_mask[:, :r],
-                cond.z_deg,
-                self.cfg.temperature,
-            )
-            d_dbl, d_sgl = self.identity(e_id)  # (B, 6D), (B, 3D)
-            mod_img = mod_img + d_dbl  # image stream only
-            is_img = torch.zeros(1, n_txt + x.shape[1], 1, dtype=x.dtype, device=dev)
-            is_img[:, n_txt:] = 1
-            mod_single = (
-                mod_single.unsqueeze(1) + d_sgl.unsqueeze(1) * is_img
-            )  # (B, L, 3D), zero rows on text
-
+        temb, mod_img, mod_txt, mod_single = self._modulation(sigma, cond, r, n_txt, x)
         hs = tr.x_embedder(x)  # (B, L_img, D)
         ehs = tr.context_embedder(txt)  # (B, L_txt, D)
         img_rot = tr.pos_embed(img_ids)
@@ -429,6 +387,70 @@ class IConFace(nn.Module):
                 memory = torch.cat([memory, self.pool_detail(deg_h - smooth_tokens(deg_h, h, w))], 1)  # eq. 7
 
         # ---- blocks --------------------------------------------------------------------------------
+        hs = self._blocks(hs, ehs, (mod_img, mod_txt, mod_single), rotary, attn_kwargs, memory, n_txt, n_img)
+        scene_h = self._readout(hs, cond, r, n_txt, n_img)
+        out = tr.proj_out(tr.norm_out(scene_h, temb))  # (B, HW, C)
+        return unpack(out, h, w)
+
+    def _key_mask(self, cond, r, all_real, txt_keep, n_txt, n_img, n_tokens) -> dict | None:
+        """The attention's key mask for padded references, masked context tokens and (RefSTAR) masked
+        reference tokens ((B, 1, 1, L_txt + L_img), True = attend), RefSTAR's decoupled split, or None
+        when every key is attended."""
+        b, dev = cond.deg.shape[0], cond.deg.device
+        attn_kwargs = None
+        tok = cond.ref_tokens
+        decoupled = r and self.cfg.reference_route == "decoupled"
+        if (
+            (r and not all_real)
+            or txt_keep is not None
+            or decoupled
+            or (r and tok is not None and not bool(tok[:, :r].all()))
+        ):
+            keep = torch.ones(b, n_txt + n_tokens, dtype=torch.bool, device=dev)
+            if txt_keep is not None:
+                keep[:, :n_txt] = txt_keep
+            for i in range(r):
+                s = n_txt + (2 + i) * n_img
+                ok = cond.ref_mask[:, i : i + 1]  # (B, 1)
+                keep[:, s : s + n_img] = ok if tok is None else ok & tok[:, i]
+            attn_kwargs = {"attention_mask": keep[:, None, None, :]}
+            if decoupled:  # eq. 4 replaces the joint softmax (models.refstar.decoupled_attention)
+                from models.refstar import RefSplit
+
+                s0 = n_txt + 2 * n_img
+                attn_kwargs = {"ref_split": RefSplit(s0, s0 + r * n_img, keep, self.cfg.decoupled_scale)}
+        return attn_kwargs
+
+    def _modulation(self, sigma, cond, r, n_txt, x):
+        """(temb, double-stream image and text modulation, single-stream modulation): the stock
+        embedders, plus the identity pathway's offsets on the image tokens (eq. 4)."""
+        tr = self.transformer
+        timestep = sigma.to(x.dtype) * 1000
+        temb = tr.time_guidance_embed(timestep, None)  # (B, D)
+        mod_img = tr.double_stream_modulation_img(temb)  # (B, 6D)
+        mod_txt = tr.double_stream_modulation_txt(temb)  # (B, 6D)
+        mod_single = tr.single_stream_modulation(temb)  # (B, 3D)
+        if self.identity is not None:
+            e_id = identity_anchor(
+                cond.z_refs[:, :r] if r else cond.z_refs[:, :0],
+                cond.ref_mask[:, :r],
+                cond.z_deg,
+                self.cfg.temperature,
+            )
+            d_dbl, d_sgl = self.identity(e_id)  # (B, 6D), (B, 3D)
+            mod_img = mod_img + d_dbl  # image stream only
+            is_img = torch.zeros(1, n_txt + x.shape[1], 1, dtype=x.dtype, device=x.device)
+            is_img[:, n_txt:] = 1
+            mod_single = (
+                mod_single.unsqueeze(1) + d_sgl.unsqueeze(1) * is_img
+            )  # (B, L, 3D), zero rows on text
+        return temb, mod_img, mod_txt, mod_single
+
+    def _blocks(self, hs, ehs, mods, rotary, attn_kwargs, memory, n_txt, n_img) -> torch.Tensor:
+        """The double-stream then the single-stream blocks (with the memory cross-attention after each,
+        eq. 7, when built); the joint hidden states (B, L_txt + L_img, D)."""
+        tr = self.transformer
+        mod_img, mod_txt, mod_single = mods
         k = 0
         for block in tr.transformer_blocks:
             ehs, hs = self._run(k, block, hs, ehs, mod_img, mod_txt, rotary, attn_kwargs)
@@ -444,6 +466,12 @@ class IConFace(nn.Module):
                     [hs[:, :s], self.xattn[k](hs[:, s : s + n_img], memory), hs[:, s + n_img :]], 1
                 )
             k += 1
+        return hs
+
+    def _readout(self, hs, cond, r, n_txt, n_img) -> torch.Tensor:
+        """The head's input at the scene tokens: their hidden states, plus the aligned degraded tokens'
+        (degraded readout) and the references' evidence (reference readout) where built."""
+        tok = cond.ref_tokens
         scene_h = hs[:, n_txt : n_txt + n_img]  # scene tokens only
         if self.cfg.deg_readout:
             scene_h = scene_h + hs[:, n_txt + n_img : n_txt + 2 * n_img]  # + the aligned degraded tokens
@@ -454,9 +482,7 @@ class IConFace(nn.Module):
             if tok is not None:
                 keep = keep & tok[:, :r]
             scene_h = scene_h + self.ref_fuse(scene_h, h_refs, keep)
-        hs = scene_h
-        out = tr.proj_out(tr.norm_out(hs, temb))  # (B, HW, C)
-        return unpack(out, h, w)
+        return scene_h
 
     def _append_composite(
         self, txt: torch.Tensor, cond: Conditioning, r: int
