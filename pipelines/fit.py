@@ -30,6 +30,38 @@ from pipelines.validation import evaluate
 __all__ = ["SCORE", "FitResult", "fit"]
 
 
+def _validation_report(
+    cfg: TrainConfig,
+    encoders: Encoders,
+    val: Batch | None,
+    val_steps: int,
+    steps: int,
+    report_every: int,
+    report: Callable[[int, float], None] | None,
+    curve: list[tuple[int, float]],
+):
+    """A Lightning callback that validates every `report_every` optimiser steps (strictly inside the
+    run), appends (step, SCORE) to `curve` and passes it to `report`."""
+    from lightning.pytorch.callbacks import Callback
+
+    class Report(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            step = trainer.global_step
+            if (
+                report_every
+                and val is not None
+                and step % report_every == 0
+                and 0 < step < steps
+                and batch_idx % trainer.accumulate_grad_batches == 0
+            ):
+                value = evaluate(pl_module, val, encoders.evaluator, val_steps, cfg.val_guidance)[0][SCORE]
+                curve.append((step, value))
+                if report is not None:
+                    report(step, value)
+
+    return Report()
+
+
 def fit(
     cfg: TrainConfig,
     dcfg: DegradeConfig,
@@ -64,53 +96,32 @@ def fit(
     steps = cfg.max_steps if steps is None else steps
     val_steps = cfg.val_steps if val_steps is None else val_steps
     cfg = replace(cfg, max_steps=steps)
+    run = dict(
+        report_every=report_every,
+        report=report,
+        callbacks=callbacks,
+        logger=logger,
+        checkpoint=checkpoint,
+        resume=resume,
+        inline=inline,
+        ray_cpus=ray_cpus,
+        progress=progress,
+    )
     if cfg.launcher == "ray":
         from pipelines.ray_fit import fit_ray
 
-        return fit_ray(
-            cfg,
-            dcfg,
-            shards,
-            encoders,
-            val,
-            val_steps=val_steps,
-            report_every=report_every,
-            report=report,
-            callbacks=callbacks,
-            logger=logger,
-            checkpoint=checkpoint,
-            resume=resume,
-            inline=inline,
-            ray_cpus=ray_cpus,
-            progress=progress,
-        )
-    from lightning.pytorch.callbacks import Callback
-
+        return fit_ray(cfg, dcfg, shards, encoders, val, val_steps=val_steps, **run)
     torch.set_num_threads(cfg.threads)
     module = build_module(cfg, encoders.primary, encoders.crop_border)
     world = cfg.devices * cfg.num_nodes
     paths = shard_paths(shards, "train") if isinstance(shards, str) else list(shards)
     dm = stream_data(cfg, dcfg, paths, world, inline, ray_cpus)
     curve: list[tuple[int, float]] = []
-
-    class Report(Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            step = trainer.global_step
-            if (
-                report_every
-                and val is not None
-                and step % report_every == 0
-                and 0 < step < steps
-                and batch_idx % trainer.accumulate_grad_batches == 0
-            ):
-                value = evaluate(pl_module, val, encoders.evaluator, val_steps, cfg.val_guidance)[0][SCORE]
-                curve.append((step, value))
-                if report is not None:
-                    report(step, value)
+    validation = _validation_report(cfg, encoders, val, val_steps, steps, report_every, report, curve)
 
     trainer = make_trainer(
         cfg,
-        callbacks=[*([checkpoint] if checkpoint is not None else []), Report(), *callbacks],
+        callbacks=[*([checkpoint] if checkpoint is not None else []), validation, *callbacks],
         logger=logger,
         progress=progress,
         enable_checkpointing=checkpoint is not None,

@@ -196,29 +196,7 @@ def build_pairs(
     if released:
         targets = _released_pairs(mapping, index, e, cfg, metrics, comp)
     else:
-        members = defaultdict(list)
-        for i in range(len(ids)):
-            members[identity[i]].append(i)
-        targets = []
-        for i, iid in enumerate(ids):
-            split = split_of[iid]
-            cands = [j for j in members[identity[i]] if j != i]
-            if not cands:
-                unpaired.append({"target": iid, "split": split, "reason": "single_image_identity"})
-                continue
-            if split in ("val", "test"):
-                far = [j for j in cands if 1.0 - float(e[i] @ e[j]) >= cfg.min_eval_ref_distance]
-                if not far:
-                    unpaired.append(
-                        {
-                            "target": iid,
-                            "split": split,
-                            "reason": f"no reference at distance >= {cfg.min_eval_ref_distance}",
-                        }
-                    )
-                    continue
-                cands = far
-            targets.append((i, split, farthest_point_order(i, cands, e)[: cfg.max_refs]))
+        targets = _own_pairs(ids, identity, split_of, e, cfg, unpaired)
     for i, split, refs in targets:
         if not refs:
             unpaired.append(
@@ -236,29 +214,60 @@ def build_pairs(
         )
     pairs.sort(key=lambda p: (SPLITS.index(p["split"]), p["target"]))
     unpaired.sort(key=lambda p: p["target"])
-    per_split = {s: sum(1 for p in pairs if p["split"] == s) for s in SPLITS}
-    metrics.update(
-        {
-            "targets": per_split,
-            "unpaired": dict(Counter(u["reason"] for u in unpaired)),
-            "identities_per_split": {
-                s: len({p["identity"] for p in pairs if p["split"] == s}) for s in SPLITS
-            },
-            "refs_per_target_mean": {
-                s: round(float(np.mean([len(p["refs"]) for p in pairs if p["split"] == s])), 3)
-                if per_split[s]
-                else 0.0
-                for s in SPLITS
-            },
-            "ref_cosine_mean": round(float(np.mean([c for p in pairs for c in p["ref_cosines"]])), 4)
-            if pairs
-            else math.nan,
-        }
-    )
+    metrics.update(_pair_metrics(pairs, unpaired))
     leaks = _split_leaks(identities)
     if leaks:
         raise AssertionError(f"identity-disjoint splits violated for identities {leaks[:5]}")
     return identities, pairs, unpaired, metrics
+
+
+def _own_pairs(ids, identity, split_of, e, cfg: PairsConfig, unpaired: list[dict]) -> list[tuple]:
+    """(target index, split, reference indices) for every image whose identity has other images: the
+    farthest-point order of its identity's other images, val/test references at least
+    `min_eval_ref_distance` away; the targets left without a reference go to `unpaired`."""
+    members = defaultdict(list)
+    for i in range(len(ids)):
+        members[identity[i]].append(i)
+    targets = []
+    for i, iid in enumerate(ids):
+        split = split_of[iid]
+        cands = [j for j in members[identity[i]] if j != i]
+        if not cands:
+            unpaired.append({"target": iid, "split": split, "reason": "single_image_identity"})
+            continue
+        if split in ("val", "test"):
+            far = [j for j in cands if 1.0 - float(e[i] @ e[j]) >= cfg.min_eval_ref_distance]
+            if not far:
+                unpaired.append(
+                    {
+                        "target": iid,
+                        "split": split,
+                        "reason": f"no reference at distance >= {cfg.min_eval_ref_distance}",
+                    }
+                )
+                continue
+            cands = far
+        targets.append((i, split, farthest_point_order(i, cands, e)[: cfg.max_refs]))
+    return targets
+
+
+def _pair_metrics(pairs: list[dict], unpaired: list[dict]) -> dict:
+    """Targets, identities and references per split, unpaired reasons, the mean ref-target cosine."""
+    per_split = {s: sum(1 for p in pairs if p["split"] == s) for s in SPLITS}
+    return {
+        "targets": per_split,
+        "unpaired": dict(Counter(u["reason"] for u in unpaired)),
+        "identities_per_split": {s: len({p["identity"] for p in pairs if p["split"] == s}) for s in SPLITS},
+        "refs_per_target_mean": {
+            s: round(float(np.mean([len(p["refs"]) for p in pairs if p["split"] == s])), 3)
+            if per_split[s]
+            else 0.0
+            for s in SPLITS
+        },
+        "ref_cosine_mean": round(float(np.mean([c for p in pairs for c in p["ref_cosines"]])), 4)
+        if pairs
+        else math.nan,
+    }
 
 
 def _split_leaks(identities: list[dict]) -> list[str]:

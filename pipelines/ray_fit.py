@@ -235,6 +235,83 @@ def train_worker(config: dict) -> None:
 # ==================================================================================================
 
 
+def _open_logger_run(logger) -> None:
+    """An MLflow logger's run is created here, by the driver (every worker and restart logs into it);
+    its tracking URI must be absolute, since the workers run in another folder."""
+    from pipelines.tracking import absolute_uri
+
+    uri = getattr(logger, "_tracking_uri", None)  # Lightning's MLFlowLogger
+    if isinstance(uri, str) and absolute_uri(uri) != uri:
+        raise ValueError(
+            f"the MLflow logger's tracking URI {uri} is relative: Ray Train workers run in another folder; "
+            f"pass {absolute_uri(uri)} (pipelines.tracking.absolute_uri) or a tracking server's URI"
+        )
+    if uri is not None:
+        logger.run_id  # noqa: B018 (creates the MLflow run here: every worker and restart logs into it)
+
+
+def _storage(cfg: TrainConfig, checkpoint) -> str:
+    """Where Ray Train keeps this run's checkpoints: `train.ray_storage`, else beside the Lightning
+    checkpoints, else a fresh temporary folder (absolute)."""
+    storage = cfg.ray_storage
+    if storage is None:
+        if checkpoint is not None and checkpoint.dirpath is not None:
+            storage = os.path.join(checkpoint.dirpath, "ray")
+        else:
+            storage = tempfile.mkdtemp(prefix="refface-ray-train-")
+    return _absolute(storage)
+
+
+def _final_checkpoint(result, name: str, storage: str) -> tuple[dict, dict]:
+    """(the workers' summary, their final weights) from the run's last checkpoint, which must be the
+    final one."""
+    from safetensors.torch import load_file
+
+    if result.checkpoint is None:
+        raise RuntimeError(f"Ray Train run {name} ended without a checkpoint (storage {storage})")
+    with result.checkpoint.as_directory() as d:
+        summary_file = Path(d, SUMMARY_NAME)
+        if not summary_file.is_file():
+            raise RuntimeError(
+                f"Ray Train run {name}: the last checkpoint ({result.checkpoint.path}) is not the final one; "
+                "the run stopped before max_steps"
+            )
+        summary = json.loads(summary_file.read_text())
+        state = load_file(str(Path(d, WEIGHTS_NAME)))
+    return summary, state
+
+
+def _driver_module(cfg: TrainConfig, encoders: Encoders, state: dict, summary: dict, name: str):
+    """The driver's module: the same network, the workers' final weights and counters."""
+    torch.set_num_threads(cfg.threads)
+    module = build_module(cfg, encoders.primary, encoders.crop_border, train=False)
+    net = module.net
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    wanted = {f"net.{n}" for n, p in net.named_parameters() if p.requires_grad}
+    if unexpected or wanted & set(missing):
+        raise RuntimeError(
+            f"Ray Train run {name}: the final weights do not fit the driver's network "
+            f"(missing {sorted(wanted & set(missing))[:5]}, unexpected {unexpected[:5]})"
+        )
+    module.history = summary["history"]
+    module.mix = Counter({int(k): v for k, v in summary["mix"].items()})
+    module.shortfall, module.samples = summary["shortfall"], summary["samples"]
+    return module
+
+
+def _timing(summary: dict, launch_s: float) -> dict:
+    """The run's timing figures from the workers' summary and the driver's wall time."""
+    train_s = summary["train_s"]
+    return {
+        "train_s": round(train_s, 1),
+        "samples_per_s": round(summary["samples"] * summary["world_size"] / max(train_s, 1e-9), 3),
+        "data_wait_fraction": round(summary["wait_s"] / max(train_s, 1e-9), 4),
+        "samples_seen_this_run": int(summary["samples"]),
+        "launch_s": round(launch_s, 1),  # the driver's wall time: start-up, restarts, training
+        "resumed_from_step": int(summary["start_step"]),
+    }
+
+
 def fit_ray(
     cfg: TrainConfig,
     dcfg: DegradeConfig,
@@ -257,19 +334,10 @@ def fit_ray(
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-    from safetensors.torch import load_file
 
     from pipelines.stream import connect
-    from pipelines.tracking import absolute_uri
 
-    uri = getattr(logger, "_tracking_uri", None)  # Lightning's MLFlowLogger
-    if isinstance(uri, str) and absolute_uri(uri) != uri:
-        raise ValueError(
-            f"the MLflow logger's tracking URI {uri} is relative: Ray Train workers run in another folder; "
-            f"pass {absolute_uri(uri)} (pipelines.tracking.absolute_uri) or a tracking server's URI"
-        )
-    if uri is not None:
-        logger.run_id  # noqa: B018 (creates the MLflow run here: every worker and restart logs into it)
+    _open_logger_run(logger)
     connect(dcfg.num_cpus if ray_cpus is None else ray_cpus)
     gpu = use_gpu(cfg)
     inline = inline or cfg.ray_degrade == "inline"
@@ -283,13 +351,7 @@ def fit_ray(
         resume = _absolute(resume)
     if checkpoint is not None and checkpoint.dirpath is not None:
         checkpoint.dirpath = _absolute(checkpoint.dirpath)
-    storage = cfg.ray_storage
-    if storage is None:
-        if checkpoint is not None and checkpoint.dirpath is not None:
-            storage = os.path.join(checkpoint.dirpath, "ray")
-        else:
-            storage = tempfile.mkdtemp(prefix="refface-ray-train-")
-    storage = _absolute(storage)
+    storage = _storage(cfg, checkpoint)
     name = f"fit-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"  # one per call: restarts only
     config = {
         "cfg": cfg,
@@ -327,17 +389,7 @@ def fit_ray(
     t0 = time.perf_counter()
     result = trainer.fit()
     launch_s = time.perf_counter() - t0
-    if result.checkpoint is None:
-        raise RuntimeError(f"Ray Train run {name} ended without a checkpoint (storage {storage})")
-    with result.checkpoint.as_directory() as d:
-        summary_file = Path(d, SUMMARY_NAME)
-        if not summary_file.is_file():
-            raise RuntimeError(
-                f"Ray Train run {name}: the last checkpoint ({result.checkpoint.path}) is not the final one; "
-                "the run stopped before max_steps"
-            )
-        summary = json.loads(summary_file.read_text())
-        state = load_file(str(Path(d, WEIGHTS_NAME)))
+    summary, state = _final_checkpoint(result, name, storage)
     # The checkpoints are read: remove this run's folder, or the whole storage when it is ours (the
     # default; it may also hold the runs of drivers that were killed, whose work `resume` carried on).
     if cfg.ray_storage is None:
@@ -345,32 +397,11 @@ def fit_ray(
     elif "://" not in storage:
         shutil.rmtree(os.path.join(storage, name), ignore_errors=True)
 
-    # The driver's module: the same network, the workers' final weights and counters.
-    torch.set_num_threads(cfg.threads)
-    module = build_module(cfg, encoders.primary, encoders.crop_border, train=False)
-    net = module.net
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    wanted = {f"net.{n}" for n, p in net.named_parameters() if p.requires_grad}
-    if unexpected or wanted & set(missing):
-        raise RuntimeError(
-            f"Ray Train run {name}: the final weights do not fit the driver's network "
-            f"(missing {sorted(wanted & set(missing))[:5]}, unexpected {unexpected[:5]})"
-        )
-    module.history = summary["history"]
-    module.mix = Counter({int(k): v for k, v in summary["mix"].items()})
-    module.shortfall, module.samples = summary["shortfall"], summary["samples"]
+    module = _driver_module(cfg, encoders, state, summary, name)
     curve = [(int(s), float(v)) for s, v in summary["curve"]]
     if report is not None:
         for step, value in curve:  # may raise (Optuna's pruning), as it would mid-run
             report(step, value)
-    train_s = summary["train_s"]
-    timing = {
-        "train_s": round(train_s, 1),
-        "samples_per_s": round(summary["samples"] * summary["world_size"] / max(train_s, 1e-9), 3),
-        "data_wait_fraction": round(summary["wait_s"] / max(train_s, 1e-9), 4),
-        "samples_seen_this_run": int(summary["samples"]),
-        "launch_s": round(launch_s, 1),  # the driver's wall time: start-up, restarts, training
-        "resumed_from_step": int(summary["start_step"]),
-    }
+    timing = _timing(summary, launch_s)
     metrics, outputs = summarise(module, summary["steps"], cfg, encoders, val, val_steps)
     return FitResult(metrics, timing, module, outputs, curve)

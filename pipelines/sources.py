@@ -155,6 +155,8 @@ def _list_unlabelled(cfg: SourceConfig, root: Path) -> SourceListing:
 
 
 def _list_ffhq_ref(cfg: SourceConfig, root: Path) -> SourceListing:
+    """FFHQ-Ref as released: the images, the id-based split lists and the reference mappings; identities
+    are the connected components of the gt-reference links. Every problem is a listed item."""
     img_dir = root / cfg.images_dir
     if not img_dir.is_dir():
         raise SourceError(
@@ -162,6 +164,39 @@ def _list_ffhq_ref(cfg: SourceConfig, root: Path) -> SourceListing:
         )
     on_disk = {p.name: p for p in _walk(img_dir) if _is_image(p, cfg) and not p.name.startswith(".")}
     problems: list[dict] = []
+    split_of = _ffhq_ref_splits(root, problems)
+    mapping = _ffhq_ref_mapping(root, img_dir, on_disk, problems)
+    find = _identity_components(mapping)
+    items, seen = [], set()
+    for name in sorted(split_of):
+        if name not in on_disk:
+            problems.append(
+                {
+                    "item": name,
+                    "reason": "missing_file",
+                    "detail": f"listed in {split_of[name]}_image.txt, not in {img_dir}",
+                }
+            )
+            continue
+        iid = _stem_id(name)
+        if iid in seen:
+            problems.append(
+                {"item": name, "reason": "duplicate_name", "detail": f"image id {iid} already listed"}
+            )
+            continue
+        seen.add(iid)
+        rel = on_disk[name].relative_to(root).as_posix()
+        items.append(SourceItem(iid, str(on_disk[name]), rel, f"ffhqref_{find(iid)}", split_of[name]))
+    for name in sorted(set(on_disk) - set(split_of)):
+        problems.append(
+            {"item": str(on_disk[name]), "reason": "not_in_split_lists", "detail": "not part of FFHQ-Ref"}
+        )
+    return SourceListing("ffhq_ref", str(root), items, problems, mapping, labelled=True)
+
+
+def _ffhq_ref_splits(root: Path, problems: list[dict]) -> dict[str, str]:
+    """Image name -> split from id_based_ffhq_split/{split}_image.txt; missing lists and names in two
+    splits are problems."""
     split_of: dict[str, str] = {}
     for split in SPLITS:
         lst = root / "id_based_ffhq_split" / f"{split}_image.txt"
@@ -184,6 +219,14 @@ def _list_ffhq_ref(cfg: SourceConfig, root: Path) -> SourceListing:
                 )
                 continue
             split_of[name] = split
+    return split_of
+
+
+def _ffhq_ref_mapping(
+    root: Path, img_dir: Path, on_disk: dict[str, Path], problems: list[dict]
+) -> list[dict]:
+    """The rows of reference_mapping/{split}_references.csv whose target exists (references missing on
+    disk are dropped from their row); every unusable row or file is a problem."""
     mapping: list[dict] = []
     for split in SPLITS:
         csv_path = root / "reference_mapping" / f"{split}_references.csv"
@@ -246,7 +289,12 @@ def _list_ffhq_ref(cfg: SourceConfig, root: Path) -> SourceListing:
                         "row": where,
                     }
                 )
-    # Identities: connected components of the released gt-ref links.
+    return mapping
+
+
+def _identity_components(mapping: list[dict]):
+    """find(image id) -> its identity: the smallest id of its connected component of gt-reference
+    links (union-find)."""
     parent: dict[str, str] = {}
 
     def find(a: str) -> str:
@@ -261,31 +309,7 @@ def _list_ffhq_ref(cfg: SourceConfig, root: Path) -> SourceListing:
             ra, rb = find(m["gt"]), find(r)
             if ra != rb:
                 parent[max(ra, rb)] = min(ra, rb)
-    items, seen = [], set()
-    for name in sorted(split_of):
-        if name not in on_disk:
-            problems.append(
-                {
-                    "item": name,
-                    "reason": "missing_file",
-                    "detail": f"listed in {split_of[name]}_image.txt, not in {img_dir}",
-                }
-            )
-            continue
-        iid = _stem_id(name)
-        if iid in seen:
-            problems.append(
-                {"item": name, "reason": "duplicate_name", "detail": f"image id {iid} already listed"}
-            )
-            continue
-        seen.add(iid)
-        rel = on_disk[name].relative_to(root).as_posix()
-        items.append(SourceItem(iid, str(on_disk[name]), rel, f"ffhqref_{find(iid)}", split_of[name]))
-    for name in sorted(set(on_disk) - set(split_of)):
-        problems.append(
-            {"item": str(on_disk[name]), "reason": "not_in_split_lists", "detail": "not part of FFHQ-Ref"}
-        )
-    return SourceListing("ffhq_ref", str(root), items, problems, mapping, labelled=True)
+    return find
 
 
 def _stem_id(name: str) -> str:

@@ -145,7 +145,16 @@ class TrainConfig:
     cycle_sigma: Literal["max", "train"] = "max"
 
     def validate(self, where: str) -> None:
+        """Every check of the section; the first that fails raises a ConfigError naming `where`.key."""
         self._validate_compile(where)
+        self._validate_transfer(where)
+        self._validate_model(where)
+        self._validate_ranks(where)
+        self._validate_paths(where)
+        self._validate_composite(where)
+
+    def _validate_transfer(self, where: str) -> None:
+        """RefSTAR's transfer options and the σ draw: ranges, and the combinations that act together."""
         if not 0 < self.mask_token_keep <= 1:
             raise ConfigError(f"{where}.mask_token_keep must lie in (0, 1] (got {self.mask_token_keep})")
         if not self.sigma_shift > 0:
@@ -170,6 +179,9 @@ class TrainConfig:
 
                 if not Path(path).exists():
                     raise ConfigError(f"{where}.{name}: {path} does not exist; give a local path or null")
+
+    def _validate_model(self, where: str) -> None:
+        """Backbone, variant, σ_max, LoRA rank and the reference counts."""
         if self.backbone not in BACKBONE_NAMES:
             raise ConfigError(
                 f"{where}.backbone: unknown backbone {self.backbone!r}; valid: {', '.join(BACKBONE_NAMES)}"
@@ -194,6 +206,9 @@ class TrainConfig:
             raise ConfigError(
                 f"{where}.ref_schedule needs max_refs + 1 = {self.max_refs + 1} probabilities summing to 1"
             )
+
+    def _validate_ranks(self, where: str) -> None:
+        """The launcher's ranks: Ray Train's settings, and a batch that divides over the ranks."""
         if self.launcher == "ray":
             if self.devices != 1 or self.num_nodes != 1:
                 raise ConfigError(
@@ -221,6 +236,9 @@ class TrainConfig:
                 f"{where}.batch_size {self.batch_size} is not divisible by {world} ranks ({ranks}); "
                 f"use a multiple of {world}"
             )
+
+    def _validate_paths(self, where: str) -> None:
+        """Local weights: the front end, the FLUX.2 folders and the prompt cache exist where given."""
         if self.front and not self.front_end:
             raise ConfigError(f"{where}.front is set but front_end is 0: give the front end's width")
         for name in ("weights", "vae", "prompt_cache"):
@@ -236,6 +254,9 @@ class TrainConfig:
             raise ConfigError(
                 f"{where}: backbone klein_base_4b needs weights, vae and prompt_cache (local paths)"
             )
+
+    def _validate_composite(self, where: str) -> None:
+        """Seed 002's composite context: dropouts, HEI λ, its DDP strategy and its encoder's weights."""
         for name in ("context_dropout", "image_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(
