@@ -155,7 +155,7 @@ class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
         self.matmul = self.attention = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        from models.iconface import ATTENTION_OPS, MATMUL_OPS
+        from models.checkpointing import ATTENTION_OPS, MATMUL_OPS
 
         self.matmul += func in MATMUL_OPS
         self.attention += func in ATTENTION_OPS
