@@ -512,7 +512,7 @@ class IConFace(nn.Module):
 
         policy `full` keeps a block's inputs only and recomputes the whole block in the backward. The
         others are selective activation checkpointing: `save_matmuls` also keeps the outputs of its
-        matrix products and attention (`MATMUL_OPS`, `ATTENTION_OPS`) and recomputes only what lies
+        matrix products and attention (`models.checkpointing`) and recomputes only what lies
         between them (norms, modulation, rotary embedding, activations, casts); `save_attention` keeps
         the attention outputs only (a few MiB per block) and recomputes the rest. All give the
         gradients of no checkpointing."""
