@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from pipelines.config import TuneConfig
 from pipelines.io import write_bytes, write_json
 from stages._common import load_params, parser, setup_logging
 
@@ -123,6 +124,116 @@ def run_trials(n: int, params_path: str, shards: str, encoders: str, parent_run:
     study.optimize(objective, n_trials=n, callbacks=[budget_left])
 
 
+def open_study(cfg: TuneConfig):
+    """Create (or, with `tune.resume`, load) the study in `tune.storage`; without resume an existing study
+    of that name is deleted first."""
+    import optuna
+
+    from pipelines.tracking import sqlite_path
+
+    storage = cfg.storage
+    if (db := sqlite_path(storage)) is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)  # outside the stage's DVC output: a database's bytes
+        # change with every run (timestamps), the outputs must not
+    pruner = optuna.pruners.MedianPruner(
+        n_startup_trials=cfg.pruner_startup_trials, n_warmup_steps=cfg.report_every
+    )
+    if not cfg.resume:
+        # A DVC run of this stage starts the study afresh: trials left in the storage by earlier code or
+        # params must not decide today's best (a fresh clone would get another best_value).
+        try:
+            optuna.delete_study(study_name=cfg.study_name, storage=storage)
+        except KeyError:
+            pass
+    return optuna.create_study(
+        study_name=cfg.study_name,
+        storage=storage,
+        direction="maximize",
+        load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=cfg.seed),
+        pruner=pruner,
+    )
+
+
+def run_trials_on_ray(
+    left: int, cfg: TuneConfig, params: str, shards: str, encoders: str, parent_run: str
+) -> None:
+    """Split `left` trials over `tune.parallel` Ray tasks, each running `run_trials`."""
+    from pipelines.stream import connect
+    from pipelines.tracking import DEFAULT_DB
+
+    connect(None)
+    import ray
+
+    task = ray.remote(num_cpus=1)(run_trials)
+    per = [left // cfg.parallel + (1 if i < left % cfg.parallel else 0) for i in range(cfg.parallel)]
+    env = {
+        "env_vars": {
+            "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI")
+            or "sqlite:///" + str(Path(DEFAULT_DB).resolve())
+        }
+    }
+    ray.get(
+        [
+            task.options(runtime_env=env).remote(
+                k,
+                str(Path(params).resolve()),
+                str(Path(shards).resolve()),
+                str(Path(encoders).resolve()),
+                parent_run,
+                cfg.storage,
+            )
+            for k in per
+            if k
+        ]
+    )
+
+
+def write_best_and_trials(out: Path, cfg: TuneConfig, study, best, n_complete: int) -> None:
+    """Write `best_params.yaml` (the best trial's parameters as a commented `train:` fragment) and
+    `trials.csv` (one row per trial)."""
+    fragment = {
+        "train": {k: (float(v) if isinstance(v, float) else v) for k, v in sorted(best.params.items())}
+    }
+    header = (
+        f"# Best of study {cfg.study_name} (trial {best.number}, restored_id_sim {best.value:.4f}, "
+        f"{n_complete} complete of {len(study.trials)} trials).\n# Review, then merge into params.yaml's train section.\n"
+    )
+    write_bytes(out / "best_params.yaml", (header + yaml.safe_dump(fragment, sort_keys=True)).encode())
+    with open(out / "trials.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        names = sorted(cfg.space)
+        w.writerow(["number", "state", "value", *names])
+        for t in study.trials:
+            w.writerow([t.number, t.state.name, t.value, *[t.params.get(n) for n in names]])
+
+
+def plot_study(out: Path, study, n_complete: int, seed: int) -> None:
+    """Save Optuna's optimisation history as `history.png` and, from two complete trials on, the
+    parameter importances (seeded fANOVA) as `importance.png`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    ax = ovm.plot_optimization_history(study)
+    ax.figure.tight_layout()
+    ax.figure.savefig(out / "history.png", dpi=100)
+    plt.close("all")
+    if n_complete >= 2:
+        try:
+            # fANOVA fits a random forest: seeded, or the plot differs between identical studies
+            evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
+            ax = ovm.plot_param_importances(study, evaluator=evaluator)
+            ax.figure.tight_layout()
+            ax.figure.savefig(out / "importance.png", dpi=100)
+        except (RuntimeError, ValueError) as exc:  # e.g. all trials with the same score
+            print(f"tune: no importance plot ({exc})")
+        plt.close("all")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__)
     for a in ("--shards", "--encoders", "--out", "--metrics"):
@@ -137,31 +248,9 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     storage = cfg.storage
-    from pipelines.tracking import sqlite_path
-
-    if (db := sqlite_path(storage)) is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)  # outside the stage's DVC output: a database's bytes
-        # change with every run (timestamps), the outputs must not
-    pruner = optuna.pruners.MedianPruner(
-        n_startup_trials=cfg.pruner_startup_trials, n_warmup_steps=cfg.report_every
-    )
-    if not cfg.resume:
-        # A DVC run of this stage starts the study afresh: trials left in the storage by earlier code or
-        # params must not decide today's best (a fresh clone would get another best_value).
-        try:
-            optuna.delete_study(study_name=cfg.study_name, storage=storage)
-        except KeyError:
-            pass
-    study = optuna.create_study(
-        study_name=cfg.study_name,
-        storage=storage,
-        direction="maximize",
-        load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=cfg.seed),
-        pruner=pruner,
-    )
+    study = open_study(cfg)
     left = cfg.n_trials - len([t for t in study.trials if t.state.is_finished()])
-    from pipelines.tracking import DEFAULT_DB, tracking_uri
+    from pipelines.tracking import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_experiment(tcfg.experiment)
@@ -171,35 +260,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         if left > 0:
             if cfg.parallel > 1:
-                from pipelines.stream import connect
-
-                connect(None)
-                import ray
-
-                task = ray.remote(num_cpus=1)(run_trials)
-                per = [
-                    left // cfg.parallel + (1 if i < left % cfg.parallel else 0) for i in range(cfg.parallel)
-                ]
-                env = {
-                    "env_vars": {
-                        "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI")
-                        or "sqlite:///" + str(Path(DEFAULT_DB).resolve())
-                    }
-                }
-                ray.get(
-                    [
-                        task.options(runtime_env=env).remote(
-                            k,
-                            str(Path(args.params).resolve()),
-                            str(Path(args.shards).resolve()),
-                            str(Path(args.encoders).resolve()),
-                            parent.info.run_id,
-                            storage,
-                        )
-                        for k in per
-                        if k
-                    ]
-                )
+                run_trials_on_ray(left, cfg, args.params, args.shards, args.encoders, parent.info.run_id)
             else:
                 run_trials(left, args.params, args.shards, args.encoders, parent.info.run_id, storage)
         study = optuna.load_study(study_name=cfg.study_name, storage=storage)
@@ -209,42 +270,8 @@ def main(argv: list[str] | None = None) -> None:
         best = study.best_trial
         mlflow.log_params({f"best.{k}": v for k, v in best.params.items()})
         mlflow.log_metric("best_value", best.value)
-
-        fragment = {
-            "train": {k: (float(v) if isinstance(v, float) else v) for k, v in sorted(best.params.items())}
-        }
-        header = (
-            f"# Best of study {cfg.study_name} (trial {best.number}, restored_id_sim {best.value:.4f}, "
-            f"{len(complete)} complete of {len(study.trials)} trials).\n# Review, then merge into params.yaml's train section.\n"
-        )
-        write_bytes(out / "best_params.yaml", (header + yaml.safe_dump(fragment, sort_keys=True)).encode())
-        with open(out / "trials.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            names = sorted(cfg.space)
-            w.writerow(["number", "state", "value", *names])
-            for t in study.trials:
-                w.writerow([t.number, t.state.name, t.value, *[t.params.get(n) for n in names]])
-
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from optuna.visualization import matplotlib as ovm
-
-        ax = ovm.plot_optimization_history(study)
-        ax.figure.tight_layout()
-        ax.figure.savefig(out / "history.png", dpi=100)
-        plt.close("all")
-        if len(complete) >= 2:
-            try:
-                # fANOVA fits a random forest: seeded, or the plot differs between identical studies
-                evaluator = optuna.importance.FanovaImportanceEvaluator(seed=cfg.seed)
-                ax = ovm.plot_param_importances(study, evaluator=evaluator)
-                ax.figure.tight_layout()
-                ax.figure.savefig(out / "importance.png", dpi=100)
-            except (RuntimeError, ValueError) as exc:  # e.g. all trials with the same score
-                print(f"tune: no importance plot ({exc})")
-            plt.close("all")
+        write_best_and_trials(out, cfg, study, best, len(complete))
+        plot_study(out, study, len(complete), cfg.seed)
         for f in ("history.png", "importance.png", "best_params.yaml", "trials.csv"):
             if (out / f).is_file():
                 mlflow.log_artifact(str(out / f))
