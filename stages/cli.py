@@ -162,7 +162,8 @@ def restore_photo(restorer, aligner, photo: Path, refs, args, matcher=None):
     return paste_back(img, faces, restored, args.upscale), crops, restored, grey
 
 
-def restore_main(args: argparse.Namespace) -> int:
+def check_restore_args(args: argparse.Namespace) -> None:
+    """Refuse option combinations that cannot act together, before anything is loaded."""
     if args.aligned:
         ignored = [
             name
@@ -193,7 +194,11 @@ def restore_main(args: argparse.Namespace) -> int:
             )
     if args.upscale < 1:
         raise SystemExit(f"error: --upscale {args.upscale}: must be a positive integer")
-    photos = inputs_of(args.lq)
+
+
+def output_folder(args: argparse.Namespace, photos: list[Path]) -> Path | None:
+    """The folder the restored photos go to (None: `--out` is the one output image); refuses an image
+    name for several photos, `--side-by-side` with several, and photos whose outputs would collide."""
     many = len(photos) > 1 or any(Path(x).is_dir() for x in args.lq)
     out_dir = Path(args.out) if many or Path(args.out).is_dir() else None
     if out_dir is not None and out_dir.suffix.lower() in IMAGE_SUFFIXES:
@@ -206,28 +211,28 @@ def restore_main(args: argparse.Namespace) -> int:
         raise SystemExit(
             f"error: several photos named {', '.join(twice)}: their outputs would overwrite each other"
         )
-    # The model is found (or refused) before torch and the model code are imported: a wrong --model or a
-    # missing tracking store answers in about a second.
-    t0 = time.perf_counter()
-    restorer = load_restorer(args.model)
-    start = time.perf_counter() - t0
+    return out_dir
+
+
+def reference_masks(args: argparse.Namespace):
+    """The RefSTAR masks asked for: None (auto), "none" | "predict", or the `--ref-mask` images."""
     import numpy as np
     from PIL import Image
 
-    if args.refsel_model:
-        restorer.refsel_path = Path(args.refsel_model)
     ref_masks = None if args.ref_masks == "auto" else args.ref_masks  # RefSTAR (module docstring)
     if args.ref_mask:
         try:
             ref_masks = [np.asarray(Image.open(f)) for f in args.ref_mask]
         except OSError as exc:
             raise SystemExit(f"error: --ref-mask: not a readable mask image ({exc})") from exc
+    return ref_masks
 
-    from pipelines.faces import FaceError, to_grey
+
+def load_references(args: argparse.Namespace, aligner) -> list:
+    """The `--ref` images, each aligned to the model's input unless `--aligned`."""
+    from pipelines.faces import FaceError
     from pipelines.restorer import InputError, check_image
-    from pipelines.viz import save_grid
 
-    aligner = None if args.aligned else _aligner(args, restorer.resolution)
     try:
         refs = []
         for r in args.ref:
@@ -237,12 +242,73 @@ def restore_main(args: argparse.Namespace) -> int:
             refs.append(img)
     except (InputError, FaceError) as exc:
         raise SystemExit(f"error: {exc}") from exc
-    matcher = None
+    return refs
+
+
+def reference_matcher(args: argparse.Namespace, aligner, refs: list):
+    """(dlib face ResNet, the references' mean descriptor) to give references to the faces they show;
+    None without references, with `--aligned` or with `--only-center-face`."""
+    import numpy as np
+
     if refs and aligner is not None and not args.only_center_face:
         from pipelines.faces import DlibResNet
 
         net = DlibResNet(args.landmark_models)
-        matcher = (net, np.mean([net.describe(r) for r in refs], axis=0))
+        return (net, np.mean([net.describe(r) for r in refs], axis=0))
+    return None
+
+
+def save_face_crops(folder: str, stem: str, crops: list, restored: list) -> None:
+    """Write each aligned face crop and its restoration as `<stem>_<k>_aligned.png` / `_restored.png`."""
+    from PIL import Image
+
+    faces_dir = Path(folder)
+    faces_dir.mkdir(parents=True, exist_ok=True)
+    for k, (c, r) in enumerate(zip(crops, restored)):
+        Image.fromarray(c).save(faces_dir / f"{stem}_{k:02d}_aligned.png")
+        Image.fromarray(r).save(faces_dir / f"{stem}_{k:02d}_restored.png")
+
+
+def save_side_by_side(
+    restorer, args: argparse.Namespace, crops: list, restored: list, refs: list, grey: bool
+) -> None:
+    """Write degraded | references | restored (| the blind restoration, with references) of the first
+    face to `--side-by-side`."""
+    from pipelines.faces import to_grey
+    from pipelines.viz import save_grid
+
+    # With references, the blind restoration (same seed) sits beside the referenced one.
+    # the first face (in reading order) when the photo shows several
+    lq = crops[0]
+    blind = [restorer.restore_batch([lq], [[]], **sampler_options(args))[0]] if refs else []
+    blind = [to_grey(b) for b in blind] if grey else blind
+    row = [lq, *[restorer._fit(r) for r in refs], restored[0], *blind]
+    labels = ["degraded" + (f" (face 1 of {len(crops)})" if len(crops) > 1 else ""),
+              *[f"ref{j + 1}" for j in range(len(refs))], "restored"]  # fmt: skip
+    labels += ["restored, no reference"] if refs else []
+    save_grid(args.side_by_side, [row], title=" | ".join(labels), col_labels=labels, cell=128)
+
+
+def restore_main(args: argparse.Namespace) -> int:
+    check_restore_args(args)
+    photos = inputs_of(args.lq)
+    out_dir = output_folder(args, photos)
+    # The model is found (or refused) before torch and the model code are imported: a wrong --model or a
+    # missing tracking store answers in about a second.
+    t0 = time.perf_counter()
+    restorer = load_restorer(args.model)
+    start = time.perf_counter() - t0
+    from PIL import Image
+
+    if args.refsel_model:
+        restorer.refsel_path = Path(args.refsel_model)
+    ref_masks = reference_masks(args)
+
+    from pipelines.restorer import InputError
+
+    aligner = None if args.aligned else _aligner(args, restorer.resolution)
+    refs = load_references(args, aligner)
+    matcher = reference_matcher(args, aligner, refs)
     args.resolved_masks = ref_masks
     failed, times, n_faces = [], [], 0
     for i, photo in enumerate(photos, 1):
@@ -262,27 +328,14 @@ def restore_main(args: argparse.Namespace) -> int:
             continue
         n_faces += len(crops)
         if args.save_faces:
-            faces_dir = Path(args.save_faces)
-            faces_dir.mkdir(parents=True, exist_ok=True)
-            for k, (c, r) in enumerate(zip(crops, restored)):
-                Image.fromarray(c).save(faces_dir / f"{photo.stem}_{k:02d}_aligned.png")
-                Image.fromarray(r).save(faces_dir / f"{photo.stem}_{k:02d}_restored.png")
+            save_face_crops(args.save_faces, photo.stem, crops, restored)
         times.append(time.perf_counter() - t)
         print(
             f"[{i}/{len(photos)}] {photo} -> {target} ({out.shape[1]}x{out.shape[0]}, "
             f"{len(crops)} face(s), {times[-1]:.2f} s)"
         )
         if args.side_by_side:
-            # With references, the blind restoration (same seed) sits beside the referenced one.
-            # the first face (in reading order) when the photo shows several
-            lq = crops[0]
-            blind = [restorer.restore_batch([lq], [[]], **sampler_options(args))[0]] if refs else []
-            blind = [to_grey(b) for b in blind] if grey else blind
-            row = [lq, *[restorer._fit(r) for r in refs], restored[0], *blind]
-            labels = ["degraded" + (f" (face 1 of {len(crops)})" if len(crops) > 1 else ""),
-                      *[f"ref{j + 1}" for j in range(len(refs))], "restored"]  # fmt: skip
-            labels += ["restored, no reference"] if refs else []
-            save_grid(args.side_by_side, [row], title=" | ".join(labels), col_labels=labels, cell=128)
+            save_side_by_side(restorer, args, crops, restored, refs, grey)
     per = sum(times) / len(times) if times else 0.0
     print(
         f"refface: restored {len(times)} of {len(photos)} photo(s), {n_faces} face(s), with {len(refs)} "
@@ -300,12 +353,8 @@ def _masks_said(restorer) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
-        prog="refface", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("restore", help="restore a degraded face photo with 0-3 references")
+def add_restore_arguments(r: argparse.ArgumentParser) -> None:
+    """Add the options of `refface restore` to `r`."""
     r.add_argument("lq", nargs="+", help="degraded photo(s), or folders of them")
     r.add_argument(
         "--ref", action="append", default=[], help="a reference photo of the same person (up to 3)"
@@ -374,12 +423,26 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="RefSel model (default: the bundle's, else data/refsel/model.safetensors)",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`refface` with its subcommands `restore` and `prompt-cache`."""
+    p = argparse.ArgumentParser(
+        prog="refface", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("restore", help="restore a degraded face photo with 0-3 references")
+    add_restore_arguments(r)
     c = sub.add_parser(
         "prompt-cache", help="embed the restoration prompt with a local Qwen3 folder (train.prompt_cache)"
     )
     c.add_argument("--text-encoder", required=True, help="local Qwen3 folder (FLUX.2-klein's text encoder)")
     c.add_argument("--out", required=True, help="the cache to write (safetensors {prompt, empty})")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.command == "prompt-cache":
         from models.prompt import encode_with_qwen, save_prompt_cache
 
