@@ -455,7 +455,8 @@ def fmt(v, spec: str = ".3f") -> str:
     return "—" if v is None else format(v, spec)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's command line."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--small", action="store_true", help="tiny config on the CPU (the test's mode)")
     p.add_argument("--warmup", type=int, default=2)
@@ -473,7 +474,123 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path)
-    args = p.parse_args(argv)
+    return p
+
+
+def measure_floor(scale: Scale, paths: dict[str, str], dev: torch.device) -> dict:
+    """The device's matmul rate and one 3-reference forward's FLOPs, hence the forward's time floor, as
+    the head of the result (its `train` and `restore` lists empty); prints them."""
+    rate = matmul_flops_per_s(dev, scale.matmul)
+    cfg = train_config(scale, paths, {"compile": False})
+    module = build_module(scale, cfg, dev)
+    flops = count_forward_flops(module, synthetic_batch(scale, 1, 3, seed=2), dev)
+    del module
+    reset_peak(dev)
+    floor_fwd = flops / rate
+    result: dict = {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (--small)",
+        "torch": torch.__version__,
+        "scale": scale.backbone,
+        "resolution": scale.resolution,
+        "matmul_tflops": rate / 1e12,
+        "forward_tflop_3_refs": flops / 1e12,
+        "floor_forward_s": floor_fwd,
+        "train": [],
+        "restore": [],
+    }
+    print(
+        f"device {result['device']}; {scale.backbone} at {scale.resolution}²; matmul "
+        f"{rate / 1e12:.1f} TFLOP/s; one forward with 3 references {flops / 1e12:.3g} TFLOP → floor "
+        f"{floor_fwd:.4f} s",
+        flush=True,
+    )
+    return result
+
+
+def bench_training(
+    result: dict, scale: Scale, paths: dict[str, str], dev: torch.device, rows: list, args: argparse.Namespace
+) -> None:
+    """Time each training row, append it (with its floor) to `result["train"]` and print its table line;
+    the result is saved after each row."""
+    floor_fwd = result["floor_forward_s"]
+    print("\n| configuration | step s | samples/s | peak GiB | weights MiB | floor step s | × floor |")
+    print("|---|---:|---:|---:|---:|---:|---:|", flush=True)
+    for label, over in rows:
+        r = train_row(scale, paths, dev, over, args.warmup, args.steps)
+        refs = over.get("refs", 3)
+        # a step ≈ forward + backward (2×) (+ one recomputed forward with checkpointing), per sample,
+        # scaled from the 3-reference forward by the image token count (2 + refs segments of 5)
+        ckpt = over.get("gradient_checkpointing", True)
+        floor = floor_fwd * (4 if ckpt else 3) * over.get("batch", 1) * (2 + refs) / 5
+        r.update({"label": label, "floor_step_s": floor, "x_floor": r["step_s"] / floor})
+        result["train"].append(r)
+        print(
+            f"| {label} | {r['step_s']:.3f} | {r['samples_per_s']:.2f} | {fmt(r['peak_gib'], '.1f')} | "
+            f"{r['weights_mib']:.1f} | {floor:.3f} | {r['x_floor']:.2f} |",
+            flush=True,
+        )
+        save(result, args.json)
+
+
+def bench_restore(
+    result: dict,
+    scale: Scale,
+    paths: dict[str, str],
+    dev: torch.device,
+    setups: list,
+    args: argparse.Namespace,
+) -> None:
+    """Time each restore set-up, append it to `result["restore"]` and print its table line; with
+    `--profile`, the kernel-class profiles go to `result["profile"]` and are printed."""
+    floor_fwd = result["floor_forward_s"]
+    print(
+        f"\nRestore ({args.restore_steps} steps, guidance {args.guidance}, 3 references, batch 1, "
+        f"{scale.resolution}²):"
+    )
+    print("\n| set-up | forward s | restore s/image | × floor | compile s | peak GiB | max |Δ| vs first |")
+    print("|---|---:|---:|---:|---:|---:|---:|", flush=True)
+    n_fwd = args.restore_steps * (2 if args.guidance != 1.0 else 1)
+    profiles = {} if args.profile else None
+    rrows = restore_rows(
+        scale, paths, dev, args.restore_steps, args.guidance, args.restore_runs, setups, profiles
+    )
+    for label, fwd, img_s, comp, peak, diff in rrows:
+        x = img_s / (floor_fwd * n_fwd)
+        result["restore"].append(
+            {
+                "label": label,
+                "forward_s": fwd,
+                "restore_s": img_s,
+                "x_floor": x,
+                "compile_s": comp,
+                "peak_gib": peak,
+                "max_abs_diff": diff,
+            }
+        )
+        print(
+            f"| {label} | {fwd:.4f} | {img_s:.3f} | {x:.2f} | {fmt(comp, '.1f')} | {fmt(peak, '.1f')} | "
+            f"{diff:.4f} |",
+            flush=True,
+        )
+    if profiles:
+        result["profile"] = profiles
+        print_profiles(profiles)
+
+
+def summary_line(result: dict) -> str:
+    """The closing line: rows and set-ups run, the recipe row's step, the fastest restore."""
+    parts = [f"bench_gpu: {len(result['train'])} training rows, {len(result['restore'])} restore set-ups"]
+    recipe = next((r for r in result["train"] if r["label"] == RECIPE_ROW), None)
+    if recipe:
+        parts.append(f"recipe step {recipe['step_s']:.3f} s at {fmt(recipe['peak_gib'], '.1f')} GiB")
+    if result["restore"]:
+        best = min(result["restore"], key=lambda r: r["restore_s"])
+        parts.append(f"fastest restore {best['restore_s']:.3f} s/image ({best['label']})")
+    return "; ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
     scale = SMALL if args.small else FULL
     if not args.small and not torch.cuda.is_available():
         raise SystemExit("bench_gpu: no CUDA device; run with --small on the CPU")
@@ -488,90 +605,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_inputs(scale, Path(tmp))
-        rate = matmul_flops_per_s(dev, scale.matmul)
-        cfg = train_config(scale, paths, {"compile": False})
-        module = build_module(scale, cfg, dev)
-        flops = count_forward_flops(module, synthetic_batch(scale, 1, 3, seed=2), dev)
-        del module
-        reset_peak(dev)
-        floor_fwd = flops / rate
-        result: dict = {
-            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (--small)",
-            "torch": torch.__version__,
-            "scale": scale.backbone,
-            "resolution": scale.resolution,
-            "matmul_tflops": rate / 1e12,
-            "forward_tflop_3_refs": flops / 1e12,
-            "floor_forward_s": floor_fwd,
-            "train": [],
-            "restore": [],
-        }
-        print(
-            f"device {result['device']}; {scale.backbone} at {scale.resolution}²; matmul "
-            f"{rate / 1e12:.1f} TFLOP/s; one forward with 3 references {flops / 1e12:.3g} TFLOP → floor "
-            f"{floor_fwd:.4f} s",
-            flush=True,
-        )
-        print("\n| configuration | step s | samples/s | peak GiB | weights MiB | floor step s | × floor |")
-        print("|---|---:|---:|---:|---:|---:|---:|", flush=True)
-        for label, over in rows:
-            r = train_row(scale, paths, dev, over, args.warmup, args.steps)
-            refs = over.get("refs", 3)
-            # a step ≈ forward + backward (2×) (+ one recomputed forward with checkpointing), per sample,
-            # scaled from the 3-reference forward by the image token count (2 + refs segments of 5)
-            ckpt = over.get("gradient_checkpointing", True)
-            floor = floor_fwd * (4 if ckpt else 3) * over.get("batch", 1) * (2 + refs) / 5
-            r.update({"label": label, "floor_step_s": floor, "x_floor": r["step_s"] / floor})
-            result["train"].append(r)
-            print(
-                f"| {label} | {r['step_s']:.3f} | {r['samples_per_s']:.2f} | {fmt(r['peak_gib'], '.1f')} | "
-                f"{r['weights_mib']:.1f} | {floor:.3f} | {r['x_floor']:.2f} |",
-                flush=True,
-            )
-            save(result, args.json)
-        print(
-            f"\nRestore ({args.restore_steps} steps, guidance {args.guidance}, 3 references, batch 1, "
-            f"{scale.resolution}²):"
-        )
-        print(
-            "\n| set-up | forward s | restore s/image | × floor | compile s | peak GiB | max |Δ| vs first |"
-        )
-        print("|---|---:|---:|---:|---:|---:|---:|", flush=True)
-        n_fwd = args.restore_steps * (2 if args.guidance != 1.0 else 1)
-        profiles = {} if args.profile else None
-        rrows = restore_rows(
-            scale, paths, dev, args.restore_steps, args.guidance, args.restore_runs, setups, profiles
-        )
-        for label, fwd, img_s, comp, peak, diff in rrows:
-            x = img_s / (floor_fwd * n_fwd)
-            result["restore"].append(
-                {
-                    "label": label,
-                    "forward_s": fwd,
-                    "restore_s": img_s,
-                    "x_floor": x,
-                    "compile_s": comp,
-                    "peak_gib": peak,
-                    "max_abs_diff": diff,
-                }
-            )
-            print(
-                f"| {label} | {fwd:.4f} | {img_s:.3f} | {x:.2f} | {fmt(comp, '.1f')} | {fmt(peak, '.1f')} | "
-                f"{diff:.4f} |",
-                flush=True,
-            )
-        if profiles:
-            result["profile"] = profiles
-            print_profiles(profiles)
+        result = measure_floor(scale, paths, dev)
+        bench_training(result, scale, paths, dev, rows, args)
+        bench_restore(result, scale, paths, dev, setups, args)
     save(result, args.json)
-    parts = [f"bench_gpu: {len(result['train'])} training rows, {len(result['restore'])} restore set-ups"]
-    recipe = next((r for r in result["train"] if r["label"] == RECIPE_ROW), None)
-    if recipe:
-        parts.append(f"recipe step {recipe['step_s']:.3f} s at {fmt(recipe['peak_gib'], '.1f')} GiB")
-    if result["restore"]:
-        best = min(result["restore"], key=lambda r: r["restore_s"])
-        parts.append(f"fastest restore {best['restore_s']:.3f} s/image ({best['label']})")
-    print("; ".join(parts))
+    print(summary_line(result))
     if args.plot and result["train"] and result["restore"]:
         plot(result, args.plot)
     return result
