@@ -63,6 +63,86 @@ def _specs(source: dict, manifest: dict[str, dict]) -> dict[str, FaceSpec] | Non
     return {iid: states[r["relpath"]] for iid, r in manifest.items()}
 
 
+def build_sample(
+    pr: dict,
+    split: str,
+    cfg: ShardsConfig,
+    images: _Images,
+    manifest: dict[str, dict],
+    specs: dict[str, FaceSpec] | None,
+    emb: np.ndarray,
+    row_of: dict[str, int],
+    encoder: str,
+    conflict_counts: dict[str, int],
+) -> dict:
+    """One shard sample of a pair: target, references (with synthetic conflict masks when `specs`
+    is given), meta and embeddings; counts the pair's conflict kinds into `conflict_counts`."""
+    refs = pr["refs"][: cfg.max_refs]
+    t = pr["target"]
+    s = {"__key__": t, "gt.png": images.png(t)}
+    provenance, kinds = [], []
+    for i, r in enumerate(refs):
+        s[f"ref{i}.png"] = images.png(r)
+        if specs is not None:
+            s[f"refmask{i}.png"] = png_bytes(conflict_mask(specs[t], specs[r], cfg.resolution))
+            provenance.append("synthetic")
+            k = conflict_kinds(specs[t], specs[r])
+            kinds.append(k)
+            for kind in k:
+                conflict_counts[kind] = conflict_counts.get(kind, 0) + 1
+    meta = {
+        "key": t,
+        "target": t,
+        "refs": refs,
+        "identity": pr["identity"],
+        "split": split,
+        "ref_count": len(refs),
+        "ref_cosines": pr["ref_cosines"][: cfg.max_refs],
+        "sources": {"gt": manifest[t]["path"], "refs": [manifest[r]["path"] for r in refs]},
+        "resolution": cfg.resolution,
+        "resize_method": cfg.resize_method,
+        "mask_provenance": provenance,
+        "conflict_types": kinds,
+        "embedding_encoder": encoder,
+    }
+    s["meta.json"] = json.dumps(meta, sort_keys=True).encode()
+    s["gt_emb.npy"] = npy_bytes(emb[row_of[t]])
+    s["ref_emb.npy"] = npy_bytes(emb[[row_of[r] for r in refs]])
+    return s
+
+
+def write_preview(out: Path, index: dict, preview_samples: int) -> None:
+    """`preview.png`: target | references | references with their conflict masks, for the first samples
+    of the first test shard (else the first train shard)."""
+    rows, labels = [], []
+    raws = list(
+        iter_raw(
+            [
+                str(out / e["name"])
+                for e in index["splits"]["test"]["shards"][:1] or index["splits"]["train"]["shards"][:1]
+            ]
+        )
+    )
+    for raw in raws[:preview_samples]:
+        smp = decode_sample(raw)
+        k = min(len(smp["refs"]), 4)
+        row = [smp["gt"], *smp["refs"][:k], *[None] * (4 - k)]
+        row += [
+            mask_overlay(r, m) if m is not None else None for r, m in zip(smp["refs"][:k], smp["masks"][:k])
+        ]
+        rows.append(row)
+        labels.append(smp["key"][:12])
+    if rows:
+        save_grid(
+            out / "preview.png",
+            rows,
+            title="target | references (ordered) | references with conflict masks (red conflict, dim ignore)",
+            row_labels=labels,
+            col_labels=["target", "ref0", "ref1", "ref2", "ref3", "mask0", "mask1", "mask2", "mask3"],
+            cell=96,
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__)
     for a in ("--ingest", "--embeddings", "--pairs", "--out", "--metrics"):
@@ -89,37 +169,9 @@ def main(argv: list[str] | None = None) -> None:
 
     def samples(split: str):
         for pr in (p for p in pairs if p["split"] == split):
-            refs = pr["refs"][: cfg.max_refs]
-            t = pr["target"]
-            s = {"__key__": t, "gt.png": images.png(t)}
-            provenance, kinds = [], []
-            for i, r in enumerate(refs):
-                s[f"ref{i}.png"] = images.png(r)
-                if specs is not None:
-                    s[f"refmask{i}.png"] = png_bytes(conflict_mask(specs[t], specs[r], cfg.resolution))
-                    provenance.append("synthetic")
-                    k = conflict_kinds(specs[t], specs[r])
-                    kinds.append(k)
-                    for kind in k:
-                        conflict_counts[kind] = conflict_counts.get(kind, 0) + 1
-            meta = {
-                "key": t,
-                "target": t,
-                "refs": refs,
-                "identity": pr["identity"],
-                "split": split,
-                "ref_count": len(refs),
-                "ref_cosines": pr["ref_cosines"][: cfg.max_refs],
-                "sources": {"gt": manifest[t]["path"], "refs": [manifest[r]["path"] for r in refs]},
-                "resolution": cfg.resolution,
-                "resize_method": cfg.resize_method,
-                "mask_provenance": provenance,
-                "conflict_types": kinds,
-                "embedding_encoder": emb_meta["encoder"],
-            }
-            s["meta.json"] = json.dumps(meta, sort_keys=True).encode()
-            s["gt_emb.npy"] = npy_bytes(emb[row_of[t]])
-            s["ref_emb.npy"] = npy_bytes(emb[[row_of[r] for r in refs]])
+            s = build_sample(
+                pr, split, cfg, images, manifest, specs, emb, row_of, emb_meta["encoder"], conflict_counts
+            )
             bar.update(1)
             yield s
 
@@ -135,35 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     bar.close()
     write_json(out / INDEX_NAME, index)
     validate_shards(out)
-
-    # Preview: target | references | references with their conflict masks.
-    rows, labels = [], []
-    raws = list(
-        iter_raw(
-            [
-                str(out / e["name"])
-                for e in index["splits"]["test"]["shards"][:1] or index["splits"]["train"]["shards"][:1]
-            ]
-        )
-    )
-    for raw in raws[: cfg.preview_samples]:
-        smp = decode_sample(raw)
-        k = min(len(smp["refs"]), 4)
-        row = [smp["gt"], *smp["refs"][:k], *[None] * (4 - k)]
-        row += [
-            mask_overlay(r, m) if m is not None else None for r, m in zip(smp["refs"][:k], smp["masks"][:k])
-        ]
-        rows.append(row)
-        labels.append(smp["key"][:12])
-    if rows:
-        save_grid(
-            out / "preview.png",
-            rows,
-            title="target | references (ordered) | references with conflict masks (red conflict, dim ignore)",
-            row_labels=labels,
-            col_labels=["target", "ref0", "ref1", "ref2", "ref3", "mask0", "mask1", "mask2", "mask3"],
-            cell=96,
-        )
+    write_preview(out, index, cfg.preview_samples)
     metrics = {
         "samples": {s: index["splits"][s]["samples"] for s in SPLITS},
         "shards": {s: len(index["splits"][s]["shards"]) for s in SPLITS},
