@@ -16,14 +16,20 @@ same wherever the stage runs; `mlflow_sync` rebuilds the registry from them on a
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipelines.champion import champion_on_targets, same_targets
 from pipelines.io import read_json, write_bytes, write_json
 from pipelines.registry import Gate, blocking, bundle_sha, decide, find_version, flatten, log_model_version
 from pipelines.tracking import mark_run, registry_uri, tracking_uri
 from stages._common import load_params, parser, setup_logging
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
 
 ROOT = Path(__file__).resolve().parents[1]
 CODE_PATHS = [str(ROOT / "pipelines"), str(ROOT / "models")]
@@ -84,6 +90,67 @@ def gate_sets(gate: Gate) -> list[str]:
     return sorted({k.split("/")[0] for k in (gate.primary, *gate.guards)})
 
 
+def gate_challenger(
+    client: MlflowClient,
+    name: str,
+    version: str,
+    flat: dict,
+    targets: dict | None,
+    gate: Gate,
+    cfgs: dict,
+    args: argparse.Namespace,
+) -> tuple[ModelVersion | None, bool, list[str]]:
+    """(champion version before or None, promote, reasons): the gate's decision on `version` against the
+    champion (a version that already holds champion is promoted as it is)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        champ = client.get_model_version_by_alias(name, "champion")
+    except MlflowException:
+        champ = None
+    if champ is not None and str(champ.version) == version:
+        promote, reasons = True, [f"version {version} already holds champion"]
+    else:
+        champ_metrics, champ_targets, note = champion_evidence(client, name, champ, targets, gate, cfgs, args)
+        promote, reasons = decide(flat, champ_metrics, gate, targets, champ_targets)
+        reasons = [note, *reasons] if note else reasons
+    return champ, promote, reasons
+
+
+def promotion_report(
+    name: str,
+    version: str,
+    decision: str,
+    sha: str,
+    existing: bool,
+    champ: ModelVersion | None,
+    champion_now: str,
+    gate: Gate,
+    reasons: list[str],
+) -> str:
+    """The promotion report (Markdown): decision, bundle, champion before and after, gate, reasons."""
+    lines = [
+        f"# Promotion decision: {name} version {version} — {decision.upper()}",
+        "",
+        f"- bundle sha256 `{sha[:16]}…`",
+        f"- challenger: version {version}" + (" (re-gated: same bundle as before)" if existing else " (new)"),
+        f"- champion before: {'version ' + str(champ.version) if champ else 'none'}; champion now: version "
+        f"{champion_now}",
+        f"- primary: `{gate.primary}`, compared paired on the same targets with a 95 % bootstrap interval "
+        f"(min gain {gate.min_gain}); guards: "
+        + (", ".join(f"`{k}` ±{v}" for k, v in sorted(gate.guards.items())) or "none"),
+        "",
+        "## Reasons",
+        "",
+        *[f"- {r}" for r in reasons],
+        "",
+        f"Load it: `refface restore LQ.png --ref R1.png --out OUT.png --model models:/{name}@champion`. The MLflow run "
+        "and the registry state are restored from these DVC outputs by the `mlflow_sync` stage on any machine.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__)
     for a in ("--evaluate", "--metrics-in", "--report", "--metrics"):
@@ -98,7 +165,6 @@ def main(argv: list[str] | None = None) -> None:
     cfg = cfgs["register"]
     import mlflow
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
     bundle = Path(args.evaluate) / "bundle"
     if not (bundle / "bundle.json").is_file():
@@ -136,18 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         client.set_model_version_tag(name, version, "evaluation", json.dumps(flat, sort_keys=True)[:5000])
         client.set_registered_model_alias(name, "challenger", version)
 
-        try:
-            champ = client.get_model_version_by_alias(name, "champion")
-        except MlflowException:
-            champ = None
-        if champ is not None and str(champ.version) == version:
-            promote, reasons = True, [f"version {version} already holds champion"]
-        else:
-            champ_metrics, champ_targets, note = champion_evidence(
-                client, name, champ, targets, gate, cfgs, args
-            )
-            promote, reasons = decide(flat, champ_metrics, gate, targets, champ_targets)
-            reasons = [note, *reasons] if note else reasons
+        champ, promote, reasons = gate_challenger(client, name, version, flat, targets, gate, cfgs, args)
         if promote:
             client.set_registered_model_alias(name, "champion", version)
         decision = "promoted" if promote else "rejected"
@@ -155,26 +210,11 @@ def main(argv: list[str] | None = None) -> None:
         client.set_model_version_tag(name, version, "gate_reasons", " | ".join(reasons)[:5000])
         mlflow.set_tags({"gate_decision": decision, "model_version": version})
 
-    lines = [
-        f"# Promotion decision: {name} version {version} — {decision.upper()}",
-        "",
-        f"- bundle sha256 `{sha[:16]}…`",
-        f"- challenger: version {version}" + (" (re-gated: same bundle as before)" if existing else " (new)"),
-        f"- champion before: {'version ' + str(champ.version) if champ else 'none'}; champion now: version "
-        f"{client.get_model_version_by_alias(name, 'champion').version}",
-        f"- primary: `{gate.primary}`, compared paired on the same targets with a 95 % bootstrap interval "
-        f"(min gain {gate.min_gain}); guards: "
-        + (", ".join(f"`{k}` ±{v}" for k, v in sorted(gate.guards.items())) or "none"),
-        "",
-        "## Reasons",
-        "",
-        *[f"- {r}" for r in reasons],
-        "",
-        f"Load it: `refface restore LQ.png --ref R1.png --out OUT.png --model models:/{name}@champion`. The MLflow run "
-        "and the registry state are restored from these DVC outputs by the `mlflow_sync` stage on any machine.",
-        "",
-    ]
-    write_bytes(args.report, "\n".join(lines).encode())
+    champion_now = str(client.get_model_version_by_alias(name, "champion").version)
+    report = promotion_report(
+        name, version, decision, sha, existing is not None, champ, champion_now, gate, reasons
+    )
+    write_bytes(args.report, report.encode())
     write_json(
         args.metrics,
         {
