@@ -42,8 +42,57 @@ from pipelines.io import write_bytes, write_json
 from pipelines.refstar import ABLATE_ROWS, ablate_overrides, mask_provenance
 from pipelines.shards import iter_samples, validate_shards
 from pipelines.tracking import mark_run, tracking_uri
+from pipelines.train_config import TrainConfig
 from pipelines.validation import validation_batch
 from stages._common import load_params, parser, progress_enabled, setup_logging
+
+
+def refstar_masks(shards: str, base: TrainConfig, val: dict) -> tuple[dict, dict]:
+    """(the shards' mask option and provenance, the validation batch with those masks) for the RefSTAR
+    rows: `refsel` masks when the shards carry a mask model, the synthetic ground truth otherwise."""
+    option = "refsel" if json.loads((Path(shards) / "index.json").read_text()).get("mask_model") else "truth"
+    try:
+        masks = {"option": option, **mask_provenance(shards, option)}
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    # the same targets, degradations and references, with their masks
+    return masks, validation_batch(shards, replace(base, reference_masks=option), base.max_refs)
+
+
+def protocol_inputs(shards: str, n: int) -> tuple[list, list]:
+    """(identities, first reference's conflict mask or None) of the first `n` validation samples: the
+    wrong-person control's and the copy score's inputs."""
+    ids, conflict = [], []
+    for i, smp in enumerate(iter_samples(shards, "val")):
+        if i >= n:
+            break
+        ids.append(smp["meta"].get("identity", smp["key"]))
+        conflict.append(smp["masks"][0] if smp["masks"] and smp["masks"][0] is not None else None)
+    return ids, conflict
+
+
+def variant_overrides(variant: str, masks: dict | None) -> tuple[dict, dict]:
+    """(train config overrides, sampler options) of one ablation row."""
+    sampler: dict = {}
+    if variant in ABLATE_ROWS:
+        over = ablate_overrides(variant, masks["option"])
+    elif variant in SEED002_ROWS:
+        over, sampler = SEED002_ROWS[variant]
+    else:
+        over = {"variant": variant}
+    return over, sampler
+
+
+def log_variant_run(variant: str, over: dict, sampler: dict, metrics: dict, timing: dict) -> None:
+    """One nested MLflow run for a row: its overrides as parameters, its metrics and timings."""
+    import mlflow
+
+    with mlflow.start_run(run_name=f"ablate/{variant}", nested=True):
+        mlflow.log_param("variant", variant)
+        mlflow.log_params({f"override.{k}": v for k, v in {**over, **sampler}.items()})
+        mlflow.log_metrics(
+            {k: float(v) for k, v in {**metrics, **timing}.items() if isinstance(v, int | float)}
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -67,37 +116,15 @@ def main(argv: list[str] | None = None) -> None:
     mlflow.set_experiment(tcfg.experiment)
     masks, val_masked = None, val
     if any(v in ABLATE_ROWS for v in cfg.variants):  # RefSTAR rows: the masks of these shards
-        option = (
-            "refsel"
-            if json.loads((Path(args.shards) / "index.json").read_text()).get("mask_model")
-            else "truth"
-        )
-        try:
-            masks = {"option": option, **mask_provenance(args.shards, option)}
-        except ValueError as exc:
-            raise SystemExit(f"error: {exc}") from exc
-        # the same targets, degradations and references, with their masks
-        val_masked = validation_batch(args.shards, replace(base, reference_masks=option), base.max_refs)
-    # the protocol's inputs: identities (control), the first reference's conflict masks (copy score)
-    ids, conflict = [], []
-    for i, smp in enumerate(iter_samples(args.shards, "val")):
-        if i >= len(val["keys"]):
-            break
-        ids.append(smp["meta"].get("identity", smp["key"]))
-        conflict.append(smp["masks"][0] if smp["masks"] and smp["masks"][0] is not None else None)
+        masks, val_masked = refstar_masks(args.shards, base, val)
+    ids, conflict = protocol_inputs(args.shards, len(val["keys"]))
     results, per_target, extra, fitted = {}, {}, {}, {}
     with mlflow.start_run(run_name="ablate") as parent:
         mlflow.log_params(
             {"steps": cfg.steps, "variants": ",".join(cfg.variants), "val_preset": tcfg.val_preset}
         )
         for variant in tqdm(cfg.variants, desc="ablate", unit="variant", disable=not progress_enabled()):
-            sampler: dict = {}
-            if variant in ABLATE_ROWS:
-                over = ablate_overrides(variant, masks["option"])
-            elif variant in SEED002_ROWS:
-                over, sampler = SEED002_ROWS[variant]
-            else:
-                over = {"variant": variant}
+            over, sampler = variant_overrides(variant, masks)
             batch = val_masked if variant in ABLATE_ROWS else val
             key = json.dumps(over, sort_keys=True)
             if key not in fitted:  # composite_ensemble samples the composite row's model: one training
@@ -132,12 +159,7 @@ def main(argv: list[str] | None = None) -> None:
             results[variant] = m
             per_target[variant] = per["ref"]
             extra[variant] = per
-            with mlflow.start_run(run_name=f"ablate/{variant}", nested=True):
-                mlflow.log_param("variant", variant)
-                mlflow.log_params({f"override.{k}": v for k, v in {**over, **sampler}.items()})
-                mlflow.log_metrics(
-                    {k: float(v) for k, v in {**m, **r.timing}.items() if isinstance(v, int | float)}
-                )
+            log_variant_run(variant, over, sampler, m, r.timing)
         lq = next(iter(results.values()))
         mlflow.log_metrics({"lq_psnr": lq["lq_psnr"], "lq_id_sim": lq["lq_id_sim"]})
         run_id = parent.info.run_id
