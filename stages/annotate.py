@@ -34,6 +34,7 @@ import numpy as np
 from annotation.labeling import mask_to_result
 from annotation.simulated import AnnotatorNoise, annotator_rng, simulate
 from annotation.store import decide, merge
+from pipelines.config import AnnotateConfig
 from pipelines.images import png_bytes
 from pipelines.io import read_jsonl, write_bytes, write_json, write_jsonl
 from pipelines.refsel import Pair, iter_pairs, pair_content, select_pool
@@ -131,6 +132,89 @@ def label_studio_records(pool: list[Pair], cfg) -> tuple[list[dict], dict]:
     return pull(client, project.id), info
 
 
+def pull_records(pool: list[Pair], cfg: AnnotateConfig) -> tuple[list[dict], dict]:
+    """(annotation records, backend info) from the configured backend: simulated annotators or the
+    Label Studio server."""
+    if cfg.backend == "synthetic":
+        return simulated_records(pool, cfg), {"backend": "synthetic"}
+    from label_studio_sdk.core.api_error import ApiError
+
+    from annotation.project import LabelStudioError
+
+    try:
+        pulled, info = label_studio_records(pool, cfg)
+    except LabelStudioError as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    except ApiError as exc:
+        raise SystemExit(f"error: Label Studio answered HTTP {exc.status_code}: {exc.body}") from exc
+    info["backend"] = "label_studio"
+    return pulled, info
+
+
+def write_decisions(out: Path, decisions: dict[str, dict], contents: dict[str, str]) -> None:
+    """The winning masks as `masks/<pair>.png` (the folder rewritten) and `decisions.jsonl`."""
+    masks_dir = out / "masks"
+    shutil.rmtree(masks_dir, ignore_errors=True)
+    masks_dir.mkdir()
+    rows = []
+    for key, d in sorted(decisions.items()):
+        write_bytes(masks_dir / f"{key}.png", png_bytes(d["mask"]))
+        rows.append({k: v for k, v in d.items() if k != "mask"} | {"pair_key": key, "content": contents[key]})
+    write_jsonl(out / "decisions.jsonl", rows)
+
+
+def annotation_metrics(
+    info: dict,
+    pool: list[Pair],
+    store: list[dict],
+    decisions: dict[str, dict],
+    quarantine: list[dict],
+    pairs: dict[str, Pair],
+) -> dict:
+    """The stage's metrics: pool, store and decision counts, annotator agreement, and the winners'
+    quality against the synthetic ground truth where there is one."""
+    from annotation.store import conflict_iou, mask_accuracy
+
+    vs_truth = [
+        (conflict_iou(d["mask"], pairs[k].truth), mask_accuracy(d["mask"], pairs[k].truth))
+        for k, d in decisions.items()
+        if pairs[k].truth is not None and pairs[k].truth_provenance == "synthetic"
+    ]
+    agreements = [d["agreement_iou"] for d in decisions.values() if d["agreement_iou"] is not None]
+    return {
+        **info,
+        "pool": len(pool),
+        "annotations_stored": len(store),
+        "pairs_decided": len(decisions),
+        "states": dict(sorted(Counter(d["state"] for d in decisions.values()).items())),
+        "multi_annotated_pairs": len(agreements),
+        "agreement_conflict_iou": round(float(np.mean(agreements)), 4) if agreements else None,
+        "quarantined": len(quarantine),
+        "vs_truth_conflict_iou": round(float(np.mean([v[0] for v in vs_truth])), 4) if vs_truth else None,
+        "vs_truth_accuracy": round(float(np.mean([v[1] for v in vs_truth])), 4) if vs_truth else None,
+    }
+
+
+def write_overview(out: Path, decisions: dict[str, dict], pairs: dict[str, Pair]) -> None:
+    """`annotations.png`: target | reference | winning annotation | ground truth for the first 8 pairs
+    decided (nothing when none is)."""
+    show = sorted(decisions)[:8]
+    if show:
+        grid = [
+            [pairs[k].gt, pairs[k].ref, mask_overlay(pairs[k].ref, decisions[k]["mask"])]
+            + ([mask_overlay(pairs[k].ref, pairs[k].truth)] if pairs[k].truth is not None else [None])
+            for k in show
+        ]
+        save_grid(
+            out / "annotations.png",
+            grid,
+            title="target | reference | winning annotation | ground truth (red conflict, dim ignore)",
+            col_labels=["target", "reference", "annotation", "truth"],
+            row_labels=[decisions[k]["state"] for k in show],
+            cell=96,
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__)
     for a in ("--shards", "--out", "--metrics"):
@@ -148,21 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     write_jsonl(
         out / "pool.jsonl", [{"pair_key": q.key, "target": q.target, "reference": q.reference} for q in pool]
     )
-
-    if cfg.backend == "synthetic":
-        pulled, info = simulated_records(pool, cfg), {"backend": "synthetic"}
-    else:
-        from label_studio_sdk.core.api_error import ApiError
-
-        from annotation.project import LabelStudioError
-
-        try:
-            pulled, info = label_studio_records(pool, cfg)
-        except LabelStudioError as exc:
-            raise SystemExit(f"error: {exc}") from exc
-        except ApiError as exc:
-            raise SystemExit(f"error: Label Studio answered HTTP {exc.status_code}: {exc.body}") from exc
-        info["backend"] = "label_studio"
+    pulled, info = pull_records(pool, cfg)
 
     store_file = out / "annotations.jsonl"
     store = read_jsonl(store_file) if store_file.is_file() else []
@@ -175,55 +245,12 @@ def main(argv: list[str] | None = None) -> None:
     for q in quarantine:
         print(f"annotate: quarantined annotation {q['annotation_id']} of {q['pair_key']}: {q['reason']}")
     write_jsonl(out / "quarantine.jsonl", quarantine)
-    masks_dir = out / "masks"
-    shutil.rmtree(masks_dir, ignore_errors=True)
-    masks_dir.mkdir()
-    rows = []
-    for key, d in sorted(decisions.items()):
-        write_bytes(masks_dir / f"{key}.png", png_bytes(d["mask"]))
-        rows.append({k: v for k, v in d.items() if k != "mask"} | {"pair_key": key, "content": contents[key]})
-    write_jsonl(out / "decisions.jsonl", rows)
-
-    # Annotation quality against the synthetic ground truth, where there is one.
-    from annotation.store import conflict_iou, mask_accuracy
-
-    vs_truth = [
-        (conflict_iou(d["mask"], pairs[k].truth), mask_accuracy(d["mask"], pairs[k].truth))
-        for k, d in decisions.items()
-        if pairs[k].truth is not None and pairs[k].truth_provenance == "synthetic"
-    ]
-    agreements = [d["agreement_iou"] for d in decisions.values() if d["agreement_iou"] is not None]
-    metrics = {
-        **info,
-        "pool": len(pool),
-        "annotations_stored": len(store),
-        "pairs_decided": len(decisions),
-        "states": dict(sorted(Counter(d["state"] for d in decisions.values()).items())),
-        "multi_annotated_pairs": len(agreements),
-        "agreement_conflict_iou": round(float(np.mean(agreements)), 4) if agreements else None,
-        "quarantined": len(quarantine),
-        "vs_truth_conflict_iou": round(float(np.mean([v[0] for v in vs_truth])), 4) if vs_truth else None,
-        "vs_truth_accuracy": round(float(np.mean([v[1] for v in vs_truth])), 4) if vs_truth else None,
-    }
+    write_decisions(out, decisions, contents)
+    metrics = annotation_metrics(info, pool, store, decisions, quarantine, pairs)
     # `new` depends on what earlier runs already pulled into the append-only store: it is printed and
     # not a DVC metric (a fresh clone would count every annotation as new).
     write_json(args.metrics, metrics)
-
-    show = sorted(decisions)[:8]
-    if show:
-        grid = [
-            [pairs[k].gt, pairs[k].ref, mask_overlay(pairs[k].ref, decisions[k]["mask"])]
-            + ([mask_overlay(pairs[k].ref, pairs[k].truth)] if pairs[k].truth is not None else [None])
-            for k in show
-        ]
-        save_grid(
-            out / "annotations.png",
-            grid,
-            title="target | reference | winning annotation | ground truth (red conflict, dim ignore)",
-            col_labels=["target", "reference", "annotation", "truth"],
-            row_labels=[decisions[k]["state"] for k in show],
-            cell=96,
-        )
+    write_overview(out, decisions, pairs)
     print(
         f"annotate: {metrics['pairs_decided']}/{len(pool)} pairs decided ({metrics['states']}), "
         f"{new} new of {len(store)} stored annotations, agreement IoU {metrics['agreement_conflict_iou']}, "
