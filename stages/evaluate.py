@@ -27,9 +27,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from pipelines.config import EvaluateConfig
 from pipelines.embedding import load_encoders
 from pipelines.io import write_bytes, write_json
-from pipelines.quality import PER_TARGET, load_weight_metrics
+from pipelines.quality import PER_TARGET, WeightMetrics, load_weight_metrics
 from pipelines.restorer import Restorer, write_bundle
 from pipelines.set_evaluation import (
     COLUMNS,
@@ -46,24 +47,13 @@ from pipelines.shards import validate_shards
 from stages._common import load_params, parser, progress_enabled, setup_logging
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = parser(__doc__)
-    for a in ("--eval-sets", "--model", "--encoders", "--out", "--metrics", "--report", "--plot"):
-        p.add_argument(a, required=True)
-    p.add_argument("--report-grid", help="also copy the severe set's grid here (committed beside the report)")
-    p.add_argument(
-        "--real-photo", help="also restore a real photo end to end and write the before/after here"
-    )
-    args = p.parse_args(argv)
-    setup_logging()
-    cfgs = load_params(args.params, "evaluate", "train", "embed", "shards")
+def bundle_restorer(out: Path, model: str, cfgs: dict) -> Restorer:
+    """Write the restorer bundle of the trained model under `out/bundle` and load it."""
     cfg, tcfg, ecfg = cfgs["evaluate"], cfgs["train"], cfgs["embed"]
-    validate_shards(args.eval_sets)
-    out = Path(args.out)
     bundle = write_bundle(
         out / "bundle",
         tcfg,
-        args.model,
+        model,
         ecfg.encoder,
         ecfg.checkpoint,
         cfgs["shards"].resolution,
@@ -72,16 +62,22 @@ def main(argv: list[str] | None = None) -> None:
         seed=cfg.seed,
         crop_border=ecfg.crop_border,
     )
-    restorer = Restorer(bundle, threads=cfg.threads)
-    encoders = load_encoders(ecfg, args.encoders)
-    prim, evaluator, border = restorer.encoder, encoders.evaluator, ecfg.crop_border
-    wm = load_weight_metrics(cfg.weights)
-    not_computed = dict(wm.not_computed)
-    paired_cols = (*PAIRED, *(c for c in wm.columns if c in PER_TARGET))
-    if encoders.fallback:
-        not_computed["ref_id_evaluator"] = encoders.fallback
+    return Restorer(bundle, threads=cfg.threads)
 
-    index = json.loads((Path(args.eval_sets) / "index.json").read_text())
+
+def evaluate_sets(
+    restorer: Restorer,
+    eval_sets: str,
+    cfg: EvaluateConfig,
+    evaluator,
+    border: float,
+    wm: WeightMetrics,
+    paired_cols: tuple[str, ...],
+    out: Path,
+) -> tuple[dict, dict, dict, list[dict]]:
+    """(row means per set, paired differences per set, per-target records per set, plot rows): every
+    evaluation set restored in every mode, its grid written to `out/grid_<set>.png`."""
+    index = json.loads((Path(eval_sets) / "index.json").read_text())
     results: dict[str, dict] = {}
     paired: dict[str, dict] = {}
     targets: dict[str, dict] = {}
@@ -94,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     for name in sorted(index["splits"]):
         try:
-            res = evaluate_set(restorer, args.eval_sets, name, cfg, prim, evaluator, border, wm, bar)
+            res = evaluate_set(restorer, eval_sets, name, cfg, restorer.encoder, evaluator, border, wm, bar)
         except ValueError as exc:
             raise SystemExit(f"error: {exc}") from exc
         results[name] = {row: row_means(v) for row, v in res.values.items()}
@@ -108,6 +104,55 @@ def main(argv: list[str] | None = None) -> None:
             plot_rows.append({"set": name, "row": row, **{c: m[c] for c in COLUMNS}})
         save_set_grid(out / f"grid_{name}.png", name, res, tuple(cfg.modes), cfg.grid_samples)
     bar.close()
+    return results, paired, targets, plot_rows
+
+
+def write_plot_rows(path: str, plot_rows: list[dict]) -> None:
+    """The DVC plot's CSV: one row per set and mode with the table's columns."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["set", "row", *COLUMNS])
+        w.writeheader()
+        w.writerows(plot_rows)
+
+
+def summary_line(results: dict, paired: dict, cfg: EvaluateConfig, report: str) -> str:
+    """The closing line: sets and modes, the severe set's PSNR, and its 1-reference GT-ID gain."""
+    sev = results.get("severe", next(iter(results.values())))
+    d = paired.get("severe", next(iter(paired.values()))).get("1 reference", {}).get("gt_id")
+    return (
+        f"evaluate: {len(results)} sets x {len(cfg.modes)} modes + control on {sev['degraded input']['n']} paired targets; "
+        f"severe PSNR {sev['degraded input']['psnr']:.2f} -> {sev.get('no reference', sev['degraded input'])['psnr']:.2f} dB (blind); "
+        + (f"GT-ID 1 ref - blind {d['diff']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]; " if d else "")
+        + f"report {report}"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__)
+    for a in ("--eval-sets", "--model", "--encoders", "--out", "--metrics", "--report", "--plot"):
+        p.add_argument(a, required=True)
+    p.add_argument("--report-grid", help="also copy the severe set's grid here (committed beside the report)")
+    p.add_argument(
+        "--real-photo", help="also restore a real photo end to end and write the before/after here"
+    )
+    args = p.parse_args(argv)
+    setup_logging()
+    cfgs = load_params(args.params, "evaluate", "train", "embed", "shards")
+    cfg, ecfg = cfgs["evaluate"], cfgs["embed"]
+    validate_shards(args.eval_sets)
+    out = Path(args.out)
+    restorer = bundle_restorer(out, args.model, cfgs)
+    encoders = load_encoders(ecfg, args.encoders)
+    wm = load_weight_metrics(cfg.weights)
+    not_computed = dict(wm.not_computed)
+    paired_cols = (*PAIRED, *(c for c in wm.columns if c in PER_TARGET))
+    if encoders.fallback:
+        not_computed["ref_id_evaluator"] = encoders.fallback
+
+    results, paired, targets, plot_rows = evaluate_sets(
+        restorer, args.eval_sets, cfg, encoders.evaluator, ecfg.crop_border, wm, paired_cols, out
+    )
     metrics = {
         "sets": results,
         "paired": paired,
@@ -130,19 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     write_bytes(
         args.report, markdown(results, paired, not_computed, "data/train/model", cfg.seed, wm.files).encode()
     )
-    Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.plot, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["set", "row", *COLUMNS])
-        w.writeheader()
-        w.writerows(plot_rows)
-    sev = results.get("severe", next(iter(results.values())))
-    d = paired.get("severe", next(iter(paired.values()))).get("1 reference", {}).get("gt_id")
-    print(
-        f"evaluate: {len(results)} sets x {len(cfg.modes)} modes + control on {sev['degraded input']['n']} paired targets; "
-        f"severe PSNR {sev['degraded input']['psnr']:.2f} -> {sev.get('no reference', sev['degraded input'])['psnr']:.2f} dB (blind); "
-        + (f"GT-ID 1 ref - blind {d['diff']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]; " if d else "")
-        + f"report {args.report}"
-    )
+    write_plot_rows(args.plot, plot_rows)
+    print(summary_line(results, paired, cfg, args.report))
 
 
 if __name__ == "__main__":
