@@ -108,6 +108,11 @@ def _sidecar(p: Path, root: Path) -> bool:
     return p.parent == root and p.name in {"states.jsonl", "README.md", "LICENSE"}
 
 
+def _problem(item: str, reason: str, detail: str) -> dict:
+    """One listed problem: the item (file, row or name), a reason code and what is wrong."""
+    return {"item": item, "reason": reason, "detail": detail}
+
+
 def _list_by_identity(cfg: SourceConfig, root: Path) -> SourceListing:
     problems, entries, idents = [], [], {}
     for p in _walk(root):
@@ -115,19 +120,11 @@ def _list_by_identity(cfg: SourceConfig, root: Path) -> SourceListing:
         if p.name.startswith(".") or _sidecar(p, root):
             continue
         if not _is_image(p, cfg):
-            problems.append(
-                {"item": str(p), "reason": "unsupported_extension", "detail": f"extension {p.suffix!r}"}
-            )
+            problems.append(_problem(str(p), "unsupported_extension", f"extension {p.suffix!r}"))
             continue
         parts = Path(rel).parts
         if len(parts) < 2:
-            problems.append(
-                {
-                    "item": str(p),
-                    "reason": "outside_identity_folder",
-                    "detail": "expected root/<identity>/<image>",
-                }
-            )
+            problems.append(_problem(str(p), "outside_identity_folder", "expected root/<identity>/<image>"))
             continue
         ident = sanitize_id(parts[0])
         entries.append((rel, sanitize_id(f"{parts[0]}_{Path(*parts[1:]).with_suffix('').as_posix()}")))
@@ -144,9 +141,7 @@ def _list_unlabelled(cfg: SourceConfig, root: Path) -> SourceListing:
         if p.name.startswith("."):
             continue
         if not _is_image(p, cfg):
-            problems.append(
-                {"item": str(p), "reason": "unsupported_extension", "detail": f"extension {p.suffix!r}"}
-            )
+            problems.append(_problem(str(p), "unsupported_extension", f"extension {p.suffix!r}"))
             continue
         entries.append((rel, sanitize_id(Path(rel).with_suffix("").as_posix())))
     ids = _unique_ids(entries)
@@ -171,26 +166,18 @@ def _list_ffhq_ref(cfg: SourceConfig, root: Path) -> SourceListing:
     for name in sorted(split_of):
         if name not in on_disk:
             problems.append(
-                {
-                    "item": name,
-                    "reason": "missing_file",
-                    "detail": f"listed in {split_of[name]}_image.txt, not in {img_dir}",
-                }
+                _problem(name, "missing_file", f"listed in {split_of[name]}_image.txt, not in {img_dir}")
             )
             continue
         iid = _stem_id(name)
         if iid in seen:
-            problems.append(
-                {"item": name, "reason": "duplicate_name", "detail": f"image id {iid} already listed"}
-            )
+            problems.append(_problem(name, "duplicate_name", f"image id {iid} already listed"))
             continue
         seen.add(iid)
         rel = on_disk[name].relative_to(root).as_posix()
         items.append(SourceItem(iid, str(on_disk[name]), rel, f"ffhqref_{find(iid)}", split_of[name]))
     for name in sorted(set(on_disk) - set(split_of)):
-        problems.append(
-            {"item": str(on_disk[name]), "reason": "not_in_split_lists", "detail": "not part of FFHQ-Ref"}
-        )
+        problems.append(_problem(str(on_disk[name]), "not_in_split_lists", "not part of FFHQ-Ref"))
     return SourceListing("ffhq_ref", str(root), items, problems, mapping, labelled=True)
 
 
@@ -201,22 +188,14 @@ def _ffhq_ref_splits(root: Path, problems: list[dict]) -> dict[str, str]:
     for split in SPLITS:
         lst = root / "id_based_ffhq_split" / f"{split}_image.txt"
         if not lst.is_file():
-            problems.append(
-                {"item": str(lst), "reason": "missing_split_list", "detail": f"no {split} split list"}
-            )
+            problems.append(_problem(str(lst), "missing_split_list", f"no {split} split list"))
             continue
         for n, line in enumerate(lst.read_text().splitlines(), 1):
             name = line.strip()
             if not name:
                 continue
             if name in split_of and split_of[name] != split:
-                problems.append(
-                    {
-                        "item": f"{lst}:{n}",
-                        "reason": "split_conflict",
-                        "detail": f"{name} also in {split_of[name]}",
-                    }
-                )
+                problems.append(_problem(f"{lst}:{n}", "split_conflict", f"{name} also in {split_of[name]}"))
                 continue
             split_of[name] = split
     return split_of
@@ -231,9 +210,7 @@ def _ffhq_ref_mapping(
     for split in SPLITS:
         csv_path = root / "reference_mapping" / f"{split}_references.csv"
         if not csv_path.is_file():
-            problems.append(
-                {"item": str(csv_path), "reason": "missing_mapping", "detail": f"no {split} mapping"}
-            )
+            problems.append(_problem(str(csv_path), "missing_mapping", f"no {split} mapping"))
             continue
         with open(csv_path, newline="") as f:
             reader = csv.DictReader(f)
@@ -251,34 +228,18 @@ def _ffhq_ref_mapping(
                         raise ValueError("not a list of file names")
                 except (ValueError, SyntaxError) as exc:
                     problems.append(
-                        {
-                            "item": where,
-                            "reason": "unparsable_ref_list",
-                            "detail": f"ref_image {row.get('ref_image')!r}: {exc}",
-                        }
+                        _problem(where, "unparsable_ref_list", f"ref_image {row.get('ref_image')!r}: {exc}")
                     )
                     continue
                 if gt not in on_disk:
-                    problems.append(
-                        {
-                            "item": where,
-                            "reason": "missing_file",
-                            "detail": f"gt_image {gt!r} not in {img_dir}",
-                        }
-                    )
+                    problems.append(_problem(where, "missing_file", f"gt_image {gt!r} not in {img_dir}"))
                     continue
                 kept = []
                 for r in refs:
                     if r in on_disk:
                         kept.append(r)
                     else:
-                        problems.append(
-                            {
-                                "item": where,
-                                "reason": "missing_file",
-                                "detail": f"ref_image {r!r} not in {img_dir}",
-                            }
-                        )
+                        problems.append(_problem(where, "missing_file", f"ref_image {r!r} not in {img_dir}"))
                 lq = (row.get("lq_image") or "").strip() or None
                 mapping.append(
                     {
