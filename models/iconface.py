@@ -244,6 +244,8 @@ class Conditioning:
     # RefSTAR (models.refstar.token_keep): (B, R, h·w) bool, False = a reference token in a conflict or
     # ignore region, masked as a key everywhere like a padded reference; None = every token kept
     ref_tokens: torch.Tensor | None = None
+    # (B,) weight of the reference readout's Δ per sample (pipelines.reference_gate); None = 1
+    ref_scale: torch.Tensor | None = None
     # (reference slots in use, every one of them real in every sample), read from ref_mask once by
     # `with_layout` so that a sampling loop asks the device nothing per step; None = read per forward
     layout: tuple[int, bool] | None = None
@@ -481,7 +483,10 @@ class IConFace(nn.Module):
             keep = cond.ref_mask[:, :r, None].expand(-1, -1, n_img)
             if tok is not None:
                 keep = keep & tok[:, :r]
-            scene_h = scene_h + self.ref_fuse(scene_h, h_refs, keep)
+            delta = self.ref_fuse(scene_h, h_refs, keep)
+            if cond.ref_scale is not None:
+                delta = delta * cond.ref_scale.to(delta.dtype).view(-1, 1, 1)
+            scene_h = scene_h + delta
         return scene_h
 
     def _append_composite(

@@ -325,6 +325,16 @@ class RefselConfig:
 
 
 @dataclass(frozen=True)
+class GateConfig:
+    """`evaluate.reference_gate`: the reference readout's weight per input from its sharpness, fitted on
+    the validation split (pipelines.reference_gate)."""
+
+    kind: Literal["sharpness", "none"] = "sharpness"  # none: references at full weight on every input
+    targets: int = 0  # validation targets per evaluation preset (0 = all with a reference)
+    seed: int = 100000  # validation target i is degraded with default_rng(seed + i)
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
     """`evaluate`: the trained model in both modes on every evaluation set."""
 
@@ -340,6 +350,7 @@ class EvaluateConfig:
     weights: dict[str, str | None] = field(  # local files of the weight metrics (pipelines.quality)
         default_factory=lambda: dict.fromkeys(WEIGHT_METRICS)
     )
+    reference_gate: GateConfig = field(default_factory=GateConfig)
 
     def validate(self, where: str) -> None:
         bad = [m for m in self.modes if not 0 <= m <= 3]

@@ -284,6 +284,7 @@ class IConFaceModule(L.LightningModule):
             self.text.expand(b, -1, -1),
             ref_images=batch["refs"],  # read by the composite context's general encoder only
             ref_tokens=tokens,
+            ref_scale=batch.get("ref_scale"),  # the reference gate's α (pipelines.reference_gate), if any
         )
 
     def predict(

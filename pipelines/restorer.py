@@ -3,7 +3,8 @@
 A bundle is a folder that rebuilds the network from the trainable weights and the configured backbone:
 
     bundle.json      format, resolution, sampler settings (steps, guidance, seed; optionally seed 002's
-                     guidance_image, guidance_context, ref_ensemble), encoder kind and its crop
+                     guidance_image, guidance_context, ref_ensemble), encoder kind and its crop, and
+                     optionally the reference gate (pipelines.reference_gate)
     train.json       the `train` params section the weights were trained with
     model/           trainable weights (LoRA in diffusers' format, pathways, backbone when trained), safetensors
     encoder.safetensors   the primary identity encoder (embeds the references and the degraded input)
@@ -46,6 +47,7 @@ from pipelines.embedding import load_identity_encoder
 from pipelines.faces import is_grey, to_grey
 from pipelines.module import IConFaceModule, cast_frozen
 from pipelines.network import build_network
+from pipelines.reference_gate import ReferenceGate
 
 BUNDLE_FORMAT = 1
 MIN_SIDE = 32
@@ -156,7 +158,7 @@ class Restorer:
         `precision` auto: bf16 weights on CUDA, float32 on the CPU ("float32" | "bf16" to force).
         `compile` auto: `torch.compile` the transformer blocks on CUDA only. `refsel`: the RefSel model
         for predicted conflict masks when the bundle has none (module docstring)."""
-        bundle = Path(bundle)
+        bundle = self.bundle = Path(bundle)
         meta_file = bundle / "bundle.json"
         if not meta_file.is_file():
             raise FileNotFoundError(f"{bundle} is not a refface model bundle (no bundle.json)")
@@ -190,6 +192,8 @@ class Restorer:
         self.refsel_path = own if own.is_file() else Path(refsel) if refsel else Path(DEFAULT_REFSEL)
         self._refsel = None
         self.masks_default = "none" if self.cfg.reference_masks == "none" else "predict"
+        g = self.meta.get("reference_gate")  # pipelines.reference_gate; absent = references at full weight
+        self.gate = ReferenceGate.from_dict(g) if g else None
         self.last_masks: dict = {"source": "none"}
 
     def refsel_model(self):
@@ -287,6 +291,7 @@ class Restorer:
         guidance_context: float | None = None,
         ref_ensemble: bool | None = None,
         ref_masks=None,
+        gate: bool | None = None,
     ) -> np.ndarray:
         """(B, R, R, 3) uint8 restorations at the model's resolution R; refs[i] holds 0–max_refs images.
 
@@ -294,7 +299,9 @@ class Restorer:
         (models.guidance); None takes the bundle's setting. With any of them on, the prompt guidance is
         1 unless `guidance` is given (then the sampler refuses the pair). With ref_ensemble each reference
         goes through its own forward, so up to 3 are accepted whatever the model was trained with.
-        `ref_masks` (RefSTAR): "predict", "none", masks per reference, or None for the model's default."""
+        `ref_masks` (RefSTAR): "predict", "none", masks per reference, or None for the model's default.
+        `gate`: weigh the reference readout by the bundle's reference gate (None: when the bundle has one;
+        False: full weight, as calibration needs)."""
         s = self.meta["sampler"]
         sampler = {
             "guidance_image": s.get("guidance_image") if guidance_image is None else guidance_image,
@@ -312,6 +319,8 @@ class Restorer:
                 raise InputError(f"image {i}: {len(r)} references; the model accepts at most {limit}{hint}")
         lq_f, refs_f = [self._fit(x) for x in lq], [[self._fit(r) for r in rs] for rs in refs]
         batch = make_batch(lq_f, refs_f, ref_masks=self._masks(lq_f, refs_f, ref_masks))
+        if self.gate is not None and gate is not False:
+            batch["ref_scale"] = torch.from_numpy(self.gate.alpha(lq_f))
         if batch["refs"].shape[1]:
             # The references are embedded as the shard embeddings were (the module applies the crop).
             refs = batch["refs"].flatten(0, 1).to(self.module.device)

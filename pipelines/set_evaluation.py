@@ -29,6 +29,7 @@ from pipelines.viz import change_map, save_grid
 COLUMNS = ("n", "psnr", "ssim", "ref_id_primary", "ref_id_evaluator", "gt_id", "copy_score", "copy_pairs")
 PAIRED = ("gt_id", "psnr", "ssim", "copy_score")  # differences to the blind mode, with intervals
 CONTROL = "{k} reference{s} of another person"
+GATE_OPEN = "{mode} - gate open"  # a mode restored with the reference gate open (full weight)
 FRONT = "front end alone"  # ours: the stage-1 output (names must be valid MLflow metric keys)
 
 
@@ -112,8 +113,35 @@ def other_person(samples: list[dict], pool: list[dict], k: int) -> list[list]:
     return out
 
 
+def gate_lines(gate: dict) -> list[str]:
+    """The report's paragraph on the reference gate (stages.evaluate.gate_restorer's record)."""
+    g = gate["gate"] or {"sharp": None}
+    sets = ", ".join(
+        f"{k}: n = {v['n']}, median s {v['s_quantiles_10_50_90'][1]:.2f}, mean gain {v['mean_gain_1ref']:+.4f}"
+        for k, v in gate["sets"].items()
+    )
+    if g["sharp"] is None:
+        what = "the fit found no sharpness above which references stop helping: no gate (α = 1)"
+    else:
+        what = f"s_sharp = {g['sharp']:.3f}, s_blurred = {g['blurred']:.3f}"
+    return [
+        "",
+        "References are weighed by the reference gate (pipelines/reference_gate.py): the reference "
+        "readout's Δ times α = clip((s_sharp − s) / (s_sharp − s_blurred), 0, 1), s = the degraded input's "
+        f"mean |Laplacian|. Fitted on the validation split ({sets}; gain = GT-ID with the primary encoder, "
+        f"1 reference − blind, gate open; slope {gate['slope_per_log_s'] or 0:+.4f} per log s): {what}. Rows "
+        "marked “gate open” are the same modes with the references at full weight.",
+    ]
+
+
 def markdown(
-    results: dict, paired: dict, not_computed: dict, model: str, seed: int, files: dict | None = None
+    results: dict,
+    paired: dict,
+    not_computed: dict,
+    model: str,
+    seed: int,
+    files: dict | None = None,
+    gate: dict | None = None,
 ) -> str:
     files = files or {}
     extra = [
@@ -139,6 +167,8 @@ def markdown(
         "masks only). With a degradation-removal front end (ours, DiffBIR's stage 1; train_front) its output "
         "alone is a row too: what the IConFace transformer and the references add is the difference to it."
     )
+    if gate:
+        lines += gate_lines(gate)
     for name, rows in results.items():
         lines += [
             "",
@@ -251,6 +281,14 @@ class SetResult:
     k_control: int
 
 
+def gate_open_modes(restorer, cfg: EvaluateConfig) -> list[int]:
+    """The modes also restored with the reference gate open (1 reference and the most), when the
+    restorer has a gate (pipelines.reference_gate)."""
+    if restorer.gate is None:
+        return []
+    return sorted({k for k in (1, max(cfg.modes)) if k in cfg.modes and k > 0})
+
+
 def evaluate_set(
     restorer, root: str, name: str, cfg: EvaluateConfig, prim, evaluator, border: float, wm, progress=None
 ) -> SetResult:
@@ -263,9 +301,9 @@ def evaluate_set(
             f"(of {seen}); need at least 2 for a paired comparison"
         )
 
-    def restore(lqs, refs):
+    def restore(lqs, refs, gate=None):
         parts = [
-            restorer.restore_batch(lqs[i : i + cfg.batch_size], refs[i : i + cfg.batch_size])
+            restorer.restore_batch(lqs[i : i + cfg.batch_size], refs[i : i + cfg.batch_size], gate=gate)
             for i in range(0, len(lqs), cfg.batch_size)
         ]
         return np.concatenate(parts)
@@ -283,6 +321,10 @@ def evaluate_set(
         measure(FRONT, front)
     for k in cfg.modes:
         measure(mode_label(k), restore(lq, [s["refs"][:k] for s in samples]))
+        if progress is not None:
+            progress.update(1)
+    for k in gate_open_modes(restorer, cfg):  # the same modes with the reference gate open: its effect
+        measure(GATE_OPEN.format(mode=mode_label(k)), restore(lq, [s["refs"][:k] for s in samples], False))
         if progress is not None:
             progress.update(1)
     k_ctl = max(kmax, 1)

@@ -115,6 +115,7 @@ def sampler_options(args) -> dict:
         "guidance_image": args.guidance_image,
         "guidance_context": args.guidance_context,
         "ref_ensemble": args.ref_ensemble,
+        "gate": False if args.no_gate else None,
     }
 
 
@@ -383,6 +384,11 @@ def add_restore_arguments(r: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="seed 002's eq. 6: one forward per reference, their predictions averaged (any model, up to 3)",
+    )
+    r.add_argument(
+        "--no-gate",
+        action="store_true",
+        help="the references at full weight on every photo (default: the bundle's reference gate)",
     )
     r.add_argument(
         "--aligned", action="store_true", help="the photos and references are already aligned face crops"

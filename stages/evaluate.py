@@ -31,11 +31,13 @@ from pipelines.config import EvaluateConfig
 from pipelines.embedding import load_encoders
 from pipelines.io import write_bytes, write_json
 from pipelines.quality import PER_TARGET, WeightMetrics, load_weight_metrics
+from pipelines.reference_gate import calibrate, write_gate
 from pipelines.restorer import Restorer, write_bundle
 from pipelines.set_evaluation import (
     COLUMNS,
     PAIRED,
     evaluate_set,
+    gate_open_modes,
     markdown,
     paired_rows,
     real_photo_figure,
@@ -65,6 +67,23 @@ def bundle_restorer(out: Path, model: str, cfgs: dict) -> Restorer:
     return Restorer(bundle, threads=cfg.threads)
 
 
+def gate_restorer(
+    restorer: Restorer, eval_sets: str, shards: str, cfg: EvaluateConfig, border: float
+) -> dict:
+    """Fit the reference gate on the validation split of `shards` under every evaluation set's preset,
+    record it in the bundle and set it on `restorer` (pipelines.reference_gate); the fit's record, or {}
+    with the gate off."""
+    g = cfg.reference_gate
+    if g.kind == "none":
+        return {}
+    presets = json.loads((Path(eval_sets) / "index.json").read_text())["config"]["sets"]
+    gate, record = calibrate(restorer, shards, presets, g.seed, g.targets, border, cfg.batch_size)
+    if gate is not None:
+        write_gate(restorer.bundle, gate)
+        restorer.gate = gate
+    return record
+
+
 def evaluate_sets(
     restorer: Restorer,
     eval_sets: str,
@@ -83,7 +102,7 @@ def evaluate_sets(
     targets: dict[str, dict] = {}
     plot_rows = []
     bar = tqdm(
-        total=len(index["splits"]) * (len(cfg.modes) + 1),
+        total=len(index["splits"]) * (len(cfg.modes) + 1 + len(gate_open_modes(restorer, cfg))),
         desc="evaluate",
         unit="row",
         disable=not progress_enabled(),
@@ -130,7 +149,7 @@ def summary_line(results: dict, paired: dict, cfg: EvaluateConfig, report: str) 
 
 def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__)
-    for a in ("--eval-sets", "--model", "--encoders", "--out", "--metrics", "--report", "--plot"):
+    for a in ("--eval-sets", "--shards", "--model", "--encoders", "--out", "--metrics", "--report", "--plot"):
         p.add_argument(a, required=True)
     p.add_argument("--report-grid", help="also copy the severe set's grid here (committed beside the report)")
     p.add_argument(
@@ -143,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     validate_shards(args.eval_sets)
     out = Path(args.out)
     restorer = bundle_restorer(out, args.model, cfgs)
+    gate = gate_restorer(restorer, args.eval_sets, args.shards, cfg, ecfg.crop_border)
     encoders = load_encoders(ecfg, args.encoders)
     wm = load_weight_metrics(cfg.weights)
     not_computed = dict(wm.not_computed)
@@ -164,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
             "samples": cfg.samples,
             "targets_with_refs": max(cfg.modes),
         },
+        "reference_gate": gate,
     }
     write_json(args.metrics, metrics)
     write_json(out / "per_target.json", targets)
@@ -173,7 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.real_photo:
         print(real_photo_figure(restorer, args.real_photo))
     write_bytes(
-        args.report, markdown(results, paired, not_computed, "data/train/model", cfg.seed, wm.files).encode()
+        args.report,
+        markdown(results, paired, not_computed, "data/train/model", cfg.seed, wm.files, gate).encode(),
     )
     write_plot_rows(args.plot, plot_rows)
     print(summary_line(results, paired, cfg, args.report))

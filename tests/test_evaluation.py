@@ -214,6 +214,8 @@ def _evaluate(tmp, pp, env, model: Path, tag: str):
         str(pp),
         "--eval-sets",
         str(tmp / "eval_sets"),
+        "--shards",
+        str(tmp / "shards"),
         "--model",
         str(model),
         "--encoders",
@@ -255,9 +257,15 @@ def _register(tmp, pp, env, tag: str, metrics: Path):
 def test_evaluate_register_gate_restore_and_serve(project):
     tmp, pp, params, env = project
     m = _evaluate(tmp, pp, env, tmp / "model", "a")
+    # the reference gate, fitted on the validation split under both sets' presets (tests/test_reference_gate.py)
+    gate = m["reference_gate"]
+    assert set(gate["sets"]) == {"moderate", "severe"} and all(v["n"] > 0 for v in gate["sets"].values())
+    bundle_gate = json.loads((tmp / "ev_a" / "bundle" / "bundle.json").read_text()).get("reference_gate")
+    assert bundle_gate == gate["gate"]  # None: the fit found no gate, and the bundle has none
+    open_rows = {"1 reference - gate open", "3 references - gate open"} if gate["gate"] else set()
     for name in ("moderate", "severe"):
         rows = m["sets"][name]
-        assert set(rows) == {
+        assert set(rows) == open_rows | {
             "degraded input",
             "front end alone",  # the bundle's model has a front end
             "no reference",
@@ -288,6 +296,7 @@ def test_evaluate_register_gate_restore_and_serve(project):
     assert "| degraded input |" in report and "## severe" in report
     assert "lpips: no local weights: set evaluate.weights.lpips to torchvision's AlexNet" in report
     assert "Paired differences to the blind mode" in report and "3 references of another person" in report
+    assert "References are weighed by the reference gate" in report
     assert (tmp / "ev_a" / "grid_severe.png").is_file()
     targets = json.loads((tmp / "ev_a" / "per_target.json").read_text())
     primary = targets["severe"]["rows"]["1 reference"]["gt_id"]
@@ -604,7 +613,8 @@ def test_the_gate_reevaluates_the_champion_when_the_evaluation_sets_change(proje
 
 def _evaluate_on(tmp, pp, env, model: Path, tag: str, eval_sets: Path) -> dict:
     r = _run(
-        env, ROOT, "stages.evaluate", "--params", str(pp), "--eval-sets", str(eval_sets), "--model", str(model),
+        env, ROOT, "stages.evaluate", "--params", str(pp), "--eval-sets", str(eval_sets),
+        "--shards", str(tmp / "shards"), "--model", str(model),
         "--encoders", str(tmp / "encoders"), "--out", str(tmp / f"ev_{tag}"), "--metrics",
         str(tmp / f"ev_{tag}.json"), "--report", str(tmp / f"ev_{tag}.md"), "--plot", str(tmp / f"ev_{tag}.csv"),
     )  # fmt: skip

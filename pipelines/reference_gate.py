@@ -1,0 +1,146 @@
+"""The reference gate: how much the references may change a restoration, from how degraded its input is.
+
+A restoration from a mildly degraded photo needs little from the references: the photo itself shows
+who it is. The gate weighs the reference readout (models.pathways.ReferenceReadout, the head's
+reference evidence Δ) per image by
+
+    α(s) = clip((s_sharp − s) / (s_sharp − s_blurred), 0, 1),    s = mean |∇² grey(input)|
+
+the input's own sharpness (uint8 units, at the model's resolution): references at full weight on inputs
+as blurred as a typical severe one (s ≤ s_blurred), not at all on inputs sharp enough that they did not
+help (s ≥ s_sharp), linearly between. α multiplies Δ only (`Conditioning.ref_scale`): the references'
+tokens still take part in the attention.
+
+`calibrate` fits the two constants on the validation split, never on the evaluation targets. Each
+evaluation preset degrades the validation targets (sample i with default_rng(seed + i)); each target is
+restored blind and with its first reference (gate open), and δ_i = cos(out_1ref, gt) − cos(out_blind, gt)
+is measured with the model's own (primary) identity encoder. A least-squares line δ ≈ a + b·log s over all
+presets gives s_sharp = exp(−a/b), where the fitted δ crosses zero (references expected to help below
+it; b < 0), and s_blurred = the lowest per-preset median of s. A fit with b ≥ 0 finds no sharpness where
+references stop helping: there is no gate (α = 1).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from pipelines.degradations import get_preset
+from pipelines.evaluation import cosine, embed
+from pipelines.shards import decode_sample, iter_raw, shard_paths
+
+
+@dataclass(frozen=True)
+class ReferenceGate:
+    """α(s) of the module docstring (s_blurred ≤ s_sharp)."""
+
+    sharp: float
+    blurred: float
+
+    def alpha(self, images: list[np.ndarray]) -> np.ndarray:
+        """(B,) float32 weights of the reference readout for uint8 RGB images at the model's resolution."""
+        s = sharpness(images)
+        span = max(self.sharp - self.blurred, 1e-6)
+        return np.clip((self.sharp - s) / span, 0.0, 1.0).astype(np.float32)
+
+    def as_dict(self) -> dict:
+        return {"statistic": "sharpness", **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ReferenceGate:
+        if d.get("statistic") != "sharpness":
+            raise ValueError(f"reference gate: unknown statistic {d.get('statistic')!r} (valid: sharpness)")
+        return cls(d["sharp"], d["blurred"])
+
+
+def sharpness(images: list[np.ndarray]) -> np.ndarray:
+    """(B,) mean |Laplacian| of each uint8 RGB image's grey version (lower: blurrier)."""
+    out = []
+    for x in images:
+        grey = cv2.cvtColor(np.ascontiguousarray(x), cv2.COLOR_RGB2GRAY).astype(np.float64)
+        out.append(np.abs(cv2.Laplacian(grey, cv2.CV_64F)).mean())
+    return np.array(out, np.float64)
+
+
+def fit(s: dict[str, np.ndarray], delta: dict[str, np.ndarray]) -> tuple[ReferenceGate | None, dict]:
+    """The gate from per-preset sharpness `s` and reference gains `delta` (module docstring), None when
+    it stays open, and the fit's record (slope, intercept)."""
+    x = np.log(np.maximum(np.concatenate([s[k] for k in sorted(s)]), 1e-6))
+    y = np.concatenate([delta[k] for k in sorted(s)])
+    if len(x) < 2 or np.ptp(x) == 0:  # nothing to fit a line to: references keep their full weight
+        return None, {"slope_per_log_s": None, "intercept": None}
+    slope, intercept = (float(v) for v in np.polyfit(x, y, 1))
+    record = {"slope_per_log_s": slope, "intercept": intercept}
+    if slope >= 0:
+        return None, record
+    sharp = float(np.exp(-intercept / slope))
+    blurred = min(min(float(np.median(s[k])) for k in s), sharp)  # a step at s_sharp if it lies below
+    return ReferenceGate(sharp, blurred), record
+
+
+def validation_samples(shards: str, preset: str, seed: int, limit: int) -> list[dict]:
+    """The validation split's targets with at least one reference (the first `limit`, 0 = all), sample i
+    of the split degraded by `preset` with default_rng(seed + i)."""
+    fn, out = get_preset(preset), []
+    for i, raw in enumerate(iter_raw(shard_paths(shards, "val"))):
+        if json.loads(raw["meta.json"])["ref_count"] < 1:
+            continue
+        s = decode_sample(raw)
+        s["lq"], _ = fn(s["gt"], np.random.default_rng(seed + i))
+        out.append(s)
+        if limit and len(out) == limit:
+            break
+    return out
+
+
+def calibrate(
+    restorer,
+    shards: str,
+    presets: dict[str, str],
+    seed: int,
+    limit: int,
+    border: float,
+    batch_size: int = 16,
+):
+    """(gate, record): the gate fitted with `restorer` (its gate open; batches of `batch_size`) on the
+    validation split of `shards` degraded by each of `presets` ({name: preset}); the record holds the
+    fit and, per preset, the number of targets, the quantiles of s and the mean reference gain."""
+
+    def restore(lq, refs):
+        parts = [
+            restorer.restore_batch(lq[i : i + batch_size], refs[i : i + batch_size], gate=False)
+            for i in range(0, len(lq), batch_size)
+        ]
+        return np.concatenate(parts)
+
+    s, delta, per = {}, {}, {}
+    for name, preset in sorted(presets.items()):
+        samples = validation_samples(shards, preset, seed, limit)
+        if not samples:
+            raise ValueError(f"{shards}: no validation target with a reference to calibrate the gate on")
+        lq = [x["lq"] for x in samples]
+        gt = embed(restorer.encoder, np.stack([x["gt"] for x in samples]), border)
+        blind = restore(lq, [[] for _ in samples])
+        one = restore(lq, [x["refs"][:1] for x in samples])
+        e_blind, e_one = embed(restorer.encoder, blind, border), embed(restorer.encoder, one, border)
+        s[name], delta[name] = sharpness(lq), cosine(e_one, gt) - cosine(e_blind, gt)
+        per[name] = {
+            "preset": preset,
+            "n": len(samples),
+            "s_quantiles_10_50_90": [round(float(q), 4) for q in np.quantile(s[name], [0.1, 0.5, 0.9])],
+            "mean_gain_1ref": round(float(delta[name].mean()), 4),
+        }
+    gate, record = fit(s, delta)
+    return gate, {**record, "sets": per, "gate": None if gate is None else gate.as_dict()}
+
+
+def write_gate(bundle: str | Path, gate: ReferenceGate) -> None:
+    """Record `gate` in the bundle's bundle.json (read back by pipelines.restorer.Restorer)."""
+    meta_file = Path(bundle) / "bundle.json"
+    meta = json.loads(meta_file.read_text())
+    meta["reference_gate"] = gate.as_dict()
+    meta_file.write_text(json.dumps(meta, indent=2, sort_keys=True))

@@ -1,0 +1,163 @@
+"""The reference gate (pipelines/reference_gate.py): its weight by definition, its fit, and that in a
+restorer it scales the reference readout's Δ per image and nothing else."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.reference_gate import ReferenceGate, fit, sharpness, write_gate
+
+
+def _images():
+    """A flat image (s = 0), a smooth ramp and a checkerboard (very sharp), 32 px uint8 RGB."""
+    flat = np.full((32, 32, 3), 128, np.uint8)
+    ramp = np.repeat(np.repeat(np.linspace(0, 255, 32)[None, :, None], 32, 0), 3, 2)
+    ramp = (ramp + 40 * (np.indices((32, 32)).sum(0) % 2)[..., None]).clip(0, 255).astype(np.uint8)
+    board = (255 * (np.indices((32, 32)).sum(0) % 2)).astype(np.uint8)[..., None].repeat(3, 2)
+    return [flat, ramp, board]
+
+
+def test_sharpness_is_the_mean_absolute_laplacian():
+    flat, ramp, board = _images()
+    s = sharpness([flat, ramp, board])
+    assert s[0] == 0 and 0 < s[1] < s[2]
+    # a checkerboard of 0/255: every interior pixel's 4-neighbour Laplacian is 4·255 in magnitude
+    assert s[2] > 0.8 * 4 * 255
+
+
+def test_alpha_by_definition():
+    imgs = _images()
+    s = sharpness(imgs)
+    gate = ReferenceGate(sharp=float(s[2]), blurred=float(s[0]))
+    a = gate.alpha(imgs)
+    assert a.dtype == np.float32 and a.shape == (3,)
+    assert a[0] == 1.0 and a[2] == 0.0
+    assert a[1] == pytest.approx((s[2] - s[1]) / (s[2] - s[0]), abs=1e-6)
+    # outside [blurred, sharp] it is clipped
+    assert (ReferenceGate(sharp=0.5, blurred=0.1).alpha(imgs[1:]) == 0).all()
+    assert (ReferenceGate(sharp=1e6, blurred=1e5).alpha(imgs) == 1).all()
+
+
+def test_round_trip_and_a_bad_record():
+    g = ReferenceGate(9.8, 4.3)
+    assert ReferenceGate.from_dict(json.loads(json.dumps(g.as_dict()))) == g
+    with pytest.raises(ValueError, match="unknown statistic 'entropy'"):
+        ReferenceGate.from_dict({"statistic": "entropy", "sharp": 1.0, "blurred": 0.5})
+
+
+def test_fit_finds_where_the_references_stop_helping():
+    rng = np.random.default_rng(0)
+    s = {"mild": np.exp(rng.uniform(2.0, 3.5, 80)), "severe": np.exp(rng.uniform(0.8, 2.2, 80))}
+    a, b = 0.03, -0.013  # δ = a + b·log s: references help below s = exp(a / 0.013) ≈ 10.1
+    delta = {k: a + b * np.log(v) for k, v in s.items()}
+    gate, rec = fit(s, delta)
+    assert gate.sharp == pytest.approx(np.exp(-a / b), rel=1e-9)
+    assert gate.blurred == pytest.approx(min(np.median(v) for v in s.values()))
+    assert rec["slope_per_log_s"] == pytest.approx(b) and rec["intercept"] == pytest.approx(a)
+    # references help more on sharper inputs (or as much): no gate
+    assert fit(s, {k: 0.01 + 0.0 * v for k, v in s.items()})[0] is None
+    assert fit(s, {k: -a - b * np.log(v) for k, v in s.items()})[0] is None
+    # one point, or one sharpness: nothing to fit
+    assert fit({"x": np.array([3.0])}, {"x": np.array([0.1])})[0] is None
+    # the crossing below the severe median: a step at it
+    low = {k: -0.05 + b * np.log(v) for k, v in s.items()}
+    g2, _ = fit(s, low)
+    assert g2.blurred == g2.sharp == pytest.approx(np.exp(0.05 / b))
+
+
+@pytest.fixture(scope="module")
+def restorer(tmp_path_factory):
+    """A tiny bundle's restorer whose reference readout gives a clearly visible Δ."""
+    from conftest import write_tiny_bundle
+
+    from pipelines.restorer import Restorer
+
+    bundle = write_tiny_bundle(tmp_path_factory.mktemp("gate"))
+    r = Restorer(bundle)
+    fuse = r.module.net.ref_fuse
+    assert fuse is not None, "the tiny bundle has no reference readout"
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        fuse.out.weight.copy_(torch.randn(fuse.out.weight.shape, generator=g) * 0.5)
+    return r
+
+
+def test_the_gate_scales_the_reference_readout_per_image(restorer, tmp_path):
+    r = restorer
+    imgs = _images()
+    lq = [imgs[0], imgs[2]]  # α = 1 (flat) and α = 0 (sharp)
+    rng = np.random.default_rng(1)
+    refs = [[rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)] for _ in lq]
+    s = sharpness(lq)
+    assert r.gate is None
+    full = r.restore_batch(lq, refs)  # no gate in the bundle: full weight
+    blind = r.restore_batch(lq, [[] for _ in lq])
+    assert not np.array_equal(full, blind)
+
+    r.gate = ReferenceGate(sharp=float(s[1]), blurred=float(s[0]))
+    try:
+        gated = r.restore_batch(lq, refs)
+        assert np.array_equal(r.restore_batch(lq, refs, gate=False), full)
+        assert np.array_equal(r.restore_batch(lq, [[] for _ in lq]), blind)  # blind: nothing to weigh
+        fuse = r.module.net.ref_fuse
+        w = fuse.out.weight.detach().clone()
+        with torch.no_grad():
+            fuse.out.weight.zero_()
+        try:
+            no_readout = r.restore_batch(lq, refs, gate=False)
+        finally:
+            with torch.no_grad():
+                fuse.out.weight.copy_(w)
+    finally:
+        r.gate = None
+    assert np.array_equal(gated[0], full[0])  # α = 1: exactly the readout's Δ
+    assert np.array_equal(gated[1], no_readout[1])  # α = 0: the references attend, their Δ is off
+    assert not np.array_equal(gated[1], full[1]) and not np.array_equal(gated[1], blind[1])
+
+
+def test_a_gate_written_to_the_bundle_is_read_back(tmp_path):
+    from conftest import write_tiny_bundle
+
+    from pipelines.restorer import Restorer
+
+    bundle = write_tiny_bundle(tmp_path)
+    write_gate(bundle, ReferenceGate(9.5, 4.25))
+    meta = json.loads((bundle / "bundle.json").read_text())
+    assert meta["reference_gate"] == {"statistic": "sharpness", "sharp": 9.5, "blurred": 4.25}
+    assert Restorer(bundle).gate == ReferenceGate(9.5, 4.25)
+
+
+def test_refface_restore_follows_the_bundles_gate_unless_told_not_to(tmp_path):
+    """The CLI restores as the report measured (the bundle's gate), and `--no-gate` at full weight."""
+    from conftest import write_tiny_bundle
+    from PIL import Image
+    from safetensors.torch import load_file, save_file
+
+    from models.lora import PATHWAYS_FILE
+    from pipelines.restorer import Restorer
+    from stages.cli import main
+
+    bundle = write_tiny_bundle(tmp_path)
+    f = bundle / "model" / PATHWAYS_FILE
+    w = load_file(f)
+    key = next(k for k in w if "ref_fuse.out.weight" in k)
+    w[key] = torch.randn(w[key].shape, generator=torch.Generator().manual_seed(0)) * 0.5
+    save_file(w, f)
+    write_gate(bundle, ReferenceGate(sharp=1.0, blurred=0.5))  # any textured photo: α = 0
+    rng = np.random.default_rng(2)
+    lq, ref = (rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(2))
+    Image.fromarray(lq).save(tmp_path / "lq.png")
+    Image.fromarray(ref).save(tmp_path / "ref.png")
+    args = ["restore", "--aligned", str(tmp_path / "lq.png"), "--ref", str(tmp_path / "ref.png")]
+    args += ["--model", str(bundle)]
+    main([*args, "--out", str(tmp_path / "gated.png")])
+    main([*args, "--out", str(tmp_path / "full.png"), "--no-gate"])
+    gated, full = (np.asarray(Image.open(tmp_path / n)) for n in ("gated.png", "full.png"))
+    r = Restorer(bundle)
+    assert np.array_equal(gated, r.restore(lq, [ref], colour=True))
+    assert np.array_equal(full, r.restore(lq, [ref], colour=True, gate=False))
+    assert not np.array_equal(gated, full)
