@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,13 +28,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CONFIGS = {
     "iconface (in-context, no masks)": {},
-    "+ masks": {"reference_masks": "truth"},
-    "+ masks, decoupled (eq. 4)": {"reference_masks": "truth", "reference_route": "decoupled"},
-    "+ masks, cycle loss (eq. 5)": {"reference_masks": "truth", "cycle_loss": True},
+    "+ masks": {"refstar.reference_masks": "truth"},
+    "+ masks, decoupled (eq. 4)": {
+        "refstar.reference_masks": "truth",
+        "refstar.reference_route": "decoupled",
+    },
+    "+ masks, cycle loss (eq. 5)": {"refstar.reference_masks": "truth", "refstar.cycle_loss": True},
     "+ masks, decoupled, cycle": {
-        "reference_masks": "truth",
-        "reference_route": "decoupled",
-        "cycle_loss": True,
+        "refstar.reference_masks": "truth",
+        "refstar.reference_route": "decoupled",
+        "refstar.cycle_loss": True,
     },
 }
 
@@ -88,7 +90,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     from models.id_encoder import IRBackbone, IRConfig
-    from pipelines.config import TrainConfig, build
+    from pipelines.config import TrainConfig, build, with_overrides
     from pipelines.module import IConFaceModule
     from pipelines.network import build_network
 
@@ -99,7 +101,7 @@ def main() -> None:
     data = batches(args.steps + 1, args.batch, 64)
     runs = {}
     for name, over in CONFIGS.items():
-        cfg = replace(base, **over)
+        cfg = with_overrides(base, over)
         net, codec, text = build_network(cfg, 512)
         m = IConFaceModule.from_config(net, codec, enc, text, cfg)
         m.log = m.log_dict = lambda *a, **k: None

@@ -173,7 +173,7 @@ def load_farl(tower: ClipVisionTower, path: str | Path) -> None:
         except Exception as exc:  # an unpickling error names a class the safe loader refuses
             raise ValueError(
                 f"{path}: not loadable with weights_only=True ({exc.__class__.__name__}); save its "
-                "`state_dict` as safetensors and point train.general_encoder_weights at that file"
+                "`state_dict` as safetensors and point train.composite.general_encoder_weights at that file"
             ) from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]

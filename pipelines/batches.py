@@ -117,7 +117,7 @@ def make_batch(
                             if mk is None
                             else f"a {np.asarray(mk).shape} mask for {h}x{w} images"
                         )
-                        + "; train.reference_masks needs a mask (refmask<i>.png) on every reference"
+                        + "; train.refstar.reference_masks needs a mask (refmask<i>.png) on every reference"
                     )
                 m[i, j], valid[i, j] = mk, True
         out["ref_consistent"] = (

@@ -22,8 +22,15 @@ from pipelines.config_base import (  # noqa: F401 (the names every caller import
     ConfigError,
     as_dict,
     build,
+    flat_dict,
 )
-from pipelines.train_config import TrainConfig
+from pipelines.train_config import (  # noqa: F401 (re-exported)
+    CompositeTrainConfig,
+    RayTrainConfig,
+    RefstarTrainConfig,
+    TrainConfig,
+    with_overrides,
+)
 
 # --------------------------------------------------------------------------------------------------
 # Sections
@@ -438,12 +445,14 @@ class TuneConfig:
     )
 
     def validate(self, where: str) -> None:
-        from dataclasses import fields as _fields
+        import dataclasses
+        from typing import get_type_hints
 
-        tunable = {f.name for f in _fields(TrainConfig)}
+        # the top-level keys of `train`; its nested sections (ray, composite, refstar) are not tunable
+        tunable = {k for k, tp in get_type_hints(TrainConfig).items() if not dataclasses.is_dataclass(tp)}
         for name, spec in self.space.items():
             if name not in tunable:
-                raise ConfigError(f"{where}.space.{name}: not a train parameter")
+                raise ConfigError(f"{where}.space.{name}: not a top-level train parameter")
             if not spec or spec[0] not in ("log", "float", "int", "choice"):
                 raise ConfigError(f"{where}.space.{name}: first item must be log, float, int or choice")
             if spec[0] != "choice" and len(spec) != 3:
@@ -485,11 +494,27 @@ def merge_overlay(params: dict[str, Any], overlay: dict[str, Any], where: str) -
             )
         if not isinstance(values, dict):
             raise ConfigError(f"{where}: section {section} must be a mapping of keys")
-        base = out.setdefault(section, {})
-        for key, value in values.items():
-            if key not in base:
-                raise ConfigError(f"{where}: {section}.{key} is not a key of params.yaml's {section} section")
-            base[key] = value
+        out[section] = _merge_section(out.get(section) or {}, values, SECTIONS[section], section, where)
+    return out
+
+
+def _merge_section(base: dict, values: dict, cls: type, path: str, where: str) -> dict:
+    """`base` (a section of params.yaml at `path`, built as `cls`) with `values` merged over it key by key,
+    into its nested sections too (`train.ray`: {workers: 4} changes that key only); a key `base` lacks is
+    an error."""
+    import dataclasses
+    from typing import get_type_hints
+
+    hints = get_type_hints(cls)
+    out = dict(base)
+    for key, value in values.items():
+        if key not in out:
+            raise ConfigError(f"{where}: {path}.{key} is not a key of params.yaml's {path} section")
+        sub = hints.get(key)
+        if dataclasses.is_dataclass(sub) and isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = _merge_section(out[key], value, sub, f"{path}.{key}", where)
+        else:
+            out[key] = value
     return out
 
 

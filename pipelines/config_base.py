@@ -159,3 +159,17 @@ def as_dict(obj: Any) -> dict[str, Any]:
         return v
 
     return plain(dataclasses.asdict(obj))
+
+
+def flat_dict(obj: Any) -> dict[str, Any]:
+    """`as_dict` with the nested sections' keys flattened to dotted names (`ray.workers`), e.g. for
+    MLflow params; other mapping values stay whole."""
+    plain = as_dict(obj)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out |= {f"{f.name}.{k}": v for k, v in flat_dict(value).items()}
+        else:
+            out[f.name] = plain[f.name]
+    return out

@@ -190,13 +190,16 @@ class IConFaceModule(L.LightningModule):
             cfg.max_steps,
             sigma_shift=cfg.sigma_shift,
             **(
-                {"context_dropout": cfg.context_dropout, "image_dropout": cfg.image_dropout}
+                {
+                    "context_dropout": cfg.composite.context_dropout,
+                    "image_dropout": cfg.composite.image_dropout,
+                }
                 if cfg.conditioning == "composite"
                 else {}
             ),
         )
         perceptual = None
-        if cfg.cycle_loss:
+        if cfg.refstar.cycle_loss:
             from pipelines.refstar import load_perceptual
 
             perceptual, _ = load_perceptual(cfg)
@@ -207,7 +210,10 @@ class IConFaceModule(L.LightningModule):
             text,
             optim,
             LossWeights(
-                lambda_id=cfg.lambda_id, lambda_h=cfg.lambda_h, id_loss=cfg.id_loss, hei_lambda=cfg.hei_lambda
+                lambda_id=cfg.lambda_id,
+                lambda_h=cfg.lambda_h,
+                id_loss=cfg.composite.id_loss,
+                hei_lambda=cfg.composite.hei_lambda,
             ),
             crop_border,
             RefstarSettings.from_config(cfg),

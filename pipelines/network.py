@@ -56,7 +56,10 @@ def build_network(cfg: TrainConfig, z_dim: int) -> tuple[IConFace, LatentCodec, 
         tr.enable_gradient_checkpointing()
     composite = (
         build_composite(
-            cfg.general_encoder, cfg.general_encoder_weights, z_dim, tr.config.joint_attention_dim
+            cfg.composite.general_encoder,
+            cfg.composite.general_encoder_weights,
+            z_dim,
+            tr.config.joint_attention_dim,
         )
         if cfg.conditioning == "composite"
         else None
@@ -73,9 +76,9 @@ def build_network(cfg: TrainConfig, z_dim: int) -> tuple[IConFace, LatentCodec, 
             ref_readout=reference_readout(cfg),
             front_end=cfg.front_end,
             conditioning=cfg.conditioning,
-            reference_route=cfg.reference_route,
-            decoupled_scale=cfg.decoupled_scale,
-            decoupled_rank=cfg.decoupled_rank,
+            reference_route=cfg.refstar.reference_route,
+            decoupled_scale=cfg.refstar.decoupled_scale,
+            decoupled_rank=cfg.refstar.decoupled_rank,
         ),
         composite,
     )

@@ -1,6 +1,6 @@
 """`train.launcher: ray`: the same training on Ray Train workers, one DDP rank each, on any Ray cluster.
 
-    cfg = replace(cfg, launcher="ray", ray_workers=2)
+    cfg = with_overrides(cfg, {"launcher": "ray", "ray.workers": 2})
     result = fit(cfg, dcfg, "data/shards", encoders, val)   # pipelines.fit dispatches here
 
 This process is the driver. `fit_ray` starts local Ray (or joins RAY_ADDRESS, `pipelines.stream.connect`)
@@ -9,13 +9,13 @@ exactly as `fit` does and run a Lightning `Trainer` with `RayDDPStrategy`, `RayL
 `prepare_trainer` (gloo on CPUs, NCCL on GPUs; Ray Train sets up the process group). Each worker's data
 module takes its rank and world size from the trainer, that is from Ray Train's context, so every rank
 streams its own equal, disjoint share of the degradations (`pipelines.stream.epoch_order`); it degrades
-them itself (`ray_degrade: inline`, the default: a worker needs no CPU beyond its own) or in Ray tasks
+them itself (`train.ray.degrade: inline`, the default: a worker needs no CPU beyond its own) or in Ray tasks
 (`tasks`: they need free CPUs beyond the workers', or they wait for ever).
 
 Checkpoints and faults. Every `checkpoint_every` optimiser steps and at the last one, `RayReport` saves
 the Lightning checkpoint and hands it to `ray.train.report` (rank 0 writes it; every rank reports, as Ray
 requires); Ray Train keeps the latest under `storage/<run name>`. When a worker dies, Ray Train
-restarts the whole group (`FailureConfig(max_failures=ray_max_failures)`) and each new worker resumes
+restarts the whole group (`FailureConfig(max_failures=train.ray.max_failures)`) and each new worker resumes
 from `ray.train.get_checkpoint()`: weights, optimiser, step, reference counters and the stream's
 position (the data module skips the batches already consumed). Ray Train takes a report in when its
 controller next polls the workers (every couple of seconds): a group that dies before that restarts from
@@ -34,7 +34,7 @@ records the curve, and a pruned trial stops then instead of mid-run.
 Paths. Ray Train runs each worker in its own working folder, so the driver turns every path it ships
 (shards, checkpoint folder, resume file, model files) into an absolute one; the caller's own callbacks
 and loggers must hold absolute paths and URIs too. On a cluster all of them must be on storage every node
-reads at the same path (a shared filesystem), or `ray_storage` a URI (s3://...) for Ray Train's
+reads at the same path (a shared filesystem), or `train.ray.storage` a URI (s3://...) for Ray Train's
 checkpoints; MLflow needs a tracking server (MLFLOW_TRACKING_URI) that the workers reach.
 """
 
@@ -87,20 +87,20 @@ def check_resources(cfg: TrainConfig, gpu: bool, inline: bool) -> None:
     import ray
 
     res = ray.cluster_resources()
-    cpus, need = res.get("CPU", 0), cfg.ray_workers * cfg.ray_cpus_per_worker
+    cpus, need = res.get("CPU", 0), cfg.ray.workers * cfg.ray.cpus_per_worker
     if need > cpus:
         raise RuntimeError(
-            f"train.ray_workers {cfg.ray_workers} x ray_cpus_per_worker {cfg.ray_cpus_per_worker} = {need} CPUs, "
+            f"train.ray.workers {cfg.ray.workers} x cpus_per_worker {cfg.ray.cpus_per_worker} = {need} CPUs, "
             f"but the Ray cluster has {cpus:g}: lower them, raise degrade.num_cpus (local Ray) or add nodes"
         )
     if not inline and need >= cpus:
         raise RuntimeError(
-            f"train.ray_degrade tasks needs CPUs beyond the workers' {need} (the cluster has {cpus:g}): the "
-            "degradation tasks would wait for ever. Use ray_degrade: inline or fewer/smaller workers"
+            f"train.ray.degrade tasks needs CPUs beyond the workers' {need} (the cluster has {cpus:g}): the "
+            "degradation tasks would wait for ever. Use train.ray.degrade: inline or fewer/smaller workers"
         )
-    if gpu and res.get("GPU", 0) < cfg.ray_workers:
+    if gpu and res.get("GPU", 0) < cfg.ray.workers:
         raise RuntimeError(
-            f"train.ray_workers {cfg.ray_workers} GPU workers, but the Ray cluster has {res.get('GPU', 0):g} GPUs"
+            f"train.ray.workers {cfg.ray.workers} GPU workers, but the Ray cluster has {res.get('GPU', 0):g} GPUs"
         )
 
 
@@ -195,7 +195,7 @@ def train_worker(config: dict) -> None:
 
     cfg: TrainConfig = config["cfg"]
     dcfg: DegradeConfig = config["dcfg"]
-    torch.set_num_threads(cfg.ray_cpus_per_worker)
+    torch.set_num_threads(cfg.ray.cpus_per_worker)
     module = build_module(cfg, ray.get(config["primary"]), config["crop_border"])
     world = ray.train.get_context().get_world_size()  # Ray Train
     # its rank and world size come from the trainer, i.e. from Ray Train's context
@@ -251,9 +251,9 @@ def _open_logger_run(logger) -> None:
 
 
 def _storage(cfg: TrainConfig, checkpoint) -> str:
-    """Where Ray Train keeps this run's checkpoints: `train.ray_storage`, else beside the Lightning
+    """Where Ray Train keeps this run's checkpoints: `train.ray.storage`, else beside the Lightning
     checkpoints, else a fresh temporary folder (absolute)."""
-    storage = cfg.ray_storage
+    storage = cfg.ray.storage
     if storage is None:
         if checkpoint is not None and checkpoint.dirpath is not None:
             storage = os.path.join(checkpoint.dirpath, "ray")
@@ -340,7 +340,7 @@ def fit_ray(
     _open_logger_run(logger)
     connect(dcfg.num_cpus if ray_cpus is None else ray_cpus)
     gpu = use_gpu(cfg)
-    inline = inline or cfg.ray_degrade == "inline"
+    inline = inline or cfg.ray.degrade == "inline"
     check_resources(cfg, gpu, inline)
     paths = shard_paths(shards, "train") if isinstance(shards, str) else list(shards)
     paths = [_absolute(p) for p in paths]
@@ -375,15 +375,15 @@ def fit_ray(
         train_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(
-            num_workers=cfg.ray_workers,
+            num_workers=cfg.ray.workers,
             use_gpu=gpu,
-            resources_per_worker={"CPU": cfg.ray_cpus_per_worker, **({"GPU": 1} if gpu else {})},
+            resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if gpu else {})},
         ),
         run_config=RunConfig(
             name=name,
             storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=1),
-            failure_config=FailureConfig(max_failures=cfg.ray_max_failures),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
         ),
     )
     t0 = time.perf_counter()
@@ -392,7 +392,7 @@ def fit_ray(
     summary, state = _final_checkpoint(result, name, storage)
     # The checkpoints are read: remove this run's folder, or the whole storage when it is ours (the
     # default; it may also hold the runs of drivers that were killed, whose work `resume` carried on).
-    if cfg.ray_storage is None:
+    if cfg.ray.storage is None:
         shutil.rmtree(storage, ignore_errors=True)
     elif "://" not in storage:
         shutil.rmtree(os.path.join(storage, name), ignore_errors=True)

@@ -1,10 +1,10 @@
 """RefSTAR's transfer with masks in the training pipeline (arXiv:2507.10470; maths in models/refstar.py).
 
-    train.reference_masks: refsel   train.shards: data/refsel/shards
-    train.reference_route: decoupled
-    train.cycle_loss: true
+    train.refstar.reference_masks: refsel   train.shards: data/refsel/shards
+    train.refstar.reference_route: decoupled
+    train.refstar.cycle_loss: true
 
-* **Masks in training.** With `reference_masks` other than `none`, the batch builder (`training.collate`)
+* **Masks in training.** With `refstar.reference_masks` not `none`, the batch builder (`training.collate`)
   takes each chosen reference's conflict mask from the shards (`refmask{i}.png`; the stream passes them
   through the Ray tasks untouched) and `make_batch` turns it into RefSTAR's M (`ref_consistent`, 1 =
   consistent). The module pools M to the token grid (`models.refstar.token_keep`) and masks the
@@ -44,9 +44,9 @@ MASK_OPTIONS = ("none", "refsel", "truth")
 # Rows of the ablation table (pipelines/ablation.py) for RefSTAR's transfer, as train overrides; the masks are
 # those of the shards ablate reads (data/shards: the synthetic ground truth). An explicit dict, no registry.
 ABLATE_ROWS: dict[str, dict] = {
-    "refstar_in_context": {"reference_route": "in_context", "cycle_loss": False},
-    "refstar_decoupled": {"reference_route": "decoupled", "cycle_loss": False},
-    "refstar_decoupled_cycle": {"reference_route": "decoupled", "cycle_loss": True},
+    "refstar_in_context": {"refstar.reference_route": "in_context", "refstar.cycle_loss": False},
+    "refstar_decoupled": {"refstar.reference_route": "decoupled", "refstar.cycle_loss": False},
+    "refstar_decoupled_cycle": {"refstar.reference_route": "decoupled", "refstar.cycle_loss": True},
 }
 
 
@@ -62,17 +62,19 @@ class RefstarSettings:
 
     @classmethod
     def from_config(cls, cfg) -> RefstarSettings:
+        """From a TrainConfig (its `refstar` section)."""
+        rs = cfg.refstar
         return cls(
-            masks=cfg.reference_masks != "none",
-            token_keep=cfg.mask_token_keep,
-            cycle=cfg.cycle_loss,
-            cycle_sigma=cfg.cycle_sigma,
+            masks=rs.reference_masks != "none",
+            token_keep=rs.mask_token_keep,
+            cycle=rs.cycle_loss,
+            cycle_sigma=rs.cycle_sigma,
             weights=CycleWeights(
-                l1=cfg.cycle_lambda_l1,
-                identity=cfg.cycle_lambda_id,
-                perceptual=cfg.cycle_lambda_perc if cfg.cycle_lpips else 0.0,
-                gt=cfg.lambda_gt,
-                cycle=cfg.lambda_cycle,
+                l1=rs.cycle_lambda_l1,
+                identity=rs.cycle_lambda_id,
+                perceptual=rs.cycle_lambda_perc if rs.cycle_lpips else 0.0,
+                gt=rs.lambda_gt,
+                cycle=rs.lambda_cycle,
             ),
         )
 
@@ -81,7 +83,7 @@ def ablate_overrides(name: str, mask_option: str) -> dict:
     """The train overrides of an ablation row of ABLATE_ROWS, with `mask_option` as the masks."""
     if name not in ABLATE_ROWS:
         raise ValueError(f"unknown RefSTAR row {name!r}; valid: {', '.join(ABLATE_ROWS)}")
-    return {**ABLATE_ROWS[name], "reference_masks": mask_option}
+    return {**ABLATE_ROWS[name], "refstar.reference_masks": mask_option}
 
 
 # ==================================================================================================
@@ -114,7 +116,7 @@ def mask_provenance(shards: str | Path, option: str, split: str = "train") -> di
     index = json.loads((root / "index.json").read_text())
     if option == "refsel" and not index.get("mask_model"):
         raise ValueError(
-            f"train.reference_masks: refsel reads the refsel stage's shards (annotated or predicted masks); "
+            f"train.refstar.reference_masks: refsel reads the refsel stage's shards (annotated or predicted masks); "
             f"{root} has no mask model in its index: set train.shards: data/refsel/shards"
         )
     want = {"refsel": {"annotated", "predicted"}, "truth": {"synthetic"}}.get(option, set())
@@ -139,16 +141,17 @@ def mask_provenance(shards: str | Path, option: str, split: str = "train") -> di
 
 
 def load_perceptual(cfg) -> tuple[torch.nn.Module | None, str]:
-    """LPIPS (alex, v0.1) for ℓ_perc of eq. 5 from `train.cycle_lpips` (+ heads), frozen; or (None, why)."""
-    if not cfg.cycle_lpips:
+    """LPIPS (alex, v0.1) for ℓ_perc of eq. 5 from `train.refstar.cycle_lpips` (+ heads), frozen; or (None, why)."""
+    rs = cfg.refstar
+    if not rs.cycle_lpips:
         return (
             None,
-            "off: no local LPIPS weights (set train.cycle_lpips to torchvision's alexnet-owt-7be5be79.pth)",
+            "off: no local LPIPS weights (set train.refstar.cycle_lpips to torchvision's alexnet-owt-7be5be79.pth)",
         )
     from pipelines.iqa import load_lpips
 
-    model = load_lpips(cfg.cycle_lpips, "alex", cfg.cycle_lpips_heads).eval().requires_grad_(False)
-    return model, f"on: LPIPS alex from {cfg.cycle_lpips}"
+    model = load_lpips(rs.cycle_lpips, "alex", rs.cycle_lpips_heads).eval().requires_grad_(False)
+    return model, f"on: LPIPS alex from {rs.cycle_lpips}"
 
 
 def add_cycle(module, batch: dict, x0_hat: torch.Tensor, sigma: torch.Tensor, terms: dict, g) -> dict:
@@ -168,7 +171,7 @@ def add_cycle(module, batch: dict, x0_hat: torch.Tensor, sigma: torch.Tensor, te
     if len(idx):
         if "ref_lq" not in batch:
             raise ValueError(
-                "train.cycle_loss needs the degraded reference (batch['ref_lq']) from the batch builder"
+                "train.refstar.cycle_loss needs the degraded reference (batch['ref_lq']) from the batch builder"
             )
         ref = batch["refs"][idx, 0]  # I^Ref (n, 3, H, W)
         m = (

@@ -24,7 +24,7 @@ outputs to float32 rounding (tests/test_precision.py); bf16 matches within bf16 
 Conflict masks (RefSTAR, pipelines.refstar): `restore_batch(..., ref_masks=)` takes `"predict"` (the
 RefSel U-Net predicts each reference's mask from the degraded input and the reference: no annotation
 needed), `"none"`, or the masks themselves (contract PNG values 0/1/255 in the reference's grid); the
-default is `"predict"` for a model trained with masks (`train.reference_masks` not `none`), else
+default is `"predict"` for a model trained with masks (`train.refstar.reference_masks` not `none`), else
 `"none"`. The RefSel model comes from the bundle's `refsel.safetensors`, else the `refsel` argument,
 else data/refsel/model.safetensors. `last_masks` records which masks the last call used.
 """
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +41,7 @@ from PIL import Image
 
 from models.lora import load_trainable, merge_lora
 from pipelines.batches import make_batch, to_uint8
-from pipelines.config import TrainConfig, as_dict, build
+from pipelines.config import TrainConfig, as_dict, build, with_overrides
 from pipelines.embedding import load_identity_encoder
 from pipelines.faces import is_grey, to_grey
 from pipelines.module import IConFaceModule, cast_frozen
@@ -53,6 +52,35 @@ BUNDLE_FORMAT = 1
 MIN_SIDE = 32
 ENSEMBLE_MAX_REFS = 3  # eq. 6 of seed 002 runs one reference per forward: any model takes up to 3
 DEFAULT_REFSEL = "data/refsel/model.safetensors"  # the refsel stage's model
+
+
+# The keys a bundle's train.json held at its top level before `train` had its sections (ray, composite,
+# refstar): {old key: (section, key)}. Bundles written since hold the sections.
+_FLAT_TRAIN_KEYS: dict[str, tuple[str, str]] = {
+    **{f"ray_{k}": ("ray", k) for k in "workers cpus_per_worker degrade max_failures storage".split()},
+    **{
+        k: ("composite", k)
+        for k in "general_encoder general_encoder_weights context_dropout image_dropout id_loss hei_lambda".split()
+    },
+    **{
+        k: ("refstar", k)
+        for k in (
+            "reference_masks mask_token_keep reference_route decoupled_scale decoupled_rank cycle_loss lambda_gt "
+            "lambda_cycle cycle_lambda_l1 cycle_lambda_id cycle_lambda_perc cycle_lpips cycle_lpips_heads cycle_sigma"
+        ).split()
+    },
+}
+
+
+def nest_flat_train_keys(train: dict) -> dict:
+    """A bundle's train.json in today's shape: the flat keys of a bundle written before the sections
+    (`ray_workers`, `reference_masks`, ...) moved into `ray`, `composite` and `refstar` (a champion in a
+    registry may be such a bundle). A bundle written since comes back unchanged."""
+    out = {k: v for k, v in train.items() if k not in _FLAT_TRAIN_KEYS}
+    for old, (section, key) in _FLAT_TRAIN_KEYS.items():
+        if old in train:
+            out[section] = {**out.get(section, {}), key: train[old]}
+    return out
 
 
 class InputError(ValueError):
@@ -165,7 +193,7 @@ class Restorer:
         self.meta = json.loads(meta_file.read_text())
         if self.meta.get("format") != BUNDLE_FORMAT:
             raise ValueError(f"{bundle}: bundle format {self.meta.get('format')} is not {BUNDLE_FORMAT}")
-        train = json.loads((bundle / "train.json").read_text())
+        train = nest_flat_train_keys(json.loads((bundle / "train.json").read_text()))
         if train.get("prompt_cache") and not Path(train["prompt_cache"]).is_absolute():
             train["prompt_cache"] = str(bundle / train["prompt_cache"])
         train.setdefault("reference_readout", "off")  # bundles written before it existed have none
@@ -175,8 +203,10 @@ class Restorer:
         self.encoder, _, _ = load_identity_encoder(self.meta["encoder"], str(bundle / "encoder.safetensors"))
         net, codec, text = build_network(
             # the front end's and the general encoder's weights come with the pathway weights (model/),
-            # not from train.front / train.general_encoder_weights
-            replace(self.cfg, train_backbone=False, front=None, general_encoder_weights=None),
+            # not from train.front / train.composite.general_encoder_weights
+            with_overrides(
+                self.cfg, {"train_backbone": False, "front": None, "composite.general_encoder_weights": None}
+            ),
             self.encoder.cfg.embedding_dim,
         )
         load_trainable(net, bundle / "model")
@@ -191,7 +221,7 @@ class Restorer:
         own = bundle / "refsel.safetensors"
         self.refsel_path = own if own.is_file() else Path(refsel) if refsel else Path(DEFAULT_REFSEL)
         self._refsel = None
-        self.masks_default = "none" if self.cfg.reference_masks == "none" else "predict"
+        self.masks_default = "none" if self.cfg.refstar.reference_masks == "none" else "predict"
         g = self.meta.get("reference_gate")  # pipelines.reference_gate; absent = references at full weight
         self.gate = ReferenceGate.from_dict(g) if g else None
         self.last_masks: dict = {"source": "none"}

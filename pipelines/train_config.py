@@ -2,10 +2,101 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
 
 from pipelines.config_base import BACKBONE_NAMES, VARIANT_NAMES, ConfigError
+
+
+def _check_paths(obj: Any, names: tuple[str, ...], where: str) -> None:
+    """Each of `names` (local paths, or None) exists where given."""
+    for name in names:
+        path = getattr(obj, name)
+        if path is not None and not Path(path).exists():
+            raise ConfigError(f"{where}.{name}: {path} does not exist; give a local path or null")
+
+
+@dataclass(frozen=True)
+class RayTrainConfig:
+    """`train.ray`: Ray Train's workers, with `train.launcher: ray` (pipelines/ray_fit.py)."""
+
+    workers: int = 2  # training processes (DDP ranks); one GPU each when accelerator is gpu
+    cpus_per_worker: int = 1  # CPUs reserved per worker (and its torch threads)
+    # inline = each worker degrades its own share of the stream (safe on small clusters); tasks = it
+    # submits Ray tasks (needs free CPUs beyond the workers', or they starve)
+    degrade: Literal["inline", "tasks"] = "inline"
+    max_failures: int = 2  # restarts of the worker group from the last checkpoint after a failure
+    # where Ray Train keeps checkpoints, a path every node sees or a URI (s3://...); null: the
+    # train stage's <out>/ckpt/ray, a temporary folder elsewhere (one machine only)
+    storage: str | None = None
+
+
+@dataclass(frozen=True)
+class CompositeTrainConfig:
+    """`train.composite`: seed 002's Composite Context (arXiv:2505.21905), with `train.conditioning: composite`."""
+
+    # φ_G, the general face encoder: `small` (ours: a 64 px CLIP tower trained jointly) or
+    # `farl_vit_b16` (the paper: FaRL ViT-B/16, frozen, from general_encoder_weights, a local checkpoint)
+    general_encoder: Literal["small", "farl_vit_b16"] = "small"
+    general_encoder_weights: str | None = None
+    # CFG training drops (Sec. 4 of 002, 0.1 each, independently): the context's identity token and its
+    # general tokens (key-masked) with context_dropout, the degraded input (zeroed) with image_dropout
+    context_dropout: float = 0.1
+    image_dropout: float = 0.1
+    # adaptive = IConFace's λ* (supplement eq. 1); hard_example = seed 002's eq. 3 with a fixed λ
+    id_loss: Literal["adaptive", "hard_example"] = "adaptive"
+    hei_lambda: float = 0.6  # λ of 002's eq. 3 (the reference's weight)
+
+    def validate(self, where: str) -> None:
+        """The dropouts and HEI λ; what depends on the rest of `train` is TrainConfig's."""
+        for name in ("context_dropout", "image_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(
+                    f"{where}.{name} must lie in [0, 1) (got {getattr(self, name)}); 002 uses 0.1"
+                )
+        if not 0 <= self.hei_lambda <= 1:
+            raise ConfigError(f"{where}.hei_lambda must lie in [0, 1] (got {self.hei_lambda}); 002 uses 0.6")
+
+
+@dataclass(frozen=True)
+class RefstarTrainConfig:
+    """`train.refstar`: RefSTAR's transfer with masks (arXiv:2507.10470; models/refstar.py, pipelines/refstar.py)."""
+
+    # none = IConFace (masks unused); refsel = the refsel stage's masks (annotated / predicted), which
+    # needs train.shards: data/refsel/shards; truth = the synthetic ground-truth masks of data/shards (ours:
+    # the oracle). A reference token is kept when >= mask_token_keep of its pixels are consistent.
+    reference_masks: Literal["none", "refsel", "truth"] = "none"
+    mask_token_keep: float = 0.5
+    # in_context = one joint attention (RefSTAR eq. 3; the IConFace paper); decoupled = eq. 4 in every
+    # block with scale decoupled_scale (eq. 4: 1) and rank-decoupled_rank reference K/V adapters
+    reference_route: Literal["in_context", "decoupled"] = "in_context"
+    decoupled_scale: float = 1.0
+    decoupled_rank: int = 16
+    # Mask-Compatible Cycle-Consistency loss (eq. 5) in the total of eq. 7: λ_GT·L_GT + λ_cycle·L_cycle
+    cycle_loss: bool = False
+    lambda_gt: float = 1.0
+    lambda_cycle: float = 1.5
+    cycle_lambda_l1: float = 1.0
+    cycle_lambda_id: float = 1.2
+    # λ_perc: only with cycle_lpips (torchvision AlexNet weights); else the term is off
+    cycle_lambda_perc: float = 0.8
+    cycle_lpips: str | None = None  # alexnet-owt-7be5be79.pth
+    cycle_lpips_heads: str | None = None  # LPIPS v0.1 alex.pth; default: the installed lpips package's
+    # max (ours): the cycle restores from the sampler's start σ = sigma_max (no clean signal in its input,
+    # like the paper's one-step restorer); train: at the step's drawn σ (its noisy input holds (1-σ)·I_Ref)
+    cycle_sigma: Literal["max", "train"] = "max"
+
+    def validate(self, where: str) -> None:
+        """Ranges and the LPIPS files; what depends on the rest of `train` is TrainConfig's."""
+        if not 0 < self.mask_token_keep <= 1:
+            raise ConfigError(f"{where}.mask_token_keep must lie in (0, 1] (got {self.mask_token_keep})")
+        if self.decoupled_rank < 0:
+            raise ConfigError(f"{where}.decoupled_rank must be 0 or more (got {self.decoupled_rank})")
+        if self.cycle_lpips_heads and not self.cycle_lpips:
+            raise ConfigError(f"{where}.cycle_lpips_heads is set but cycle_lpips (the backbone) is not")
+        _check_paths(self, ("cycle_lpips", "cycle_lpips_heads"), where)
 
 
 @dataclass(frozen=True)
@@ -67,15 +158,7 @@ class TrainConfig:
     # local: Lightning in this process (devices x num_nodes ranks, `strategy`). ray: Ray Train workers on the
     # Ray cluster (RAY_ADDRESS, else local Ray), one DDP rank each (pipelines/ray_fit.py).
     launcher: Literal["local", "ray"] = "local"
-    ray_workers: int = 2  # ray: training processes (DDP ranks); one GPU each when accelerator is gpu
-    ray_cpus_per_worker: int = 1  # ray: CPUs reserved per worker (and its torch threads)
-    # ray: inline = each worker degrades its own share of the stream (safe on small clusters); tasks = it
-    # submits Ray tasks (needs free CPUs beyond the workers', or they starve)
-    ray_degrade: Literal["inline", "tasks"] = "inline"
-    ray_max_failures: int = 2  # ray: restarts of the worker group from the last checkpoint after a failure
-    # ray: where Ray Train keeps checkpoints, a path every node sees or a URI (s3://...); null: the
-    # train stage's <out>/ckpt/ray, a temporary folder elsewhere (one machine only)
-    ray_storage: str | None = None
+    ray: RayTrainConfig = field(default_factory=RayTrainConfig)  # launcher ray: its workers
     gradient_checkpointing: bool = False
     # Storage dtype of the frozen weights (transformer but LoRA, VAE, identity encoder). auto: bf16
     # under bf16-mixed (LoRA and pathways stay float32 with float32 AdamW state), float32 otherwise.
@@ -104,45 +187,11 @@ class TrainConfig:
     # references to the transformer as Composite Context tokens (models.composite) instead of IConFace's
     # in-context latents and identity modulation.
     conditioning: Literal["iconface", "composite"] = "iconface"
-    # composite: φ_G, the general face encoder: `small` (ours: a 64 px CLIP tower trained jointly) or
-    # `farl_vit_b16` (the paper: FaRL ViT-B/16, frozen, from general_encoder_weights, a local checkpoint)
-    general_encoder: Literal["small", "farl_vit_b16"] = "small"
-    general_encoder_weights: str | None = None
-    # composite: CFG training drops (Sec. 4 of 002, 0.1 each, independently): the context's identity
-    # token and its general tokens (key-masked) with context_dropout, the degraded input (zeroed) with
-    # image_dropout
-    context_dropout: float = 0.1
-    image_dropout: float = 0.1
-    # adaptive = IConFace's λ* (supplement eq. 1); hard_example = seed 002's eq. 3 with a fixed λ
-    id_loss: Literal["adaptive", "hard_example"] = "adaptive"
-    hei_lambda: float = 0.6  # λ of 002's eq. 3 (the reference's weight)
-    # ---- RefSTAR's transfer with masks (RefSTAR, arXiv:2507.10470; models/refstar.py, pipelines/refstar.py) ----
+    composite: CompositeTrainConfig = field(default_factory=CompositeTrainConfig)  # conditioning composite
     # The shards the train stage reads (dvc.yaml: `--shards ${train.shards}` and a dep on that folder):
-    # data/shards, or data/refsel/shards for reference_masks: refsel.
+    # data/shards, or data/refsel/shards for refstar.reference_masks: refsel.
     shards: str = "data/shards"
-    # none = IConFace (masks unused); refsel = the refsel stage's masks (annotated / predicted), which
-    # needs shards: data/refsel/shards; truth = the synthetic ground-truth masks of data/shards (ours: the
-    # oracle). A reference token is kept when >= mask_token_keep of its pixels are consistent.
-    reference_masks: Literal["none", "refsel", "truth"] = "none"
-    mask_token_keep: float = 0.5
-    # in_context = one joint attention (RefSTAR eq. 3; the IConFace paper); decoupled = eq. 4 in every
-    # block with scale decoupled_scale (eq. 4: 1) and rank-decoupled_rank reference K/V adapters
-    reference_route: Literal["in_context", "decoupled"] = "in_context"
-    decoupled_scale: float = 1.0
-    decoupled_rank: int = 16
-    # Mask-Compatible Cycle-Consistency loss (eq. 5) in the total of eq. 7: λ_GT·L_GT + λ_cycle·L_cycle
-    cycle_loss: bool = False
-    lambda_gt: float = 1.0
-    lambda_cycle: float = 1.5
-    cycle_lambda_l1: float = 1.0
-    cycle_lambda_id: float = 1.2
-    # λ_perc: only with cycle_lpips (torchvision AlexNet weights); else the term is off
-    cycle_lambda_perc: float = 0.8
-    cycle_lpips: str | None = None  # alexnet-owt-7be5be79.pth
-    cycle_lpips_heads: str | None = None  # LPIPS v0.1 alex.pth; default: the installed lpips package's
-    # max (ours): the cycle restores from the sampler's start σ = sigma_max (no clean signal in its input,
-    # like the paper's one-step restorer); train: at the step's drawn σ (its noisy input holds (1-σ)·I_Ref)
-    cycle_sigma: Literal["max", "train"] = "max"
+    refstar: RefstarTrainConfig = field(default_factory=RefstarTrainConfig)  # RefSTAR's transfer
 
     def validate(self, where: str) -> None:
         """Every check of the section; the first that fails raises a ConfigError naming `where`.key."""
@@ -154,31 +203,20 @@ class TrainConfig:
         self._validate_composite(where)
 
     def _validate_transfer(self, where: str) -> None:
-        """RefSTAR's transfer options and the σ draw: ranges, and the combinations that act together."""
-        if not 0 < self.mask_token_keep <= 1:
-            raise ConfigError(f"{where}.mask_token_keep must lie in (0, 1] (got {self.mask_token_keep})")
+        """The σ draw, and RefSTAR's options that act with the rest (`train.refstar` checks its ranges)."""
+        rs = self.refstar
         if not self.sigma_shift > 0:
             raise ConfigError(f"{where}.sigma_shift must be > 0 (got {self.sigma_shift})")
-        if self.decoupled_rank < 0:
-            raise ConfigError(f"{where}.decoupled_rank must be 0 or more (got {self.decoupled_rank})")
-        if self.cycle_loss and self.max_refs < 1:
-            raise ConfigError(f"{where}.cycle_loss needs references (max_refs >= 1)")
+        if rs.cycle_loss and self.max_refs < 1:
+            raise ConfigError(f"{where}.refstar.cycle_loss needs references (max_refs >= 1)")
         if self.conditioning == "composite" and (
-            self.reference_masks != "none" or self.reference_route != "in_context" or self.cycle_loss
+            rs.reference_masks != "none" or rs.reference_route != "in_context" or rs.cycle_loss
         ):
             raise ConfigError(
-                f"{where}: RefSTAR's transfer (reference_masks, reference_route: decoupled, cycle_loss) acts on "
-                "the in-context reference tokens, which conditioning: composite replaces; use conditioning: iconface"
+                f"{where}.refstar: RefSTAR's transfer (reference_masks, reference_route: decoupled, cycle_loss) "
+                "acts on the in-context reference tokens, which conditioning: composite replaces; use "
+                "conditioning: iconface"
             )
-        if self.cycle_lpips_heads and not self.cycle_lpips:
-            raise ConfigError(f"{where}.cycle_lpips_heads is set but cycle_lpips (the backbone) is not")
-        for name in ("cycle_lpips", "cycle_lpips_heads"):
-            path = getattr(self, name)
-            if path is not None:
-                from pathlib import Path
-
-                if not Path(path).exists():
-                    raise ConfigError(f"{where}.{name}: {path} does not exist; give a local path or null")
 
     def _validate_model(self, where: str) -> None:
         """Backbone, variant, σ_max, LoRA rank and the reference counts."""
@@ -212,7 +250,7 @@ class TrainConfig:
         if self.launcher == "ray":
             if self.devices != 1 or self.num_nodes != 1:
                 raise ConfigError(
-                    f"{where}: launcher ray takes its ranks from ray_workers (one device each); set devices "
+                    f"{where}: launcher ray takes its ranks from ray.workers (one device each); set devices "
                     f"and num_nodes to 1 (got {self.devices} and {self.num_nodes})"
                 )
             if self.accelerator not in ("cpu", "gpu", "cuda", "auto"):
@@ -224,14 +262,15 @@ class TrainConfig:
                 raise ConfigError(
                     f"{where}.strategy {self.strategy!r}: launcher ray runs DDP (RayDDPStrategy); use auto or ddp"
                 )
-            if self.ray_workers < 1 or self.ray_cpus_per_worker < 1 or self.ray_max_failures < -1:
-                raise ConfigError(
-                    f"{where}: ray_workers and ray_cpus_per_worker must be at least 1, ray_max_failures at "
-                    "least -1 (-1 = retry without limit)"
-                )
-        world = self.ray_workers if self.launcher == "ray" else self.devices * self.num_nodes
+            for name, least in (("workers", 1), ("cpus_per_worker", 1), ("max_failures", -1)):
+                if getattr(self.ray, name) < least:
+                    raise ConfigError(
+                        f"{where}.ray.{name} must be at least {least} (got {getattr(self.ray, name)})"
+                        + ("; -1 = retry without limit" if name == "max_failures" else "")
+                    )
+        world = self.ray.workers if self.launcher == "ray" else self.devices * self.num_nodes
         if self.batch_size % world:
-            ranks = "ray_workers" if self.launcher == "ray" else "devices x num_nodes"
+            ranks = "ray.workers" if self.launcher == "ray" else "devices x num_nodes"
             raise ConfigError(
                 f"{where}.batch_size {self.batch_size} is not divisible by {world} ranks ({ranks}); "
                 f"use a multiple of {world}"
@@ -241,13 +280,7 @@ class TrainConfig:
         """Local weights: the front end, the FLUX.2 folders and the prompt cache exist where given."""
         if self.front and not self.front_end:
             raise ConfigError(f"{where}.front is set but front_end is 0: give the front end's width")
-        for name in ("weights", "vae", "prompt_cache"):
-            path = getattr(self, name)
-            if path is not None:
-                from pathlib import Path
-
-                if not Path(path).exists():
-                    raise ConfigError(f"{where}.{name}: {path} does not exist; give a local path or null")
+        _check_paths(self, ("weights", "vae", "prompt_cache"), where)
         if self.backbone == "klein_base_4b" and (
             self.weights is None or self.vae is None or self.prompt_cache is None
         ):
@@ -256,14 +289,8 @@ class TrainConfig:
             )
 
     def _validate_composite(self, where: str) -> None:
-        """Seed 002's composite context: dropouts, HEI λ, its DDP strategy and its encoder's weights."""
-        for name in ("context_dropout", "image_dropout"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(
-                    f"{where}.{name} must lie in [0, 1) (got {getattr(self, name)}); 002 uses 0.1"
-                )
-        if not 0 <= self.hei_lambda <= 1:
-            raise ConfigError(f"{where}.hei_lambda must lie in [0, 1] (got {self.hei_lambda}); 002 uses 0.6")
+        """Seed 002's composite context: its DDP strategy and its encoder's weights (`train.composite`
+        checks its ranges)."""
         if self.conditioning == "composite" and self.strategy in ("ddp", "ddp_spawn"):
             # a rank whose batch has no reference leaves the composite context out of its graph
             raise ConfigError(
@@ -272,11 +299,11 @@ class TrainConfig:
             )
         if (
             self.conditioning == "composite"
-            and self.general_encoder == "farl_vit_b16"
-            and self.general_encoder_weights is None
+            and self.composite.general_encoder == "farl_vit_b16"
+            and self.composite.general_encoder_weights is None
         ):
             raise ConfigError(
-                f"{where}.general_encoder farl_vit_b16 needs general_encoder_weights (a local FaRL "
+                f"{where}.composite.general_encoder farl_vit_b16 needs general_encoder_weights (a local FaRL "
                 "ViT-B/16 checkpoint); `small` needs none"
             )
 
@@ -302,9 +329,9 @@ class TrainConfig:
             f"{key} {value}"
             for key, value, proven in (
                 ("conditioning", self.conditioning, ("iconface",)),
-                ("reference_route", self.reference_route, ("in_context",)),
-                ("reference_masks", self.reference_masks, ("none",)),
-                ("cycle_loss", self.cycle_loss, (False,)),
+                ("refstar.reference_route", self.refstar.reference_route, ("in_context",)),
+                ("refstar.reference_masks", self.refstar.reference_masks, ("none",)),
+                ("refstar.cycle_loss", self.refstar.cycle_loss, (False,)),
                 ("precision", self.precision, ("bf16-mixed", "32-true", "32")),
                 ("launcher", self.launcher, ("local",)),
             )
@@ -313,7 +340,20 @@ class TrainConfig:
         if unproven:
             raise ConfigError(
                 f"{where}.compile: compiled blocks are proven on a GPU (benchmarks/gpu_check.py) with "
-                "conditioning iconface, reference_route in_context, reference_masks none, no cycle loss, "
+                "conditioning iconface, refstar.reference_route in_context, refstar.reference_masks none, no "
+                "cycle loss, "
                 f"precision bf16-mixed or 32-true and the local launcher; not with {', '.join(unproven)}. "
                 "Set compile false, or run that combination through benchmarks/gpu_check.py first"
             )
+
+
+def with_overrides(cfg: TrainConfig, changes: Mapping[str, Any]) -> TrainConfig:
+    """`cfg` with `changes` applied, as `dataclasses.replace` does; a key of a nested section is written
+    "section.key" (`{"refstar.cycle_loss": True, "lr": 1e-3}`). Like replace, it does not validate."""
+    top = {k: v for k, v in changes.items() if "." not in k}
+    nested: dict[str, dict[str, Any]] = {}
+    for k, v in changes.items():
+        if "." in k:
+            section, key = k.split(".", 1)
+            nested.setdefault(section, {})[key] = v
+    return replace(cfg, **top, **{name: replace(getattr(cfg, name), **kw) for name, kw in nested.items()})

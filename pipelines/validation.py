@@ -33,7 +33,7 @@ def validation_batch(shards: str, cfg: TrainConfig, max_refs: int) -> Batch:
         samples.append((s, lq))
     if not samples:
         raise ValueError(f"{shards} has no val samples to validate on")
-    masks = cfg.reference_masks != "none"  # RefSTAR: the shards' masks, as in training
+    masks = cfg.refstar.reference_masks != "none"  # RefSTAR: the shards' masks, as in training
     return make_batch(
         [lq for _, lq in samples],
         [s["refs"][:max_refs] for s, _ in samples],

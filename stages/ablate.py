@@ -42,7 +42,7 @@ from pipelines.io import write_bytes, write_json
 from pipelines.refstar import ABLATE_ROWS, ablate_overrides, mask_provenance
 from pipelines.shards import iter_samples, validate_shards
 from pipelines.tracking import mark_run, tracking_uri
-from pipelines.train_config import TrainConfig
+from pipelines.train_config import TrainConfig, with_overrides
 from pipelines.validation import validation_batch
 from stages._common import load_params, parser, progress_enabled, setup_logging
 
@@ -56,7 +56,9 @@ def refstar_masks(shards: str, base: TrainConfig, val: dict) -> tuple[dict, dict
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from exc
     # the same targets, degradations and references, with their masks
-    return masks, validation_batch(shards, replace(base, reference_masks=option), base.max_refs)
+    return masks, validation_batch(
+        shards, with_overrides(base, {"refstar.reference_masks": option}), base.max_refs
+    )
 
 
 def protocol_inputs(shards: str, n: int) -> tuple[list, list]:
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
             key = json.dumps(over, sort_keys=True)
             if key not in fitted:  # composite_ensemble samples the composite row's model: one training
                 fitted[key] = fit(
-                    replace(base, **over),
+                    with_overrides(base, over),
                     dcfg,
                     args.shards,
                     encoders,

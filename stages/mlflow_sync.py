@@ -30,7 +30,7 @@ import csv
 import json
 from pathlib import Path
 
-from pipelines.config import as_dict
+from pipelines.config import flat_dict
 from pipelines.io import read_json
 from pipelines.tracking import OUTPUT_TAG, output_key, registry_uri, tracking_uri
 from stages._common import load_params, parser, setup_logging
@@ -77,7 +77,7 @@ def sync_train(client, exp_id, cfgs, root: Path) -> str:
         return done
     metrics_file = root / "metrics/train.json"
     for section in ("train", "degrade", "embed"):
-        for k, v in as_dict(cfgs[section]).items():
+        for k, v in flat_dict(cfgs[section]).items():
             client.log_param(rid, f"{section}.{k}", str(v)[:500])
     for k, v in _numbers(read_json(metrics_file), "val/").items():
         client.log_metric(rid, k, v)

@@ -4,9 +4,10 @@
         --metrics metrics/train.json --plot plots/train_loss.csv
 
 dvc.yaml passes `--shards ${train.shards}` (and depends on that folder): RefSTAR's masks
-(`train.reference_masks: refsel`) read the refsel stage's shards, `train.shards: data/refsel/shards`; the
-stage checks that the shards hold the masks asked for and records their provenance (metrics
-`reference_masks`, MLflow params `masks.*`).
+(`train.refstar.reference_masks: refsel`) read the refsel stage's shards, `train.shards:
+data/refsel/shards`; the stage checks that the shards hold the masks asked for and records their
+provenance (metrics `reference_masks`, MLflow params `masks.*`). MLflow params: every key of `train`
+(`train.<key>`, a nested section's as `train.<section>.<key>`), `degrade` and the encoder.
 
 Writes `data/train/model/` (LoRA in diffusers' format + pathway weights, safetensors),
 `data/train/ckpt/` (the full resume state, kept between runs: a killed run resumes from `last.ckpt`
@@ -34,7 +35,7 @@ from lightning.pytorch.callbacks import Callback
 
 from models.lora import save_trainable
 from pipelines.batches import to_uint8
-from pipelines.config import as_dict
+from pipelines.config import as_dict, flat_dict
 from pipelines.embedding import load_encoders
 from pipelines.fit import fit
 from pipelines.io import write_bytes, write_json
@@ -199,12 +200,13 @@ def check_before_start(cfg, shards: str, encoders) -> tuple[dict | None, dict]:
     masks = None
     try:
         build_network(cfg, encoders.primary.cfg.embedding_dim)  # fails on a bad backbone before any start
-        if cfg.reference_masks != "none":  # RefSTAR: the shards must hold the masks asked for
+        if cfg.refstar.reference_masks != "none":  # RefSTAR: the shards must hold the masks asked for
             from pipelines.refstar import mask_provenance
 
-            masks = {"option": cfg.reference_masks, **mask_provenance(shards, cfg.reference_masks)}
-            print(f"train: reference masks {cfg.reference_masks} from {shards}: {masks['provenance']}")
-        if cfg.cycle_loss:
+            option = cfg.refstar.reference_masks
+            masks = {"option": option, **mask_provenance(shards, option)}
+            print(f"train: reference masks {option} from {shards}: {masks['provenance']}")
+        if cfg.refstar.cycle_loss:
             from pipelines.refstar import load_perceptual
 
             print(f"train: cycle loss (RefSTAR eq. 5), perceptual term {load_perceptual(cfg)[1]}")
@@ -246,8 +248,8 @@ def start_run(cfg, dcfg, ecfg, encoders, shards: str, masks, run_id: str | None,
     if resume is not None:
         print(f"train: resuming MLflow run {run_id} from {resume}")
         return logger, client, run_id
-    params = {f"train.{k}": v for k, v in as_dict(cfg).items()} | {
-        f"degrade.{k}": v for k, v in as_dict(dcfg).items()
+    params = {f"train.{k}": v for k, v in flat_dict(cfg).items()} | {
+        f"degrade.{k}": v for k, v in flat_dict(dcfg).items()
     }
     params |= {"embed.encoder": encoders.name, "embed.crop_border": ecfg.crop_border}
     for k, v in params.items():

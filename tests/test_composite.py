@@ -421,12 +421,15 @@ def _cfg(**over):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ({"general_encoder": "farl_vit_b16"}, "farl_vit_b16 needs general_encoder_weights"),
-        ({"context_dropout": 1.0}, r"context_dropout must lie in \[0, 1\)"),
-        ({"hei_lambda": 1.5}, r"hei_lambda must lie in \[0, 1\]"),
+        (
+            {"composite": {"general_encoder": "farl_vit_b16"}},
+            "train.composite.general_encoder farl_vit_b16 needs general_encoder_weights",
+        ),
+        ({"composite": {"context_dropout": 1.0}}, r"train.composite.context_dropout must lie in \[0, 1\)"),
+        ({"composite": {"hei_lambda": 1.5}}, r"train.composite.hei_lambda must lie in \[0, 1\]"),
         ({"strategy": "ddp"}, "needs ddp_find_unused_parameters_true"),
         ({"conditioning": "refstar"}, "conditioning"),
-        ({"id_loss": "triplet"}, "id_loss"),
+        ({"composite": {"id_loss": "triplet"}}, "train.composite.id_loss"),
     ],
 )
 def test_bad_composite_configuration_says_what_to_change(override, message):
@@ -443,7 +446,11 @@ def test_three_composite_training_steps_decrease_the_loss(id_loss):
     from pipelines.module import IConFaceModule
     from pipelines.network import build_network
 
-    cfg = _cfg(id_loss=id_loss, context_dropout=0.3, image_dropout=0.3, lr=1e-3, lr_schedule="constant")
+    cfg = _cfg(
+        composite={"id_loss": id_loss, "context_dropout": 0.3, "image_dropout": 0.3},
+        lr=1e-3,
+        lr_schedule="constant",
+    )
     torch.manual_seed(0)
     enc = IRBackbone(IRConfig(32, (1, 1, 1, 1), (8, 8, 8, 16, 16), 16, stem_stride=2)).eval()
     net, codec, text = build_network(cfg, 16)

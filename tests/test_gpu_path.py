@@ -93,8 +93,8 @@ CONFIGS = {
     **{f"tiny/{v}": {"variant": v} for v in ("concat", "+struct", "+id", "single_route", "full")},
     "small/full": {"backbone": "small", "pixel_patch": 8, "memory_tokens": 16},
     "tiny/x0_residual+readouts": {"prediction": "x0_residual"},
-    "tiny/composite": {"conditioning": "composite", "general_encoder": "small"},
-    "tiny/decoupled": {"reference_route": "decoupled"},
+    "tiny/composite": {"conditioning": "composite", "composite": {"general_encoder": "small"}},
+    "tiny/decoupled": {"refstar": {"reference_route": "decoupled"}},
     "tiny/bf16-mixed+checkpointing": {"precision": "bf16-mixed", "gradient_checkpointing": True},
 }
 
@@ -311,7 +311,7 @@ def test_the_overlay_key_of_params_yaml_reaches_every_stage(tmp_path, monkeypatc
     "over, words",
     [
         ({"compile": True, "conditioning": "composite"}, "conditioning composite"),
-        ({"compile": True, "reference_route": "decoupled"}, "reference_route decoupled"),
+        ({"compile": True, "refstar": {"reference_route": "decoupled"}}, "refstar.reference_route decoupled"),
         ({"compile": True, "precision": "16-mixed"}, "precision 16-mixed"),
         ({"checkpoint_fraction": 0.5}, "needs gradient_checkpointing"),
         ({"gradient_checkpointing": True, "checkpoint_fraction": 0.0}, "must lie in"),

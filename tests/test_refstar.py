@@ -25,7 +25,7 @@ from models.refstar import (
     token_keep,
     total_loss,
 )
-from pipelines.config import ConfigError, TrainConfig, build
+from pipelines.config import ConfigError, TrainConfig, build, with_overrides
 
 # ==================================================================================================
 # Masks at token resolution
@@ -186,8 +186,8 @@ def test_masks_follow_their_reference_into_the_eq6_ensemble():
 
 
 def test_refstar_needs_the_in_context_references():
-    with pytest.raises(ConfigError, match="use conditioning: iconface"):
-        build(TrainConfig, {"conditioning": "composite", "cycle_loss": True}, "train")
+    with pytest.raises(ConfigError, match=r"train.refstar: .*use conditioning: iconface"):
+        build(TrainConfig, {"conditioning": "composite", "refstar": {"cycle_loss": True}}, "train")
     with pytest.raises(ValueError, match="composite conditioning has none"):
         IConFaceConfig(reference_route="decoupled", conditioning="composite")
 
@@ -283,7 +283,8 @@ def test_three_training_steps_with_masks_and_the_cycle_loss(pair_shards, route):
     from pipelines.stream import DegradationStream
 
     module = _module(
-        reference_masks="truth", cycle_loss=True, reference_route=route, ref_schedule=[0, 0.5, 0.5, 0]
+        refstar={"reference_masks": "truth", "cycle_loss": True, "reference_route": route},
+        ref_schedule=[0, 0.5, 0.5, 0],
     )
     assert module.refstar.masks and module.refstar.cycle and module.refstar.weights.cycle == 1.5
     stream = DegradationStream(shard_paths(pair_shards, "train"), "iconface_mixed", 0, 4, 1, inline=True)
@@ -313,11 +314,19 @@ def test_the_ablation_rows_are_named_in_the_config():
 
     assert REFSTAR_ROW_NAMES == tuple(ABLATE_ROWS)
     build(AblateConfig, {"variants": ["full", *REFSTAR_ROW_NAMES]}, "ablate")
-    assert ablate_overrides("refstar_decoupled_cycle", "refsel") == {
-        "reference_route": "decoupled",
-        "cycle_loss": True,
-        "reference_masks": "refsel",
+    over = ablate_overrides("refstar_decoupled_cycle", "refsel")
+    assert over == {
+        "refstar.reference_route": "decoupled",
+        "refstar.cycle_loss": True,
+        "refstar.reference_masks": "refsel",
     }
+    cfg = with_overrides(build(TrainConfig, {}, "train"), over)  # the rows apply to the nested section
+    assert (cfg.refstar.reference_route, cfg.refstar.cycle_loss, cfg.refstar.reference_masks) == (
+        "decoupled",
+        True,
+        "refsel",
+    )
+    assert cfg.refstar.mask_token_keep == 0.5 and cfg.lr == build(TrainConfig, {}, "train").lr
 
 
 @pytest.mark.slow
@@ -379,7 +388,7 @@ def test_ablate_compares_the_refstar_rows(tmp_path):
 
 @pytest.mark.slow
 def test_the_train_stage_trains_with_masks_and_records_their_provenance(tmp_path):
-    """`stages.train` with reference_masks: truth, the decoupled route and the cycle loss: three steps on
+    """`stages.train` with refstar.reference_masks: truth, the decoupled route and the cycle loss: three steps on
     Ray-fed batches, the masks' provenance in the metrics; refsel on shards without a mask model stops
     before any work and says what to set."""
     import os
@@ -392,8 +401,9 @@ def test_the_train_stage_trains_with_masks_and_records_their_provenance(tmp_path
 
     _, params = _project(tmp_path)
     shards = make_pair_shards(tmp_path / "pairs", identities=(4, 2, 1), emb_dim=512)
-    params["train"].update(
-        {"max_steps": 3, "reference_masks": "truth", "reference_route": "decoupled", "cycle_loss": True}
+    params["train"]["max_steps"] = 3
+    params["train"]["refstar"].update(
+        {"reference_masks": "truth", "reference_route": "decoupled", "cycle_loss": True}
     )
     env = {
         **os.environ,
@@ -421,7 +431,7 @@ def test_the_train_stage_trains_with_masks_and_records_their_provenance(tmp_path
     m = json.loads((tmp_path / "m.json").read_text())
     assert m["steps"] == 3 and np.isfinite(m["final_loss"])
     assert m["reference_masks"] == {"option": "truth", "mask_model": None, "provenance": {"synthetic": 48}}
-    params["train"]["reference_masks"] = "refsel"
+    params["train"]["refstar"]["reference_masks"] = "refsel"
     r = run(params)
     assert r.returncode != 0 and "set train.shards: data/refsel/shards" in r.stderr
 
@@ -458,12 +468,14 @@ def test_the_shards_must_hold_the_masks_asked_for(pair_shards, tmp_path):
     assert got == {"mask_model": None, "provenance": {"synthetic": 12 * 3}}  # 3 ids x 4 targets x 3 refs
     with pytest.raises(ValueError, match="set train.shards: data/refsel/shards"):
         mask_provenance(pair_shards, "refsel")
-    with pytest.raises(ConfigError, match=r"mask_token_keep must lie in \(0, 1\]"):
-        build(TrainConfig, {"mask_token_keep": 0}, "train")
-    with pytest.raises(ConfigError, match="cycle_lpips: /nonexistent/alexnet.pth does not exist"):
-        build(TrainConfig, {"cycle_lpips": "/nonexistent/alexnet.pth"}, "train")
-    with pytest.raises(ConfigError, match="'sideways' is not one of 'in_context' | 'decoupled'"):
-        build(TrainConfig, {"reference_route": "sideways"}, "train")
+    with pytest.raises(ConfigError, match=r"train.refstar.mask_token_keep must lie in \(0, 1\]"):
+        build(TrainConfig, {"refstar": {"mask_token_keep": 0}}, "train")
+    with pytest.raises(
+        ConfigError, match="train.refstar.cycle_lpips: /nonexistent/alexnet.pth does not exist"
+    ):
+        build(TrainConfig, {"refstar": {"cycle_lpips": "/nonexistent/alexnet.pth"}}, "train")
+    with pytest.raises(ConfigError, match="train.refstar.reference_route: 'sideways' is not one of"):
+        build(TrainConfig, {"refstar": {"reference_route": "sideways"}}, "train")
 
 
 # ==================================================================================================
@@ -483,7 +495,8 @@ def masked_bundle(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("bundle")
     enc = write_encoders(tmp / "encoders")
     over = {"backbone": "tiny", "pixel_patch": 4, "memory_tokens": 8, "front_end": 0, "front": None}
-    cfg = build(TrainConfig, {**over, "reference_masks": "truth", "reference_route": "decoupled"}, "train")
+    refstar = {"reference_masks": "truth", "reference_route": "decoupled"}
+    cfg = build(TrainConfig, {**over, "refstar": refstar}, "train")
     net, _, _ = build_network(cfg, 512)
     torch.manual_seed(0)
     with torch.no_grad():
@@ -537,6 +550,30 @@ def test_the_restorer_predicts_masks_or_takes_them(masked_bundle, tmp_path):
     assert r2.refsel_path == masked_bundle / "refsel.safetensors"
 
 
+def test_a_bundle_with_the_flat_train_keys_of_before_loads(masked_bundle, tmp_path):
+    """A bundle written before `train` had its sections holds their keys flat in train.json (`ray_workers`,
+    `reference_masks`, `hei_lambda`, ...; e.g. a champion already in a registry): it loads as the same
+    configuration and restores the same pixels."""
+    import shutil
+
+    from conftest import rgb
+
+    from pipelines.restorer import Restorer, nest_flat_train_keys
+
+    old = tmp_path / "old"
+    shutil.copytree(masked_bundle, old)
+    train = json.loads((old / "train.json").read_text())
+    flat = {k: v for k, v in train.items() if k not in ("ray", "composite", "refstar")}
+    flat |= {f"ray_{k}": v for k, v in train["ray"].items()} | train["composite"] | train["refstar"]
+    assert flat["ray_workers"] == 2 and flat["reference_masks"] == "truth" and "refstar" not in flat
+    (old / "train.json").write_text(json.dumps(flat, indent=2, sort_keys=True))
+    assert nest_flat_train_keys(flat) == train and nest_flat_train_keys(train) == train
+    a, b = Restorer(masked_bundle), Restorer(old)
+    assert b.cfg == a.cfg and b.cfg.refstar.reference_route == "decoupled" and b.masks_default == "predict"
+    lq, ref = np.asarray(rgb(1, 32)), np.asarray(rgb(2, 32))
+    assert np.array_equal(a.restore_batch([lq], [[ref]]), b.restore_batch([lq], [[ref]]))
+
+
 def test_the_cli_says_which_masks_it_used(masked_bundle, tmp_path, capsys):
     from conftest import rgb, save
 
@@ -569,4 +606,4 @@ def test_the_cli_says_which_masks_it_used(masked_bundle, tmp_path, capsys):
             ]
         )
     assert exc.value.code == 2 and "--ref-mask needs --aligned" in capsys.readouterr().err
-    assert json.loads((masked_bundle / "train.json").read_text())["reference_masks"] == "truth"
+    assert json.loads((masked_bundle / "train.json").read_text())["refstar"]["reference_masks"] == "truth"

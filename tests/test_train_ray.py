@@ -18,7 +18,7 @@ import ray.cloudpickle
 from conftest import make_shards
 from lightning.pytorch.callbacks import Callback
 
-from pipelines.config import ConfigError, DegradeConfig, TrainConfig, build
+from pipelines.config import ConfigError, DegradeConfig, RayTrainConfig, TrainConfig, build
 
 STEPS, EVERY, PER_RANK = 6, 2, 4
 # The workers cannot import this test file: its callbacks travel by value.
@@ -87,8 +87,7 @@ def _cfg(**kw) -> TrainConfig:
     base = dict(
         backbone="tiny",
         launcher="ray",
-        ray_workers=2,
-        ray_cpus_per_worker=1,
+        ray=RayTrainConfig(workers=2, cpus_per_worker=1),
         batch_size=2 * PER_RANK,
         max_steps=STEPS,
         checkpoint_every=EVERY,
@@ -149,13 +148,17 @@ def _val(paths):
 
 
 def test_ray_launcher_config_errors_name_the_fix():
-    section = {"launcher": "ray", "ray_workers": 3, "batch_size": 8}
-    with pytest.raises(ConfigError, match=r"batch_size 8 is not divisible by 3 ranks \(ray_workers\)"):
+    section = {"launcher": "ray", "ray": {"workers": 3}, "batch_size": 8}
+    with pytest.raises(ConfigError, match=r"batch_size 8 is not divisible by 3 ranks \(ray.workers\)"):
         build(TrainConfig, section, "train").validate("train")
     with pytest.raises(ConfigError, match="devices and num_nodes to 1"):
         build(TrainConfig, {"launcher": "ray", "devices": 2}, "train").validate("train")
     with pytest.raises(ConfigError, match="train.launcher"):
         build(TrainConfig, {"launcher": "slurm"}, "train")
+    with pytest.raises(ConfigError, match=r"train.ray.max_failures must be at least -1 \(got -2\)"):
+        build(TrainConfig, {"launcher": "ray", "batch_size": 8, "ray": {"max_failures": -2}}, "train")
+    with pytest.raises(ConfigError, match=r"train.ray: unknown key\(s\) worker; valid keys: cpus_per_worker"):
+        build(TrainConfig, {"ray": {"worker": 2}}, "train")
 
 
 @pytest.mark.slow  # MLflow sets up its database when the logger is made (about 15 s here)
@@ -175,11 +178,11 @@ def test_workers_that_do_not_fit_the_cluster_fail_before_launching(cluster):
     from pipelines.fit import fit
 
     with pytest.raises(
-        RuntimeError, match=r"ray_workers 4 x ray_cpus_per_worker 1 = 4 CPUs, but the Ray cluster has 2"
+        RuntimeError, match=r"train.ray.workers 4 x cpus_per_worker 1 = 4 CPUs, but the Ray cluster has 2"
     ):
-        fit(_cfg(ray_workers=4), DegradeConfig(), ["unused.tar"], None, None)
-    with pytest.raises(RuntimeError, match="ray_degrade tasks needs CPUs beyond the workers' 2"):
-        fit(_cfg(ray_degrade="tasks"), DegradeConfig(), ["unused.tar"], None, None)
+        fit(_cfg(ray=RayTrainConfig(workers=4)), DegradeConfig(), ["unused.tar"], None, None)
+    with pytest.raises(RuntimeError, match="train.ray.degrade tasks needs CPUs beyond the workers' 2"):
+        fit(_cfg(ray=RayTrainConfig(degrade="tasks")), DegradeConfig(), ["unused.tar"], None, None)
 
 
 @pytest.mark.slow
