@@ -328,6 +328,19 @@ class IConFace(nn.Module):
 
             self.dca = install_decoupled(transformer, cfg.decoupled_rank)
 
+    def adapt_pathways(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Pathway weights saved by another variant, made to fit this one where a part changes shape (a
+        fine-tune from the default: models.lora.load_shared). `single_route` from `full`: the one memory
+        route takes both routes' queries, base then detail, in the order eq. 7 concatenates their
+        tokens; the detail route's attention and its high-pass are what is removed."""
+        q_base, q_detail = state.get("pool_base.queries"), state.get("pool_detail.queries")
+        if self.pool_base is None or self.pool_detail is not None or q_base is None or q_detail is None:
+            return state
+        joined = torch.cat([q_base, q_detail], 0)
+        if joined.shape != self.pool_base.queries.shape:
+            return state
+        return {**{k: v for k, v in state.items() if k != "pool_detail.queries"}, "pool_base.queries": joined}
+
     def pathway_parameters(self) -> list[nn.Parameter]:
         """The trainable parameters that are ours (not LoRA): pathways, poolers, cross-attentions."""
         return [p for n, p in self.named_parameters() if not n.startswith("transformer.")]

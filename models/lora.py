@@ -67,8 +67,9 @@ def save_trainable(model, out_dir: str | Path) -> None:
         save_file(base, str(out / BACKBONE_FILE))
 
 
-def load_trainable(model, in_dir: str | Path) -> None:
-    """Load what `save_trainable` wrote into a freshly built model (LoRA is added here)."""
+def load_trainable(model, in_dir: str | Path, pathways: bool = True) -> None:
+    """Load what `save_trainable` wrote into a freshly built model (LoRA is added here); `pathways`:
+    IConFace's pathway weights too, which must then match the model's variant name for name."""
     d = Path(in_dir)
     if (d / BACKBONE_FILE).is_file():
         model.transformer.load_state_dict(load_file(str(d / BACKBONE_FILE)), strict=False)
@@ -87,7 +88,7 @@ def load_trainable(model, in_dir: str | Path) -> None:
             model.transformer.load_lora_adapter(
                 str(d / LORA_FILE), prefix="transformer", adapter_name="default"
             )
-    if (d / PATHWAYS_FILE).is_file():
+    if pathways and (d / PATHWAYS_FILE).is_file():
         state = load_file(str(d / PATHWAYS_FILE))
         missing = set(state) ^ {n for n, _ in model.named_parameters() if not n.startswith("transformer.")}
         if missing:
@@ -95,6 +96,41 @@ def load_trainable(model, in_dir: str | Path) -> None:
                 f"{d / PATHWAYS_FILE}: pathway weights do not match variant {model.cfg.variant!r}: {sorted(missing)[:5]}"
             )
         model.load_state_dict(state, strict=False)
+
+
+def load_shared(model, in_dir: str | Path) -> dict[str, list[str]]:
+    """Start `model` from what `save_trainable` wrote for another configuration of the same backbone (a
+    fine-tune: the ablation's rows start from the trained default): the backbone and LoRA weights load as
+    in `load_trainable` and must match; of the pathway weights, those the model has load, the rest are
+    left out, and the model's pathways the file lacks keep their initialisation; a part whose shape
+    changes between variants is mapped by the model's `adapt_pathways` (IConFace's). Returns the names
+    {"left_out": in the file only, "fresh": in the model only}; a shared name whose shape differs is an
+    error naming the file and the weight."""
+    d = Path(in_dir)
+    path = d / PATHWAYS_FILE
+    if not any((d / f).is_file() for f in (PATHWAYS_FILE, LORA_FILE, BACKBONE_FILE)):
+        raise FileNotFoundError(
+            f"{d}: none of {PATHWAYS_FILE}, {LORA_FILE}, {BACKBONE_FILE}: not a model folder written by the "
+            "train stage"
+        )
+    state = load_file(str(path)) if path.is_file() else {}  # a variant without pathways has none
+    saved = set(state)
+    if hasattr(model, "adapt_pathways"):  # a part whose shape differs between variants
+        state = model.adapt_pathways(state)
+    own = {n: p for n, p in model.named_parameters() if not n.startswith("transformer.")}
+    bad = [
+        f"{n} {tuple(state[n].shape)} vs {tuple(p.shape)}"
+        for n, p in own.items()
+        if n in state and state[n].shape != p.shape
+    ]
+    if bad:
+        raise ValueError(f"{path}: pathway weights of another shape than the model's: {bad[:5]}")
+    with torch.no_grad():
+        for n, p in own.items():
+            if n in state:
+                p.copy_(state[n])
+    load_trainable(model, d, pathways=False)
+    return {"left_out": sorted(saved - set(own)), "fresh": sorted(set(own) - saved)}
 
 
 def merge_lora(transformer) -> int:

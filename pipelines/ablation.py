@@ -15,9 +15,8 @@ import numpy as np
 import torch
 
 from pipelines.batches import to_uint8
-from pipelines.config import AblateConfig, TrainConfig
+from pipelines.config import VARIANT_NAMES, AblateConfig, TrainConfig
 from pipelines.network import reference_readout
-from pipelines.refstar import ABLATE_ROWS
 from pipelines.stats import paired_bootstrap
 from pipelines.validation import no_refs, psnr
 
@@ -66,8 +65,9 @@ def control_batch(batch: dict, identities: list[str]) -> tuple[dict, list[bool]]
 def protocol(
     module, batch, control, has_control, evaluator, steps, guidance, masks, tau, sampler, known=None
 ) -> dict:
-    """Per-target ID-GT with references, blind and with the control's references, and the copy score
-    of the output with references in the first reference's conflict region (NaN where none)."""
+    """Per-target ID-GT with references, blind and with the control's references (and of any other
+    restoration in `known`, by its key), and the copy score in the first reference's conflict region
+    (NaN where none) of the output with references and of the blind one."""
     import torch.nn.functional as F
 
     from models.id_encoder import raw_embedding
@@ -89,32 +89,123 @@ def protocol(
         per = {k: (unit(v) * g).sum(-1).numpy() for k, v in outs.items()}
         per["control"] = np.where(has_control, per["control"], np.nan)  # no other identity: no pair
         per["ref_psnr"] = psnr(outs["ref"], batch["gt"])
-    out_u8, gt_u8, ref_u8 = to_uint8(outs["ref"]), to_uint8(batch["gt"]), to_uint8(batch["refs"][:, 0])
-    copies = []
-    for i, m in enumerate(masks):
-        c = (
-            None
-            if m is None or not bool(batch["ref_mask"][i, 0])
-            else copy_score(out_u8[i], gt_u8[i], ref_u8[i], m, tau)
-        )
-        copies.append(np.nan if c is None else c)
-    per["copy"] = np.array(copies, np.float64)
+    gt_u8, ref_u8 = to_uint8(batch["gt"]), to_uint8(batch["refs"][:, 0])
+    for key, row in (("copy", "ref"), ("copy_blind", "none")):  # blind: what the target alone gives
+        out_u8, copies = to_uint8(outs[row]), []
+        for i, m in enumerate(masks):
+            c = (
+                None
+                if m is None or not bool(batch["ref_mask"][i, 0])
+                else copy_score(out_u8[i], gt_u8[i], ref_u8[i], m, tau)
+            )
+            copies.append(np.nan if c is None else c)
+        per[key] = np.array(copies, np.float64)
     return per
+
+
+# Each seed system's row is paired against the same fine-tune without its addition, and what its paper
+# claims: (system, claim, the per-target measure of `protocol`, the direction the paper reports).
+ADDON_BASELINES: dict[str, str] = {
+    "composite": "full",
+    "composite_ensemble": "composite",
+    "refstar_in_context": "full",
+    "refstar_decoupled": "refstar_in_context",
+    "refstar_decoupled_cycle": "refstar_decoupled",
+}
+CLAIMS: dict[str, tuple[str, str, str, str]] = {
+    "composite": (
+        "seed 002, Composite Context (arXiv:2505.21905)",
+        "its context tokens restore identity better than IConFace's tokens: ID-GT with references",
+        "ref",
+        "higher",
+    ),
+    "composite_ensemble": (
+        "seed 002, eq. 6",
+        "the training-free multi-reference ensemble raises ID-GT over one pass",
+        "ref",
+        "higher",
+    ),
+    "refstar_in_context": (
+        "RefSTAR, conflict masks (arXiv:2507.10470)",
+        "masking conflicting reference tokens copies less from the reference in conflict regions: copy score",
+        "copy",
+        "lower",
+    ),
+    "refstar_decoupled": ("RefSTAR, eq. 4", "the decoupled cross-attention raises ID-GT", "ref", "higher"),
+    "refstar_decoupled_cycle": (
+        "RefSTAR, eqs. 5 and 7",
+        "the cycle-consistency loss raises ID-GT",
+        "ref",
+        "higher",
+    ),
+}
+
+
+def baselines(names: list[str]) -> dict[str, str | None]:
+    """Each row's baseline: the previous IConFace variant of Table 3's order for its rows, the same
+    fine-tune without the addition for the seed systems' rows (None: not among the rows)."""
+    out: dict[str, str | None] = {}
+    previous = None
+    for v in names:
+        if v in VARIANT_NAMES:
+            out[v], previous = previous, v
+        else:
+            out[v] = ADDON_BASELINES[v] if ADDON_BASELINES.get(v) in names else None
+    return out
+
+
+def _protocol_text(cfg: AblateConfig, tcfg: TrainConfig, init: str | None) -> list[str]:
+    """The paragraph that states how every row was trained."""
+    common = (
+        f"batch {cfg.batch_size}, backbone `{tcfg.backbone}`, prediction `{tcfg.prediction}`, reference "
+        f"readout {'on' if reference_readout(tcfg) else 'off'}"
+    )
+    if cfg.protocol == "scratch":
+        return [f"Protocol `scratch`: each row trains from seed {cfg.seed} for {cfg.steps} steps ({common})."]
+    return [
+        f"Protocol `finetune`: each row starts from the trained default (`{init}`: variant `{tcfg.variant}`, "
+        f"{tcfg.max_steps} steps) and trains {cfg.steps} more steps on the same degradation stream (seed "
+        f"{cfg.seed}, {common}; lr {cfg.lr:g}, linear warm-up over {cfg.warmup_steps} steps, then cosine to 0). "
+        "A row differs from its baseline by one change. Table 3's rows are the default with parts removed "
+        "(their weights left out; `single_route`'s one memory route starts with both routes' queries, "
+        "models/iconface.py `adapt_pathways`): what each part contributes to the trained model once the rest has had "
+        f"{cfg.steps} steps to adapt, not a model trained without it. The seed systems' rows add their "
+        "modules to the default (new weights start at their initialisation; RefSTAR's reference K/V "
+        "up-projections at zero) and are paired against `full` fine-tuned the same way.",
+    ]
+
+
+def _init_lines(results: dict) -> list[str]:
+    """Which pathway modules each row left out of the default and which it starts fresh."""
+    rows = [(v, m["init"]) for v, m in results.items() if m.get("init")]
+    if not rows:
+        return []
+
+    def names(d: dict) -> str:
+        return ", ".join(f"`{k}` ({n})" for k, n in d.items()) or "—"
+
+    lines = [
+        "",
+        "| row | left out of the default (weights) | new, from initialisation (weights) |",
+        "|---|---|---|",
+    ]
+    return lines + [f"| {v} | {names(i['left_out'])} | {names(i['fresh'])} |" for v, i in rows]
 
 
 def report(
     results: dict,
-    per_target: dict,
     extra: dict,
     cfg: AblateConfig,
     tcfg: TrainConfig,
     targets: int,
     masks: dict | None,
     tau: float,
+    init: str | None = None,
 ) -> tuple[str, dict]:
-    """(markdown, metrics) of the ablation: the table of every row (`results`: fit's metrics per row), the
-    paired steps of Table 3's order on `per_target` ID-GT, and the one protocol per row (`extra`: the
-    per-target arrays of `protocol`); `masks`: the RefSTAR rows' mask option and provenance, or None."""
+    """(markdown, metrics) of the ablation: the table of every row (`results`: fit's metrics per row), each
+    row paired against its baseline (Table 3's steps; the seed systems' verdicts) and the one protocol per
+    row, from `extra` (per row, the per-target arrays of `protocol`); `masks`: the RefSTAR
+    rows' mask option and provenance, or None; `init`: the model folder the fine-tunes start from."""
     lq = next(iter(results.values()))
     names = list(results)
     lines = [
@@ -123,20 +214,19 @@ def report(
         "Wall-clock training times are in the MLflow runs (`ablate/<variant>`), not here: this file is a DVC output "
         "and must be byte-identical on a rerun.",
         "",
-        f"Each row trains from seed {cfg.seed} for {cfg.steps} steps (batch {cfg.batch_size}, backbone "
-        f"`{tcfg.backbone}`, prediction `{tcfg.prediction}`, reference readout "
-        f"{'on' if reference_readout(tcfg) else 'off'}) and is evaluated on {targets} validation "
-        f"targets degraded with `{tcfg.val_preset}`. ID-GT: cosine to the target with the evaluator encoder. "
-        f"Degraded input: PSNR {lq['lq_psnr']:.2f} dB, ID-GT {lq['lq_id_sim']:.4f}. MLflow: the `ablate` run "
-        "of experiment `"
-        + tcfg.experiment
-        + "`."
+        *_protocol_text(cfg, tcfg, init),
+        "",
+        f"Every row is evaluated on the same {targets} validation targets degraded with `{tcfg.val_preset}` "
+        f"({cfg.val_steps} sampler steps). ID-GT: cosine to the target with the evaluator encoder. Degraded input: "
+        f"PSNR {lq['lq_psnr']:.2f} dB, ID-GT {lq['lq_id_sim']:.4f}. MLflow: the `ablate` run of experiment "
+        f"`{tcfg.experiment}`."
         + (
-            f" RefSTAR rows (variant `{tcfg.variant}`): conflict masks `{masks['option']}` "
+            f" RefSTAR rows: conflict masks `{masks['option']}` "
             f"({', '.join(f'{k} {n}' for k, n in masks['provenance'].items())} masks in the train split)."
             if masks
             else ""
         ),
+        *_init_lines(results),
         "",
         "| variant | " + " | ".join(c[1] for c in COLUMNS) + " |",
         "|---|" + "---:|" * len(COLUMNS),
@@ -147,79 +237,123 @@ def report(
             for k, _ in COLUMNS
         ]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
-    paired_lines, paired = _paired_steps(names, per_target, cfg.seed, targets, masks is not None)
+    base = baselines(names)
+    paired_lines, paired = _paired_steps(names, base, extra, cfg.seed, targets)
+    verdict_lines, verdicts = _verdicts(names, base, extra, cfg.seed)
     proto_lines, proto = _protocol_rows(names, extra, cfg.seed, targets, tau)
-    lines += paired_lines + proto_lines
+    lines += paired_lines + verdict_lines + proto_lines
     metrics = {
-        v: {**{k: m[k] for k, _ in COLUMNS}, "paired": paired[v], "protocol": proto[v]}
+        v: {
+            **{k: m[k] for k, _ in COLUMNS},
+            **({"init": m["init"]} if m.get("init") else {}),
+            "paired": paired[v],
+            "protocol": proto[v],
+            **({"claim": verdicts[v]} if v in verdicts else {}),
+        }
         for v, m in results.items()
     }
     return "\n".join(lines) + "\n", metrics
 
 
 def _paired_steps(
-    names: list[str], per_target: dict, seed: int, targets: int, refstar: bool
+    names: list[str], base: dict, extra: dict, seed: int, targets: int
 ) -> tuple[list[str], dict]:
-    """Paired differences of ID-GT on the same targets: each row against the one before it in Table 3's
-    order and against concat (the paper's base), 95 % bootstrap intervals; and which steps hold."""
-    # Paired differences on the same targets: each variant against the one before it in Table 3's order
-    # and against concat (the paper's base), 95 % bootstrap intervals.
+    """Each row against its baseline on the same targets: ID-GT with references after the fine-tune and,
+    where both rows have it, as loaded (before the first step: a knock-out of the trained default), and
+    PSNR, 95 % bootstrap intervals; and which of Table 3's steps hold."""
     paired = {}
     lines = [
         "",
-        f"Paired differences of ID-GT with references on the same {targets} targets (mean [95 % bootstrap "
-        f"interval], seed {seed}); an interval that contains 0 is no difference:",
+        f"Each row against its baseline on the same {targets} targets (mean [95 % bootstrap interval], seed "
+        f"{seed}); an interval that contains 0 is no difference. Baseline: the previous variant of Table 3's "
+        "order for IConFace's rows; the same fine-tune without the addition for the seed systems' rows. "
+        "“As loaded”: both rows restored before their first step (the default with the part removed or "
+        "added, no adaptation).",
         "",
-        "| variant | vs previous row | verdict | vs concat | verdict |",
-        "|---|---:|---|---:|---|",
+        "| variant | baseline | Δ ID-GT (refs) | verdict | Δ ID-GT as loaded | verdict | Δ PSNR (refs) dB | verdict |",
+        "|---|---|---:|---|---:|---|---:|---|",
     ]
-    for i, v in enumerate(names):
-        row = {}
-        for label, other in (("previous", names[i - 1] if i else None), ("concat", names[0])):
-            if other is None or other == v:
-                row[label] = None
-                continue
-            d = paired_bootstrap(per_target[v], per_target[other], seed=seed)
-            row[label] = {**d.as_dict(), "vs": other, "verdict": d.verdict}
-        paired[v] = row
-        cells = [
-            (f"{c['diff']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}] | {c['verdict']}" if c else "— | —")
-            for c in (row["previous"], row["concat"])
-        ]
-        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    for v in names:
+        b = base[v]
+        if b is None:
+            paired[v] = None
+            lines.append(f"| {v} | — | — | — | — | — | — | — |")
+            continue
+        d = paired_bootstrap(extra[v]["ref"], extra[b]["ref"], seed=seed)
+        q = paired_bootstrap(extra[v]["ref_psnr"], extra[b]["ref_psnr"], seed=seed)
+        paired[v] = {
+            "vs": b,
+            "id_gt": {**d.as_dict(), "verdict": d.verdict},
+            "psnr": {**q.as_dict(), "verdict": q.verdict},
+        }
+        loaded = "— | —"
+        if "ref_as_loaded" in extra[v] and "ref_as_loaded" in extra[b]:
+            a = paired_bootstrap(extra[v]["ref_as_loaded"], extra[b]["ref_as_loaded"], seed=seed)
+            paired[v]["id_gt_as_loaded"] = {**a.as_dict(), "verdict": a.verdict}
+            loaded = f"{a.text()} | {a.verdict}"
+        lines.append(f"| {v} | {b} | {d.text()} | {d.verdict} | {loaded} | {q.text(3)} | {q.verdict} |")
+    steps = [v for v in names if v in VARIANT_NAMES and paired[v]]
 
-    def steps_of(ok: bool) -> list[str]:
-        """Table 3's steps between consecutive IConFace variants (RefSTAR rows apart) that hold (ok) or not."""
-        return [
-            f"{names[i - 1]} < {v}" if ok else f"{names[i - 1]} vs {v}: {paired[v]['previous']['verdict']}"
-            for i, v in enumerate(names)
-            if i
-            and v not in ABLATE_ROWS
-            and names[i - 1] not in ABLATE_ROWS
-            and paired[v]["previous"]
-            and (paired[v]["previous"]["verdict"] == "higher") == ok
+    def held(key: str) -> tuple[str, str]:
+        on = [v for v in steps if key in paired[v]]
+        yes = [f"{base[v]} < {v}" for v in on if paired[v][key]["verdict"] == "higher"]
+        no = [
+            f"{base[v]} vs {v}: {paired[v][key]['verdict']}"
+            for v in on
+            if paired[v][key]["verdict"] != "higher"
         ]
+        return ", ".join(yes) or "no step", ", ".join(no) or "none"
 
-    ordered, not_ordered = steps_of(True), steps_of(False)
+    holds, not_held = held("id_gt")
     lines += [
         "",
         "The paper's order (Table 3) is concat < +struct < +id < single_route < full on ID-GT.",
-        f"Holds here (interval clear of zero): {', '.join(ordered) or 'no step'}.",
-        f"Does not hold (no difference or reversed): {', '.join(not_ordered) or 'none'}.",
+        f"Holds here (interval clear of zero): {holds}.",
+        f"Does not hold (no difference or reversed): {not_held}.",
     ]
-    if refstar:
-        lines += [
-            "RefSTAR (its Table 2): the decoupled cross-attention and the cycle loss each raise ID-GT and ID-Ref; "
-            "read the RefSTAR rows against the row before them.",
-        ]
+    if any("id_gt_as_loaded" in paired[v] for v in steps):
+        holds, not_held = held("id_gt_as_loaded")
+        lines.append(f"As loaded, before any step: holds: {holds}; does not hold: {not_held}.")
     return lines, paired
+
+
+def _verdicts(names: list[str], base: dict, extra: dict, seed: int) -> tuple[list[str], dict]:
+    """One verdict per seed system's row: its paper's claim, the paired difference against its baseline on
+    the claim's measure, and whether the interval shows it (clear of zero in the claimed direction)."""
+    rows = [v for v in names if v in CLAIMS and base[v]]
+    if not rows:
+        return [], {}
+    lines = [
+        "",
+        "## The seed systems: each claim against its baseline",
+        "",
+        "| row | system | claim | baseline | Δ (row − baseline) | pairs | verdict |",
+        "|---|---|---|---|---:|---:|---|",
+    ]
+    out = {}
+    for v in rows:
+        system, claim, measure, direction = CLAIMS[v]
+        d = paired_bootstrap(extra[v][measure], extra[base[v]][measure], seed=seed)
+        verdict = (
+            "shown"
+            if d.verdict == direction
+            else "not shown: no difference"
+            if d.verdict == "no difference"
+            else f"not shown: {d.verdict}"
+        )
+        diff = d.as_dict() if d.n else {"diff": None, "lo": None, "hi": None, "n": 0}
+        out[v] = {"measure": measure, "direction": direction, **diff, "verdict": verdict}
+        lines.append(
+            f"| {v} | {system} | {claim} ({direction}) | {base[v]} | {d.text() if d.n else '—'} | {d.n} | {verdict} |"
+        )
+    return lines, out
 
 
 def _protocol_rows(
     names: list[str], extra: dict, seed: int, targets: int, tau: float
 ) -> tuple[list[str], dict]:
-    """The one protocol per row: references − blind, true − another person, the copy score."""
-    # One protocol for every row: the reference gain, the wrong-person control and the copy score.
+    """The one protocol per row: references − blind, true − another person, the copy score (and its
+    difference to the blind output's)."""
     proto = {}
     lines = [
         "",
@@ -229,11 +363,12 @@ def _protocol_rows(
         "with as many references of another person (the next validation target of another identity); the "
         f"copy score in the first reference's conflict region (τ = {tau:g}; the share of conflict pixels taken "
         "from the reference rather than the target, lower is better; mean over the targets whose reference has "
-        "a conflict region). Intervals: 95 % paired bootstrap, seed "
+        "a conflict region), with references and its difference to the blind output's (what the model copies "
+        "beyond what the target alone gives). Intervals: 95 % paired bootstrap, seed "
         f"{seed}; an interval that contains 0 is no difference.",
         "",
-        "| row | refs − blind | verdict | true − other person | verdict | copy (conflict) ↓ | pairs |",
-        "|---|---:|---|---:|---|---:|---:|",
+        "| row | refs − blind | verdict | true − other person | verdict | copy (conflict) ↓ | copy refs − blind | pairs |",
+        "|---|---:|---|---:|---|---:|---:|---:|",
     ]
     for v in names:
         per = extra[v]
@@ -242,17 +377,19 @@ def _protocol_rows(
         ctl = paired_bootstrap(per["ref"][ok], per["control"][ok], seed=seed)
         copies = per["copy"][np.isfinite(per["copy"])]
         copy = round(float(copies.mean()), 4) if len(copies) else None
+        beyond = paired_bootstrap(per["copy"], per["copy_blind"], seed=seed)
         proto[v] = {
             "ref_minus_blind": {**gain.as_dict(), "verdict": gain.verdict},
             "true_minus_other": {**ctl.as_dict(), "verdict": ctl.verdict},
             "control_id_sim": round(float(per["control"][ok].mean()), 4) if ok.any() else None,
             "copy_score": copy,
+            "copy_minus_blind": {**beyond.as_dict(), "verdict": beyond.verdict} if beyond.n else None,
             "copy_pairs": int(len(copies)),
         }
         lines.append(
             f"| {v} | {gain.text()} | {gain.verdict} | "
             f"{ctl.text()} | {ctl.verdict} | "
-            f"{'—' if copy is None else f'{copy:.4f}'} | {len(copies)} |"
+            f"{'—' if copy is None else f'{copy:.4f}'} | {beyond.text() if beyond.n else '—'} | {len(copies)} |"
         )
     helps = [v for v in names if proto[v]["true_minus_other"]["verdict"] == "higher"]
     lines += [

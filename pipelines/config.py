@@ -399,12 +399,20 @@ class RegisterConfig:
 
 @dataclass(frozen=True)
 class AblateConfig:
-    """`ablate`: the variants of paper Table 3 under one short budget."""
+    """`ablate`: the variants of paper Table 3, seed 002's and RefSTAR's rows under one budget.
+
+    protocol `finetune`: every row starts from the trained default (the train stage's model) and trains
+    `steps` more steps at `lr` (linear warm-up over `warmup_steps`, then cosine to 0), so that each row
+    differs from its baseline by its one change; `scratch`: every row trains from the seed with the
+    train section's schedule."""
 
     variants: tuple[str, ...] = VARIANT_NAMES + SEED002_ROW_NAMES + REFSTAR_ROW_NAMES
-    steps: int = 60
+    protocol: str = "finetune"
+    steps: int = 40
+    lr: float = 1e-4
+    warmup_steps: int = 10
     batch_size: int = 8
-    val_samples: int = 32
+    val_samples: int = 64
     val_steps: int = 2
     seed: int = 0
 
@@ -413,6 +421,18 @@ class AblateConfig:
         bad = [v for v in self.variants if v not in valid]
         if bad or not self.variants:
             raise ConfigError(f"{where}.variants: unknown {bad}; valid: {', '.join(valid)}")
+        if len(set(self.variants)) != len(self.variants):
+            raise ConfigError(f"{where}.variants: a row is listed twice: {list(self.variants)}")
+        if self.protocol not in ("finetune", "scratch"):
+            raise ConfigError(f"{where}.protocol: {self.protocol!r}; valid: finetune, scratch")
+        if self.steps < 1:
+            raise ConfigError(f"{where}.steps must be at least 1, got {self.steps}")
+        if self.protocol == "finetune" and not 0 <= self.warmup_steps < self.steps:
+            raise ConfigError(
+                f"{where}.warmup_steps must lie in [0, steps) with protocol finetune, got {self.warmup_steps}"
+            )
+        if self.lr <= 0:
+            raise ConfigError(f"{where}.lr must be positive, got {self.lr}")
 
 
 @dataclass(frozen=True)

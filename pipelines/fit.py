@@ -62,6 +62,34 @@ def _validation_report(
     return Report()
 
 
+def _start_from(module, init: str | None) -> dict | None:
+    """Load the model folder `init` into `module.net` (None: nothing); returns the pathway modules left
+    out of it and those that start fresh, by top-level name with their weight counts."""
+    if init is None:
+        return None
+    from models.lora import load_shared
+
+    names = load_shared(module.net, init)
+
+    def by_module(ns: list[str]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for n in ns:
+            out[n.split(".")[0]] = out.get(n.split(".")[0], 0) + 1
+        return dict(sorted(out.items()))
+
+    return {"from": str(init), "left_out": by_module(names["left_out"]), "fresh": by_module(names["fresh"])}
+
+
+def _restore_as_loaded(module, val: Batch, val_steps: int, guidance: float) -> torch.Tensor:
+    """`val` restored with references by the module as it starts (a fine-tune's knock-out before any
+    step); every submodule's train/eval mode is put back as it was, so training is unchanged."""
+    modes = [(m, m.training) for m in module.modules()]
+    out = module.restore(val, steps=val_steps, guidance=guidance)
+    for m, training in modes:
+        m.training = training
+    return out
+
+
 def fit(
     cfg: TrainConfig,
     dcfg: DegradeConfig,
@@ -80,6 +108,7 @@ def fit(
     inline: bool = False,
     ray_cpus: int | None = None,
     progress: bool = False,
+    init: str | None = None,
 ) -> FitResult:
     """Train `cfg` (for `steps` optimiser steps, default cfg.max_steps) and validate on `val`.
 
@@ -88,6 +117,9 @@ def fit(
     called every `report_every` steps with the validation SCORE and may raise to stop (Optuna pruning).
     `checkpoint`: a Lightning ModelCheckpoint (the train stage); `resume`: a `last.ckpt` to continue.
     `inline`: degrade in this process instead of Ray tasks (a short run that is itself a Ray task).
+    `init`: a model folder of the train stage to start from (a fine-tune: `models.lora.load_shared`; the
+    pathways it has that `cfg`'s variant lacks are left out, those it lacks start fresh); `metrics["init"]`
+    then names both, by module, and `outputs["ref_as_loaded"]` holds `val` restored before the first step.
     Returns on every rank; only rank 0 validates (the others return empty metrics).
 
     `cfg.launcher: ray` trains on Ray Train workers instead (`pipelines.ray_fit.fit_ray`, same arguments):
@@ -110,9 +142,17 @@ def fit(
     if cfg.launcher == "ray":
         from pipelines.ray_fit import fit_ray
 
+        if init is not None:
+            raise ValueError("fit: a fine-tune (init) runs on the local launcher, not train.launcher: ray")
         return fit_ray(cfg, dcfg, shards, encoders, val, val_steps=val_steps, **run)
     torch.set_num_threads(cfg.threads)
     module = build_module(cfg, encoders.primary, encoders.crop_border)
+    started = _start_from(module, init)
+    as_loaded = (
+        _restore_as_loaded(module, val, val_steps, cfg.val_guidance)
+        if started is not None and val is not None
+        else None
+    )
     world = cfg.devices * cfg.num_nodes
     paths = shard_paths(shards, "train") if isinstance(shards, str) else list(shards)
     dm = stream_data(cfg, dcfg, paths, world, inline, ray_cpus)
@@ -143,4 +183,8 @@ def fit(
     if trainer.global_rank != 0:
         return FitResult({}, timing, module)
     metrics, outputs = summarise(module, int(trainer.global_step), cfg, encoders, val, val_steps)
+    if started is not None:
+        metrics["init"] = started
+    if as_loaded is not None:
+        outputs["ref_as_loaded"] = as_loaded
     return FitResult(metrics, timing, module, outputs, curve)

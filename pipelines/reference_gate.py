@@ -108,20 +108,25 @@ def calibrate(
 ):
     """(gate, record): the gate fitted with `restorer` (its gate open; batches of `batch_size`) on the
     validation split of `shards` degraded by each of `presets` ({name: preset}); the record holds the
-    fit and, per preset, the number of targets, the quantiles of s and the mean reference gain."""
+    fit and, per preset, the number of targets, the quantiles of s and the mean reference gain. A
+    validation split without a target that has a reference gives no gate (α = 1) and says so in the
+    record's `reason`."""
 
     def restore(lq, refs):
-        parts = [
-            restorer.restore_batch(lq[i : i + batch_size], refs[i : i + batch_size], gate=False)
-            for i in range(0, len(lq), batch_size)
-        ]
-        return np.concatenate(parts)
+        return restorer.restore_in_batches(lq, refs, batch_size, gate=False)
 
     s, delta, per = {}, {}, {}
     for name, preset in sorted(presets.items()):
         samples = validation_samples(shards, preset, seed, limit)
         if not samples:
-            raise ValueError(f"{shards}: no validation target with a reference to calibrate the gate on")
+            reason = f"{shards}: the validation split has no target with a reference to fit the gate on"
+            return None, {
+                "slope_per_log_s": None,
+                "intercept": None,
+                "sets": {},
+                "gate": None,
+                "reason": reason,
+            }
         lq = [x["lq"] for x in samples]
         gt = embed(restorer.encoder, np.stack([x["gt"] for x in samples]), border)
         blind = restore(lq, [[] for _ in samples])

@@ -368,6 +368,17 @@ class Restorer:
         )
         return to_uint8(out)
 
+    def restore_in_batches(
+        self, lq: list[np.ndarray], refs: list[list[np.ndarray]], batch_size: int, gate: bool | None = None
+    ) -> np.ndarray:
+        """`restore_batch` over chunks of `batch_size` images (the same outputs: every image is sampled
+        with its own noise), concatenated; what evaluation and the gate's calibration restore with."""
+        parts = [
+            self.restore_batch(lq[i : i + batch_size], refs[i : i + batch_size], gate=gate)
+            for i in range(0, len(lq), batch_size)
+        ]
+        return np.concatenate(parts)
+
     def ref_limit(self, ensemble: bool) -> int:
         """How many references one image may have: the trained max_refs, or 3 with the eq. 6 ensemble."""
         return max(self.max_refs, ENSEMBLE_MAX_REFS) if ensemble else self.max_refs

@@ -30,6 +30,7 @@ COLUMNS = ("n", "psnr", "ssim", "ref_id_primary", "ref_id_evaluator", "gt_id", "
 PAIRED = ("gt_id", "psnr", "ssim", "copy_score")  # differences to the blind mode, with intervals
 CONTROL = "{k} reference{s} of another person"
 GATE_OPEN = "{mode} - gate open"  # a mode restored with the reference gate open (full weight)
+GATED_VS_OPEN = "gated vs gate open"  # paired's entry: {mode: {metric: difference}}, the gate's effect
 FRONT = "front end alone"  # ours: the stage-1 output (names must be valid MLflow metric keys)
 
 
@@ -116,6 +117,8 @@ def other_person(samples: list[dict], pool: list[dict], k: int) -> list[list]:
 def gate_lines(gate: dict) -> list[str]:
     """The report's paragraph on the reference gate (stages.evaluate.gate_restorer's record)."""
     g = gate["gate"] or {"sharp": None}
+    if gate.get("reason"):
+        return ["", f"References keep their full weight: no reference gate ({gate['reason']})."]
     sets = ", ".join(
         f"{k}: n = {v['n']}, median s {v['s_quantiles_10_50_90'][1]:.2f}, mean gain {v['mean_gain_1ref']:+.4f}"
         for k, v in gate["sets"].items()
@@ -199,7 +202,7 @@ def markdown(
             "|---|---:|---:|---:|---:|" + "---:|" * (len(paired_cols) - len(PAIRED)) + "---|",
         ]
         for row, d in paired[name].items():
-            if row == "true vs another person":
+            if row in ("true vs another person", GATED_VS_OPEN):
                 continue
             cells = [
                 "—"
@@ -208,6 +211,21 @@ def markdown(
                 for m in paired_cols
             ]
             lines.append(f"| {row} | " + " | ".join(cells) + f" | {d['gt_id']['verdict']} |")
+        g = paired[name].get(GATED_VS_OPEN)
+        if g:
+            lines += [
+                "",
+                "The gate's own effect: the gated mode minus the same mode with the gate open (same targets):",
+                "",
+                "| mode | Δ GT-ID | verdict | Δ PSNR (dB) | verdict |",
+                "|---|---:|---|---:|---|",
+            ]
+            lines += [
+                f"| {mode} | {d['gt_id']['diff']:+.4f} [{d['gt_id']['lo']:+.4f}, {d['gt_id']['hi']:+.4f}] | "
+                f"{d['gt_id']['verdict']} | {d['psnr']['diff']:+.3f} [{d['psnr']['lo']:+.3f}, {d['psnr']['hi']:+.3f}] | "
+                f"{d['psnr']['verdict']} |"
+                for mode, d in g.items()
+            ]
         c = paired[name].get("true vs another person")
         if c:
             lines += [
@@ -290,9 +308,19 @@ def gate_open_modes(restorer, cfg: EvaluateConfig) -> list[int]:
 
 
 def evaluate_set(
-    restorer, root: str, name: str, cfg: EvaluateConfig, prim, evaluator, border: float, wm, progress=None
+    restorer,
+    root: str,
+    name: str,
+    cfg: EvaluateConfig,
+    prim,
+    evaluator,
+    border: float,
+    wm,
+    progress=None,
+    gate_modes: list[int] | None = None,
 ) -> SetResult:
-    """Every row of set `name` under `root` restored by `restorer` on the same targets."""
+    """Every row of set `name` under `root` restored by `restorer` on the same targets; `gate_modes`: the
+    modes also restored with the reference gate open (None: `gate_open_modes(restorer, cfg)`)."""
     kmax = max(cfg.modes)
     samples, seen = load_set(root, name, cfg.samples, max(kmax, 1))
     if len(samples) < 2:
@@ -302,11 +330,7 @@ def evaluate_set(
         )
 
     def restore(lqs, refs, gate=None):
-        parts = [
-            restorer.restore_batch(lqs[i : i + cfg.batch_size], refs[i : i + cfg.batch_size], gate=gate)
-            for i in range(0, len(lqs), cfg.batch_size)
-        ]
-        return np.concatenate(parts)
+        return restorer.restore_in_batches(lqs, refs, cfg.batch_size, gate)
 
     def measure(row: str, outs: np.ndarray) -> None:
         values[row] = per_target(outs, samples, prim, evaluator, cfg.copy_tau, border, wm)
@@ -323,7 +347,9 @@ def evaluate_set(
         measure(mode_label(k), restore(lq, [s["refs"][:k] for s in samples]))
         if progress is not None:
             progress.update(1)
-    for k in gate_open_modes(restorer, cfg):  # the same modes with the reference gate open: its effect
+    if gate_modes is None:
+        gate_modes = gate_open_modes(restorer, cfg)
+    for k in gate_modes:  # the same modes with the reference gate open: its effect
         measure(GATE_OPEN.format(mode=mode_label(k)), restore(lq, [s["refs"][:k] for s in samples], False))
         if progress is not None:
             progress.update(1)
@@ -366,6 +392,14 @@ def paired_rows(res: SetResult, cols: tuple[str, ...], seed: int) -> dict:
         for m in cols:
             r = paired_bootstrap(v[m], blind[m], seed=seed)
             paired[row][m] = {**r.as_dict(), "verdict": r.verdict}
+    gated = {mode: row for mode in res.values if (row := GATE_OPEN.format(mode=mode)) in res.values}
+    if gated:  # the gate's own effect: the default (gated) against the same mode with the gate open
+        paired[GATED_VS_OPEN] = {}
+        for mode, row in gated.items():
+            paired[GATED_VS_OPEN][mode] = {}
+            for m in ("gt_id", "psnr"):
+                r = paired_bootstrap(res.values[mode][m], res.values[row][m], seed=seed)
+                paired[GATED_VS_OPEN][mode][m] = {**r.as_dict(), "verdict": r.verdict}
     true_label = mode_label(res.k_control)
     if true_label in res.values:
         d = paired_bootstrap(res.values[true_label]["gt_id"], res.values[res.control]["gt_id"], seed=seed)

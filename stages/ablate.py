@@ -1,12 +1,17 @@
-"""Stage `ablate`: the IConFace variants of paper Table 3 trained with one budget, one table.
+"""Stage `ablate`: Table 3's IConFace variants and the seed systems' rows, each paired against its baseline.
 
-    python -m stages.ablate --shards data/shards --encoders data/encoders --report reports/ablation.md \
-        --metrics metrics/ablate.json
+    python -m stages.ablate --shards data/shards --encoders data/encoders --init data/train/model \
+        --report reports/ablation.md --metrics metrics/ablate.json
 
-Each variant (`concat`, `+struct`, `+id`, `single_route`, `full`; models/iconface.py) trains from the
-same seed for `ablate.steps` steps on the same stream and is evaluated on the same validation batch
-(`train.val_preset`). Every variant is an MLflow run nested under one `ablate` run. The default budget
-is the CPU's; on GPUs raise `ablate.steps` (what the default shows: docs/results.md, "The ablation").
+`ablate.protocol: finetune` (the default): every row starts from the trained default (`--init`, the train
+stage's model) and trains `ablate.steps` more steps at `ablate.lr` on the same stream, so that each row
+differs from its baseline by one change: Table 3's variants (`concat`, `+struct`, `+id`, `single_route`,
+`full`; models/iconface.py) are the default with parts removed, each paired against the previous one of
+the order; the seed systems' rows add their modules to the default and are paired against `full`
+fine-tuned the same way (pipelines.ablation.ADDON_BASELINES), with one verdict per paper claim
+(pipelines.ablation.CLAIMS). `scratch`: every row trains from the seed with the train section's
+schedule. Every row is evaluated on the same validation batch (`train.val_preset`) and is an MLflow run
+nested under one `ablate` run. On GPUs raise `ablate.steps` (docs/results.md, "The ablation").
 
 RefSTAR's rows (pipelines.refstar.ABLATE_ROWS; list them in `ablate.variants`): `refstar_in_context`
 (conflict masks, one joint softmax: eq. 3), `refstar_decoupled` (eq. 4), `refstar_decoupled_cycle`
@@ -101,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__)
     for a in ("--shards", "--encoders", "--report", "--metrics"):
         p.add_argument(a, required=True)
+    p.add_argument("--init", help="the train stage's model folder (ablate.protocol: finetune)")
     args = p.parse_args(argv)
     setup_logging()
     cfgs = load_params(args.params, "ablate", "train", "degrade", "embed", "evaluate")
@@ -110,6 +116,15 @@ def main(argv: list[str] | None = None) -> None:
     validate_shards(args.shards)
     encoders = load_encoders(ecfg, args.encoders)
     base = replace(tcfg, val_samples=cfg.val_samples, seed=cfg.seed, batch_size=cfg.batch_size, accumulate=1)
+    init = None
+    if cfg.protocol == "finetune":
+        if not args.init or not Path(args.init).is_dir():
+            raise SystemExit(
+                f"error: ablate.protocol finetune starts from the train stage's model: --init {args.init!r} "
+                "is not a folder (run `dvc repro train`, or set ablate.protocol: scratch)"
+            )
+        init = args.init
+        base = with_overrides(base, {"lr": cfg.lr, "warmup_steps": cfg.warmup_steps, "launcher": "local"})
     val = validation_batch(args.shards, base, base.max_refs)
 
     import mlflow
@@ -120,10 +135,16 @@ def main(argv: list[str] | None = None) -> None:
     if any(v in ABLATE_ROWS for v in cfg.variants):  # RefSTAR rows: the masks of these shards
         masks, val_masked = refstar_masks(args.shards, base, val)
     ids, conflict = protocol_inputs(args.shards, len(val["keys"]))
-    results, per_target, extra, fitted = {}, {}, {}, {}
+    results, extra, fitted = {}, {}, {}
     with mlflow.start_run(run_name="ablate") as parent:
         mlflow.log_params(
-            {"steps": cfg.steps, "variants": ",".join(cfg.variants), "val_preset": tcfg.val_preset}
+            {
+                "protocol": cfg.protocol,
+                "init": init,
+                "steps": cfg.steps,
+                "variants": ",".join(cfg.variants),
+                "val_preset": tcfg.val_preset,
+            }
         )
         for variant in tqdm(cfg.variants, desc="ablate", unit="variant", disable=not progress_enabled()):
             over, sampler = variant_overrides(variant, masks)
@@ -139,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
                     steps=cfg.steps,
                     val_steps=cfg.val_steps,
                     inline=True,
+                    init=init,
                 )
             r = fitted[key]
             per = protocol(
@@ -152,21 +174,22 @@ def main(argv: list[str] | None = None) -> None:
                 tau,
                 sampler,
                 # fit validated this row with the same batch, steps and guidance: reuse its restorations
-                None if sampler else {k: r.outputs[k] for k in ("ref", "none")},
+                None
+                if sampler
+                else {k: v for k, v in r.outputs.items() if k in ("ref", "none", "ref_as_loaded")},
             )
             m = dict(r.metrics)
             if sampler:  # the ensemble row's own restorations replace the row it was trained as
                 m["restored_id_sim"] = round(float(per["ref"].mean()), 4)
                 m["restored_psnr"] = round(float(per["ref_psnr"].mean()), 4)
             results[variant] = m
-            per_target[variant] = per["ref"]
             extra[variant] = per
             log_variant_run(variant, over, sampler, m, r.timing)
         lq = next(iter(results.values()))
         mlflow.log_metrics({"lq_psnr": lq["lq_psnr"], "lq_id_sim": lq["lq_id_sim"]})
         run_id = parent.info.run_id
 
-    markdown, metrics = report(results, per_target, extra, cfg, tcfg, len(val["keys"]), masks, tau)
+    markdown, metrics = report(results, extra, cfg, tcfg, len(val["keys"]), masks, tau, init)
     write_bytes(args.report, markdown.encode())
     write_json(args.metrics, metrics)
     mark_run(mlflow.MlflowClient(), run_id, "ablate", args.metrics)

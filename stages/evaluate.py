@@ -101,15 +101,18 @@ def evaluate_sets(
     paired: dict[str, dict] = {}
     targets: dict[str, dict] = {}
     plot_rows = []
+    gate_modes = gate_open_modes(restorer, cfg)
     bar = tqdm(
-        total=len(index["splits"]) * (len(cfg.modes) + 1 + len(gate_open_modes(restorer, cfg))),
+        total=len(index["splits"]) * (len(cfg.modes) + 1 + len(gate_modes)),
         desc="evaluate",
         unit="row",
         disable=not progress_enabled(),
     )
     for name in sorted(index["splits"]):
         try:
-            res = evaluate_set(restorer, eval_sets, name, cfg, restorer.encoder, evaluator, border, wm, bar)
+            res = evaluate_set(
+                restorer, eval_sets, name, cfg, restorer.encoder, evaluator, border, wm, bar, gate_modes
+            )
         except ValueError as exc:
             raise SystemExit(f"error: {exc}") from exc
         results[name] = {row: row_means(v) for row, v in res.values.items()}

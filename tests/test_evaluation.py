@@ -297,6 +297,11 @@ def test_evaluate_register_gate_restore_and_serve(project):
     assert "lpips: no local weights: set evaluate.weights.lpips to torchvision's AlexNet" in report
     assert "Paired differences to the blind mode" in report and "3 references of another person" in report
     assert "References are weighed by the reference gate" in report
+    if gate["gate"]:  # the gate's own effect, paired: gated − gate open on the same targets
+        from pipelines.set_evaluation import GATED_VS_OPEN
+
+        assert set(m["paired"]["severe"][GATED_VS_OPEN]) == {"1 reference", "3 references"}
+        assert "The gate's own effect" in report
     assert (tmp / "ev_a" / "grid_severe.png").is_file()
     targets = json.loads((tmp / "ev_a" / "per_target.json").read_text())
     primary = targets["severe"]["rows"]["1 reference"]["gt_id"]

@@ -161,3 +161,77 @@ def test_refface_restore_follows_the_bundles_gate_unless_told_not_to(tmp_path):
     assert np.array_equal(gated, r.restore(lq, [ref], colour=True))
     assert np.array_equal(full, r.restore(lq, [ref], colour=True, gate=False))
     assert not np.array_equal(gated, full)
+
+
+def test_no_validation_target_with_a_reference_means_no_gate_and_the_report_says_why(tmp_path):
+    """calibrate on a validation split whose targets have no reference: no gate (α = 1), a reason in the
+    record, and the report's paragraph gives it; nothing is restored."""
+    import hashlib
+    from pathlib import Path
+
+    from conftest import make_shards
+
+    from pipelines.reference_gate import calibrate
+    from pipelines.set_evaluation import gate_lines
+    from pipelines.shards import INDEX_NAME
+
+    root = tmp_path / "shards"
+    paths = make_shards(root, 4, refs=0, per_shard=4, split="val")
+    entries = [
+        {
+            "name": Path(p).name,
+            "samples": 4,
+            "bytes": Path(p).stat().st_size,
+            "sha256": hashlib.sha256(Path(p).read_bytes()).hexdigest(),
+        }
+        for p in paths
+    ]
+    index = {"format_version": 1, "splits": {"val": {"samples": 4, "shards": entries}}}
+    (root / INDEX_NAME).write_text(json.dumps(index))
+
+    class NoRestore:  # calibrate must stop before restoring anything
+        def restore_in_batches(self, *a, **k):
+            raise AssertionError("restored without a target to fit on")
+
+    gate, record = calibrate(NoRestore(), str(root), {"severe": "refldm_severe"}, 0, 0, 0.0)
+    assert gate is None and record["gate"] is None
+    assert "has no target with a reference to fit the gate on" in record["reason"]
+    (line,) = [x for x in gate_lines(record) if x]
+    assert line.startswith("References keep their full weight: no reference gate") and str(root) in line
+
+
+def test_the_gates_own_effect_is_a_paired_row_apart_from_the_blind_comparisons():
+    from pipelines.set_evaluation import GATED_VS_OPEN, SetResult, markdown, paired_rows, row_means
+
+    rng = np.random.default_rng(0)
+    n = 30
+
+    def row(gt_id, psnr):
+        return {
+            "gt_id": gt_id,
+            "psnr": psnr,
+            "ssim": np.full(n, 0.9),
+            "copy_score": np.full(n, np.nan),
+            "ref_id_primary": np.full(n, 0.5),
+            "ref_id_evaluator": np.full(n, 0.5),
+        }
+
+    base = rng.normal(0.8, 0.01, n)
+    values = {
+        "no reference": row(base, np.full(n, 30.0)),
+        "1 reference": row(base + 0.001, np.full(n, 30.0)),
+        "1 reference - gate open": row(base - 0.01, np.full(n, 29.0) + rng.normal(0, 0.01, n)),
+        "1 reference of another person": row(base, np.full(n, 30.0)),
+    }
+    res = SetResult([], values, {}, "1 reference of another person", 1)
+    paired = paired_rows(res, ("gt_id", "psnr"), seed=0)
+    g = paired[GATED_VS_OPEN]
+    assert list(g) == ["1 reference"]
+    assert (
+        g["1 reference"]["gt_id"]["verdict"] == "higher" and g["1 reference"]["psnr"]["verdict"] == "higher"
+    )
+    assert abs(g["1 reference"]["gt_id"]["diff"] - 0.011) < 1e-6
+    results = {"severe": {k: row_means(v) for k, v in values.items()}}
+    text = markdown(results, {"severe": paired}, {}, "m", 0)
+    assert "The gate's own effect" in text and "| 1 reference | +0.0110" in text
+    assert f"| {GATED_VS_OPEN} |" not in text  # not listed among the differences to the blind mode

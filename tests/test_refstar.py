@@ -342,8 +342,9 @@ def test_ablate_compares_the_refstar_rows(tmp_path):
 
     _, params = _project(tmp_path)
     shards = make_pair_shards(tmp_path / "pairs", identities=(4, 2, 1), emb_dim=512)
-    params["ablate"] = {
+    params["ablate"] = {  # the scratch protocol (the fine-tune: tests/test_tune_ablate.py)
         "variants": ["full", "refstar_in_context", "refstar_decoupled_cycle"],
+        "protocol": "scratch",
         "steps": 3,
         "batch_size": 4,
         "val_samples": 4,
@@ -384,6 +385,12 @@ def test_ablate_compares_the_refstar_rows(tmp_path):
     table = (tmp_path / "ablation.md").read_text()
     assert "| refstar_decoupled_cycle |" in table and "conflict masks `truth` (synthetic 48 masks" in table
     assert "full vs refstar_in_context" not in table  # Table 3's order is read among IConFace's variants
+    assert "Protocol `scratch`" in table
+    # the masks row against full, the cycle row without its baseline (refstar_decoupled is not listed)
+    assert (
+        m["refstar_in_context"]["paired"]["vs"] == "full" and m["refstar_decoupled_cycle"]["paired"] is None
+    )
+    assert m["refstar_in_context"]["claim"]["measure"] == "copy"
 
 
 @pytest.mark.slow

@@ -86,17 +86,42 @@ def test_tune_study_nested_runs_resume_and_ray(tmp_path):
     assert {x.info.status for x in children} <= {"FINISHED", "KILLED"}
 
 
+def write_default(tmp: Path, params: dict) -> Path:
+    """The trained default's folder as the train stage writes it (models.lora.save_trainable): the `full`
+    variant of the test's train section, its LoRA and pathways perturbed off their initialisation."""
+    import torch
+
+    from models.lora import save_trainable
+    from pipelines.config import EmbedConfig, TrainConfig
+    from pipelines.config_base import build
+    from pipelines.embedding import load_encoders
+    from pipelines.trainer import build_module
+
+    tcfg = build(TrainConfig, params["train"], "train")
+    enc = load_encoders(build(EmbedConfig, params["embed"], "embed"), tmp / "encoders")
+    net = build_module(tcfg, enc.primary, enc.crop_border).net
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if p.requires_grad and ("lora_B" in n or not n.startswith("transformer.")):
+                p.add_(0.01 * torch.randn_like(p))
+    save_trainable(net, tmp / "model")
+    return tmp / "model"
+
+
 def test_ablate_table(tmp_path):
+    """The fine-tune protocol: every row starts from the default's folder, Table 3's rows leave parts of it
+    out, the seed systems' rows add theirs and are paired against `full`; one verdict per claim."""
     shards, params = _project(tmp_path)
+    model = write_default(tmp_path, params)
     params["ablate"] = {
         "variants": ["concat", "full", "composite", "composite_ensemble"],
         "steps": 3,
+        "warmup_steps": 1,
         "batch_size": 4,
         "val_samples": 4,
     }
-    r = _run(
-        tmp_path,
-        params,
+    args = [
         "stages.ablate",
         "--shards",
         str(shards),
@@ -106,18 +131,38 @@ def test_ablate_table(tmp_path):
         str(tmp_path / "ablation.md"),
         "--metrics",
         str(tmp_path / "a.json"),
+    ]
+    missing = _run(tmp_path, params, *args)  # finetune needs the default's folder: said before any work
+    assert (
+        missing.returncode != 0
+        and "ablate.protocol finetune starts from the train stage's model" in missing.stderr
     )
+    r = _run(tmp_path, params, *args, "--init", str(model))
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((tmp_path / "a.json").read_text())
     assert sorted(m) == sorted(["concat", "full", "composite", "composite_ensemble"])
     assert m["full"]["trainable_parameters"] > m["concat"]["trainable_parameters"]
+    # every row starts from the default: concat leaves its parts out, composite adds its context
+    assert m["full"]["init"]["left_out"] == {} and m["full"]["init"]["fresh"] == {}
+    assert {"identity", "xattn", "residual"} <= set(m["concat"]["init"]["left_out"])
+    assert "composite" in m["composite"]["init"]["fresh"]
     # one training for the composite rows; the ensemble row is its own sampling of that model
     assert m["composite_ensemble"]["trainable_parameters"] == m["composite"]["trainable_parameters"]
     assert m["composite_ensemble"]["final_loss"] == m["composite"]["final_loss"]
+    # each row against its baseline; the seed system's rows carry their claim's verdict
+    assert m["concat"]["paired"] is None and m["full"]["paired"]["vs"] == "concat"
+    assert m["composite"]["paired"]["vs"] == "full" and m["composite_ensemble"]["paired"]["vs"] == "composite"
+    assert m["composite"]["claim"]["verdict"].startswith(("shown", "not shown"))
+    assert "claim" not in m["full"]
+    # the knock-out before any step: a row restored as loaded, paired with its baseline's
+    assert m["full"]["paired"]["id_gt_as_loaded"]["n"] == 4
+    assert "id_gt_as_loaded" not in m["composite_ensemble"]["paired"]  # its own sampler: no such restoration
     for row in m.values():  # one protocol: reference gain, wrong-person control, copy in conflict regions
         p = row["protocol"]
         assert p["ref_minus_blind"]["n"] == p["true_minus_other"]["n"] == 4
         assert p["copy_pairs"] > 0 and 0.0 <= p["copy_score"] <= 1.0
+        assert p["copy_minus_blind"]["n"] == p["copy_pairs"]
     table = (tmp_path / "ablation.md").read_text()
     assert "| concat |" in table and "| full |" in table and "Table 3" in table
     assert "| composite_ensemble |" in table and "true − other person" in table
+    assert "Protocol `finetune`" in table and "each claim against its baseline" in table

@@ -1,0 +1,117 @@
+"""The ablation's fine-tune protocol: a row starts from the trained default's folder (models.lora.load_shared),
+each row is paired against its baseline (pipelines.ablation.baselines), and each seed system's claim gets a
+verdict in its paper's direction (pipelines.ablation._verdicts)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.iconface import IConFace, IConFaceConfig, build_backbone
+from models.lora import PATHWAYS_FILE, add_lora, load_shared, save_trainable
+from pipelines.ablation import _verdicts, baselines
+from pipelines.config import VARIANT_NAMES
+
+
+def _model(variant: str, seed: int, lora: bool = True) -> IConFace:
+    torch.manual_seed(seed)
+    m = IConFace(build_backbone("tiny"), IConFaceConfig(variant=variant, memory_tokens=8))
+    if lora:
+        add_lora(m.transformer, rank=4)
+    with torch.no_grad():  # B and some pathways start at zero: make every weight something to check
+        for n, p in m.named_parameters():
+            if "lora_B" in n or not n.startswith("transformer."):
+                p.add_(torch.randn_like(p))
+    return m
+
+
+def _pathways(m) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in m.named_parameters() if not n.startswith("transformer.")}
+
+
+def test_a_row_starts_from_the_default_minus_its_removed_parts(tmp_path):
+    full = _model("full", seed=0)
+    save_trainable(full, tmp_path / "model")
+    row = _model("+id", seed=1)  # residual and identity pathways, no memory and one route
+    before = _pathways(row)
+    names = load_shared(row, tmp_path / "model")
+    # the parts +id lacks are left out; everything it shares with the default is the default's
+    assert {n.split(".")[0] for n in names["left_out"]} >= {"xattn", "pool_base"}
+    assert names["fresh"] == []
+    ref, own = _pathways(full), _pathways(row)
+    assert {"residual", "identity"} <= {n.split(".")[0] for n in own}
+    assert set(own) < set(ref) and all(torch.equal(own[n], ref[n]) for n in own)
+    assert all(not torch.equal(before[n], own[n]) for n in own)
+    lora_full = {n: p for n, p in full.transformer.named_parameters() if "lora_" in n}
+    lora_row = {n: p for n, p in row.transformer.named_parameters() if "lora_" in n}
+    assert lora_full.keys() == lora_row.keys()
+    assert all(torch.equal(lora_full[n], lora_row[n]) for n in lora_full)
+
+
+def test_a_row_with_new_modules_keeps_their_initialisation(tmp_path):
+    save_trainable(_model("concat", seed=0), tmp_path / "model")
+    full = _model("full", seed=1)
+    init = _pathways(full)
+    names = load_shared(full, tmp_path / "model")
+    assert names["left_out"] == [] and {n.split(".")[0] for n in names["fresh"]} >= {"identity", "xattn"}
+    now = _pathways(full)
+    assert all(torch.equal(now[n], init[n]) for n in names["fresh"])
+
+
+def test_a_default_of_another_shape_is_refused_by_name(tmp_path):
+    save_trainable(_model("full", seed=0), tmp_path / "model")
+    torch.manual_seed(0)
+    wide = IConFace(build_backbone("tiny"), IConFaceConfig(variant="full", memory_tokens=16))
+    add_lora(wide.transformer, rank=4)
+    with pytest.raises(ValueError, match=rf"{PATHWAYS_FILE}: pathway weights of another shape"):
+        load_shared(wide, tmp_path / "model")
+    with pytest.raises(FileNotFoundError, match="not a model folder written by the train stage"):
+        load_shared(wide, tmp_path)
+
+
+def test_every_row_is_paired_against_its_baseline():
+    names = [*VARIANT_NAMES, "composite", "composite_ensemble", "refstar_in_context", "refstar_decoupled"]
+    base = baselines(names)
+    assert base["concat"] is None and base["+struct"] == "concat" and base["full"] == "single_route"
+    assert base["composite"] == "full" and base["composite_ensemble"] == "composite"
+    assert base["refstar_in_context"] == "full" and base["refstar_decoupled"] == "refstar_in_context"
+    # a Table 3 row left out of the list: the next one pairs with the one before it
+    assert baselines(["concat", "+id", "full"]) == {"concat": None, "+id": "concat", "full": "+id"}
+    # an addition whose baseline is not among the rows has none
+    assert baselines(["concat", "refstar_decoupled"])["refstar_decoupled"] is None
+
+
+def test_each_claim_is_judged_in_its_papers_direction():
+    rng = np.random.default_rng(0)
+    n = 40
+    ref = rng.normal(0.85, 0.01, n)
+    extra = {
+        "full": {"ref": ref, "copy": np.full(n, 0.30)},
+        # masks copy less in conflict regions (the claim: lower), identity unchanged
+        "refstar_in_context": {"ref": ref.copy(), "copy": np.where(np.arange(n) % 4, 0.20, np.nan)},
+        # the decoupled route: identity lower (a reversal)
+        "refstar_decoupled": {"ref": ref - 0.01, "copy": np.full(n, 0.20)},
+        # the cycle loss: identity unchanged
+        "refstar_decoupled_cycle": {"ref": ref - 0.01 + rng.normal(0, 1e-5, n), "copy": np.full(n, 0.2)},
+    }
+    names = list(extra)
+    lines, out = _verdicts(names, baselines(names), extra, seed=0)
+    assert out["refstar_in_context"]["verdict"] == "shown" and out["refstar_in_context"]["n"] == 30
+    assert out["refstar_decoupled"]["verdict"] == "not shown: lower"
+    assert out["refstar_decoupled_cycle"]["verdict"] == "not shown: no difference"
+    assert "full" not in out
+    assert any("RefSTAR, conflict masks" in line and "| shown |" in line for line in lines)
+
+
+def test_single_route_starts_with_both_routes_queries(tmp_path):
+    """The memory pooler of `single_route` has the queries of both of `full`'s routes (eq. 7's order); the
+    detail route's attention is left out."""
+    full = _model("full", seed=0)
+    save_trainable(full, tmp_path / "model")
+    row = _model("single_route", seed=1)
+    names = load_shared(row, tmp_path / "model")
+    joined = torch.cat([full.pool_base.queries, full.pool_detail.queries], 0)
+    assert torch.equal(row.pool_base.queries, joined)
+    assert torch.equal(row.pool_base.attn.in_proj_weight, full.pool_base.attn.in_proj_weight)
+    assert "pool_detail.attn.in_proj_weight" in names["left_out"] and names["fresh"] == []
