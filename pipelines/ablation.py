@@ -171,7 +171,9 @@ def _protocol_text(cfg: AblateConfig, tcfg: TrainConfig, init: str | None) -> li
         "models/iconface.py `adapt_pathways`): what each part contributes to the trained model once the rest has had "
         f"{cfg.steps} steps to adapt, not a model trained without it. The seed systems' rows add their "
         "modules to the default (new weights start at their initialisation; RefSTAR's reference K/V "
-        "up-projections at zero) and are paired against `full` fine-tuned the same way.",
+        "up-projections at zero) and are paired against `full` fine-tuned the same way: their new weights have "
+        f"had {cfg.steps} steps, the default's {tcfg.max_steps + cfg.steps}, so a row below its baseline may be "
+        "a row not trained enough rather than a worse method.",
     ]
 
 

@@ -137,6 +137,26 @@ def gate_lines(gate: dict) -> list[str]:
     ]
 
 
+def gate_effect_lines(effect: dict | None) -> list[str]:
+    """The report's table of the gate's own effect (paired_rows' GATED_VS_OPEN entry; none: no lines)."""
+    if not effect:
+        return []
+    lines = [
+        "",
+        "The gate's own effect: the gated mode minus the same mode with the gate open (same targets):",
+        "",
+        "| mode | Δ GT-ID | verdict | Δ PSNR (dB) | verdict |",
+        "|---|---:|---|---:|---|",
+    ]
+    for mode, d in effect.items():
+        g, p = d["gt_id"], d["psnr"]
+        lines.append(
+            f"| {mode} | {g['diff']:+.4f} [{g['lo']:+.4f}, {g['hi']:+.4f}] | {g['verdict']} | "
+            f"{p['diff']:+.3f} [{p['lo']:+.3f}, {p['hi']:+.3f}] | {p['verdict']} |"
+        )
+    return lines
+
+
 def markdown(
     results: dict,
     paired: dict,
@@ -211,21 +231,7 @@ def markdown(
                 for m in paired_cols
             ]
             lines.append(f"| {row} | " + " | ".join(cells) + f" | {d['gt_id']['verdict']} |")
-        g = paired[name].get(GATED_VS_OPEN)
-        if g:
-            lines += [
-                "",
-                "The gate's own effect: the gated mode minus the same mode with the gate open (same targets):",
-                "",
-                "| mode | Δ GT-ID | verdict | Δ PSNR (dB) | verdict |",
-                "|---|---:|---|---:|---|",
-            ]
-            lines += [
-                f"| {mode} | {d['gt_id']['diff']:+.4f} [{d['gt_id']['lo']:+.4f}, {d['gt_id']['hi']:+.4f}] | "
-                f"{d['gt_id']['verdict']} | {d['psnr']['diff']:+.3f} [{d['psnr']['lo']:+.3f}, {d['psnr']['hi']:+.3f}] | "
-                f"{d['psnr']['verdict']} |"
-                for mode, d in g.items()
-            ]
+        lines += gate_effect_lines(paired[name].get(GATED_VS_OPEN))
         c = paired[name].get("true vs another person")
         if c:
             lines += [
