@@ -72,18 +72,29 @@ def load_trainable(model, in_dir: str | Path, pathways: bool = True) -> None:
     IConFace's pathway weights too, which must then match the model's variant name for name."""
     d = Path(in_dir)
     if (d / BACKBONE_FILE).is_file():
-        model.transformer.load_state_dict(load_file(str(d / BACKBONE_FILE)), strict=False)
+        path = d / BACKBONE_FILE
+        try:  # the file holds the trained part of the backbone only: missing keys are the frozen rest
+            res = model.transformer.load_state_dict(load_file(str(path)), strict=False)
+        except RuntimeError as exc:  # a shape that differs
+            raise ValueError(f"{path}: does not fit the model's backbone: {exc}") from exc
+        if res.unexpected_keys:
+            raise ValueError(f"{path}: weights the model's backbone lacks: {res.unexpected_keys[:5]}")
     if (d / LORA_FILE).is_file():
         if "default" in (getattr(model.transformer, "peft_config", None) or {}):
             # The adapter exists already (built for training): load the weights into it.
             from peft.utils import set_peft_model_state_dict
 
-            state = {k.removeprefix("transformer."): v for k, v in load_file(str(d / LORA_FILE)).items()}
-            res = set_peft_model_state_dict(model.transformer, state, adapter_name="default")
+            path = d / LORA_FILE
+            state = {k.removeprefix("transformer."): v for k, v in load_file(str(path)).items()}
+            try:
+                res = set_peft_model_state_dict(model.transformer, state, adapter_name="default")
+            except RuntimeError as exc:  # a rank or a layer size that differs
+                raise ValueError(f"{path}: does not fit the model's LoRA adapter: {exc}") from exc
             if getattr(res, "unexpected_keys", None):
-                raise ValueError(
-                    f"{d / LORA_FILE}: keys not in the model's adapter: {res.unexpected_keys[:5]}"
-                )
+                raise ValueError(f"{path}: keys not in the model's adapter: {res.unexpected_keys[:5]}")
+            missing = [k for k in getattr(res, "missing_keys", None) or () if "lora_" in k]
+            if missing:
+                raise ValueError(f"{path}: adapter weights the file lacks: {missing[:5]}")
         else:
             model.transformer.load_lora_adapter(
                 str(d / LORA_FILE), prefix="transformer", adapter_name="default"
@@ -113,10 +124,18 @@ def load_shared(model, in_dir: str | Path) -> dict[str, list[str]]:
             f"{d}: none of {PATHWAYS_FILE}, {LORA_FILE}, {BACKBONE_FILE}: not a model folder written by the "
             "train stage"
         )
+    trained = {n for n, p in model.transformer.named_parameters() if p.requires_grad}
+    need = [LORA_FILE] if any("lora_" in n for n in trained) else []
+    need += [BACKBONE_FILE] if any("lora_" not in n for n in trained) else []
+    if lacking := [f for f in need if not (d / f).is_file()]:
+        raise FileNotFoundError(
+            f"{d}: lacks {', '.join(lacking)}, which the model trains: the row would not start from the "
+            "trained default"
+        )
     state = load_file(str(path)) if path.is_file() else {}  # a variant without pathways has none
-    saved = set(state)
-    if hasattr(model, "adapt_pathways"):  # a part whose shape differs between variants
+    if hasattr(model, "adapt_pathways"):  # a part whose shape differs between variants (merged into one)
         state = model.adapt_pathways(state)
+    saved = set(state)
     own = {n: p for n, p in model.named_parameters() if not n.startswith("transformer.")}
     bad = [
         f"{n} {tuple(state[n].shape)} vs {tuple(p.shape)}"

@@ -154,6 +154,21 @@ def baselines(names: list[str]) -> dict[str, str | None]:
     return out
 
 
+def finetune_problems(tcfg: TrainConfig) -> list[str]:
+    """Why the trained default cannot be the fine-tune protocol's base (empty: it can). The protocol pairs
+    the seed systems' rows against `full` and removes parts from it for Table 3's rows, so the default
+    must be plain IConFace `full`: no other variant, conditioning, masks, route or cycle loss."""
+    r = tcfg.refstar
+    checks = [
+        (tcfg.variant == "full", f"train.variant is {tcfg.variant!r}, not 'full'"),
+        (tcfg.conditioning == "iconface", f"train.conditioning is {tcfg.conditioning!r}, not 'iconface'"),
+        (r.reference_masks == "none", f"train.refstar.reference_masks is {r.reference_masks!r}, not 'none'"),
+        (r.reference_route == "in_context", f"train.refstar.reference_route is {r.reference_route!r}"),
+        (not r.cycle_loss, "train.refstar.cycle_loss is on"),
+    ]
+    return [why for ok, why in checks if not ok]
+
+
 def _protocol_text(cfg: AblateConfig, tcfg: TrainConfig, init: str | None) -> list[str]:
     """The paragraph that states how every row was trained."""
     common = (
@@ -171,7 +186,9 @@ def _protocol_text(cfg: AblateConfig, tcfg: TrainConfig, init: str | None) -> li
         "models/iconface.py `adapt_pathways`): what each part contributes to the trained model once the rest has had "
         f"{cfg.steps} steps to adapt, not a model trained without it. The seed systems' rows add their "
         "modules to the default (new weights start at their initialisation; RefSTAR's reference K/V "
-        "up-projections at zero) and are paired against `full` fine-tuned the same way: their new weights have "
+        "up-projections at zero) and are paired against the same fine-tune without the addition (`full`, or "
+        "the row they add to: the ensemble to `composite`, the decoupled route to the masked in-context row, "
+        "the cycle loss to the decoupled row): their new weights have "
         f"had {cfg.steps} steps, the default's {tcfg.max_steps + cfg.steps}, so a row below its baseline may be "
         "a row not trained enough rather than a worse method.",
     ]

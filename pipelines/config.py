@@ -423,6 +423,12 @@ class AblateConfig:
             raise ConfigError(f"{where}.variants: unknown {bad}; valid: {', '.join(valid)}")
         if len(set(self.variants)) != len(self.variants):
             raise ConfigError(f"{where}.variants: a row is listed twice: {list(self.variants)}")
+        table3 = [v for v in self.variants if v in VARIANT_NAMES]
+        if table3 != sorted(table3, key=VARIANT_NAMES.index):  # each is paired with the one before it
+            raise ConfigError(
+                f"{where}.variants: Table 3's variants must come in its order ({', '.join(VARIANT_NAMES)}), "
+                f"got {table3}"
+            )
         if self.protocol not in ("finetune", "scratch"):
             raise ConfigError(f"{where}.protocol: {self.protocol!r}; valid: finetune, scratch")
         if self.steps < 1:

@@ -7,8 +7,8 @@
 stage's model) and trains `ablate.steps` more steps at `ablate.lr` on the same stream, so that each row
 differs from its baseline by one change: Table 3's variants (`concat`, `+struct`, `+id`, `single_route`,
 `full`; models/iconface.py) are the default with parts removed, each paired against the previous one of
-the order; the seed systems' rows add their modules to the default and are paired against `full`
-fine-tuned the same way (pipelines.ablation.ADDON_BASELINES), with one verdict per paper claim
+the order; the seed systems' rows add their modules to the default and are paired against the same
+fine-tune without the addition (pipelines.ablation.ADDON_BASELINES), with one verdict per paper claim
 (pipelines.ablation.CLAIMS). `scratch`: every row trains from the seed with the train section's
 schedule. Every row is evaluated on the same validation batch (`train.val_preset`) and is an MLflow run
 nested under one `ablate` run. On GPUs raise `ablate.steps` (docs/results.md, "The ablation").
@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipelines.ablation import SEED002_ROWS, control_batch, protocol, report
+from pipelines.ablation import SEED002_ROWS, control_batch, finetune_problems, protocol, report
 from pipelines.embedding import load_encoders
 from pipelines.fit import SCORE, fit
 from pipelines.io import write_bytes, write_json
@@ -123,8 +123,21 @@ def main(argv: list[str] | None = None) -> None:
                 f"error: ablate.protocol finetune starts from the train stage's model: --init {args.init!r} "
                 "is not a folder (run `dvc repro train`, or set ablate.protocol: scratch)"
             )
+        if problems := finetune_problems(tcfg):
+            raise SystemExit(
+                f"error: ablate.protocol finetune needs the plain IConFace default as its base: {'; '.join(problems)} "
+                "(set ablate.protocol: scratch)"
+            )
         init = args.init
-        base = with_overrides(base, {"lr": cfg.lr, "warmup_steps": cfg.warmup_steps, "launcher": "local"})
+        base = with_overrides(
+            base,
+            {"lr": cfg.lr, "warmup_steps": cfg.warmup_steps, "lr_schedule": "cosine", "launcher": "local"},
+        )
+    elif tcfg.warmup_steps >= cfg.steps:
+        raise SystemExit(
+            f"error: ablate.protocol scratch trains {cfg.steps} steps but train.warmup_steps is "
+            f"{tcfg.warmup_steps}: no row would leave its warm-up (raise ablate.steps)"
+        )
     val = validation_batch(args.shards, base, base.max_refs)
 
     import mlflow

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models.iconface import IConFace, IConFaceConfig, build_backbone
-from models.lora import PATHWAYS_FILE, add_lora, load_shared, save_trainable
+from models.lora import LORA_FILE, PATHWAYS_FILE, add_lora, load_shared, save_trainable
 from pipelines.ablation import _verdicts, baselines
 from pipelines.config import VARIANT_NAMES
 
@@ -115,3 +115,52 @@ def test_single_route_starts_with_both_routes_queries(tmp_path):
     assert torch.equal(row.pool_base.queries, joined)
     assert torch.equal(row.pool_base.attn.in_proj_weight, full.pool_base.attn.in_proj_weight)
     assert "pool_detail.attn.in_proj_weight" in names["left_out"] and names["fresh"] == []
+    assert "pool_detail.queries" not in names["left_out"]  # used: it is the second half of the queries
+
+
+def test_a_folder_without_the_weights_the_row_trains_is_refused_by_name(tmp_path):
+    """A row whose LoRA would stay at B = 0 does not start from the trained default: refused, naming the
+    folder and the file; a LoRA of another rank is refused naming the file."""
+    save_trainable(_model("full", seed=0), tmp_path / "model")
+    (tmp_path / "model" / LORA_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"model: lacks {LORA_FILE}"):
+        load_shared(_model("full", seed=1), tmp_path / "model")
+    save_trainable(_model("full", seed=0), tmp_path / "r4")
+    torch.manual_seed(0)
+    wider = IConFace(build_backbone("tiny"), IConFaceConfig(variant="full", memory_tokens=8))
+    add_lora(wider.transformer, rank=8)
+    with pytest.raises(ValueError, match=rf"{LORA_FILE}: does not fit the model's LoRA adapter"):
+        load_shared(wider, tmp_path / "r4")
+
+
+def test_the_fine_tune_needs_the_plain_default_and_table3_in_order():
+    from pipelines.ablation import finetune_problems
+    from pipelines.config import AblateConfig, ConfigError
+    from pipelines.train_config import TrainConfig, with_overrides
+
+    assert finetune_problems(TrainConfig()) == []
+    bad = with_overrides(TrainConfig(), {"variant": "+id", "refstar.cycle_loss": True})
+    assert finetune_problems(bad) == ["train.variant is '+id', not 'full'", "train.refstar.cycle_loss is on"]
+    with pytest.raises(ConfigError, match="Table 3's variants must come in its order"):
+        AblateConfig(variants=("full", "concat")).validate("ablate")
+    AblateConfig(variants=("concat", "full", "composite")).validate("ablate")
+
+
+def test_the_knock_out_before_any_step_puts_every_mode_back():
+    """fit's as-loaded restoration runs the sampler in eval mode; training must go on in the modes the
+    module had (dropout, the frozen encoders' eval)."""
+    from pipelines.fit import _restore_as_loaded
+
+    class Module(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net, self.frozen = torch.nn.Dropout(0.1), torch.nn.Dropout(0.1).eval()
+
+        def restore(self, val, steps, guidance):
+            self.eval()
+            return torch.zeros(1)
+
+    m = Module().train()
+    m.frozen.eval()
+    _restore_as_loaded(m, None, 2, 1.0)
+    assert m.training and m.net.training and not m.frozen.training

@@ -349,6 +349,7 @@ def test_ablate_compares_the_refstar_rows(tmp_path):
         "batch_size": 4,
         "val_samples": 4,
     }
+    params["train"]["warmup_steps"] = 1  # scratch uses the train section's schedule: leave the warm-up
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {
         **os.environ,

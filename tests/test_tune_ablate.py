@@ -152,7 +152,16 @@ def test_ablate_table(tmp_path):
     # each row against its baseline; the seed system's rows carry their claim's verdict
     assert m["concat"]["paired"] is None and m["full"]["paired"]["vs"] == "concat"
     assert m["composite"]["paired"]["vs"] == "full" and m["composite_ensemble"]["paired"]["vs"] == "composite"
-    assert m["composite"]["claim"]["verdict"].startswith(("shown", "not shown"))
+    claim = m["composite"]["claim"]  # the verdict follows from its interval and the claimed direction
+    assert claim["measure"] == "ref" and claim["direction"] == "higher" and claim["n"] == 4
+    v = claim["verdict"]
+    assert v in ("shown", "not shown: no difference", "not shown: lower")
+    if v == "shown":
+        assert claim["lo"] >= 0 and claim["diff"] > 0
+    elif v.endswith("lower"):
+        assert claim["hi"] <= 0 and claim["diff"] < 0
+    else:
+        assert claim["lo"] <= 0 <= claim["hi"] or abs(claim["diff"]) <= 1e-4
     assert "claim" not in m["full"]
     # the knock-out before any step: a row restored as loaded, paired with its baseline's
     assert m["full"]["paired"]["id_gt_as_loaded"]["n"] == 4
