@@ -346,8 +346,8 @@ def _verdicts(names: list[str], base: dict, extra: dict, seed: int) -> tuple[lis
         "",
         "## The seed systems: each claim against its baseline",
         "",
-        "| row | system | claim | baseline | Δ (row − baseline) | pairs | verdict |",
-        "|---|---|---|---|---:|---:|---|",
+        "| row | system | claim | baseline | Δ (row − baseline) | pairs | verdict | measured reason |",
+        "|---|---|---|---|---:|---:|---|---|",
     ]
     out = {}
     for v in rows:
@@ -361,11 +361,35 @@ def _verdicts(names: list[str], base: dict, extra: dict, seed: int) -> tuple[lis
             else f"not shown: {d.verdict}"
         )
         diff = d.as_dict() if d.n else {"diff": None, "lo": None, "hi": None, "n": 0}
-        out[v] = {"measure": measure, "direction": direction, **diff, "verdict": verdict}
+        reason = "" if verdict == "shown" else _reason(extra[v], extra[base[v]], measure, seed)
+        out[v] = {"measure": measure, "direction": direction, **diff, "verdict": verdict, "reason": reason}
         lines.append(
-            f"| {v} | {system} | {claim} ({direction}) | {base[v]} | {d.text() if d.n else '—'} | {d.n} | {verdict} |"
+            f"| {v} | {system} | {claim} ({direction}) | {base[v]} | {d.text() if d.n else '—'} | {d.n} | "
+            f"{verdict} | {reason or '—'} |"
         )
     return lines, out
+
+
+def _reason(row: dict, base: dict, measure: str, seed: int) -> str:
+    """What the protocol measured that explains a claim not shown: for an identity claim, whether the row
+    reads its references at all (refs − blind) and whether it reads them less than its baseline (the
+    difference of the two reference effects, paired); for the copy claim, whether the baseline copies
+    anything beyond its blind output for the masks to remove."""
+    if measure == "copy":
+        c = paired_bootstrap(base["copy"], base["copy_blind"], seed=seed)
+        if c.verdict != "higher":
+            return (
+                f"the baseline copies no more than its blind output in conflict regions (copy refs − blind "
+                f"{c.text()}): nothing for the masks to remove"
+            )
+        return f"the baseline copies (copy refs − blind {c.text()}) and the masks leave it as it is"
+    own = paired_bootstrap(row["ref"], row["none"], seed=seed)
+    if own.verdict != "higher":
+        return f"the row does not read its references: refs − blind {own.text()}"
+    e = paired_bootstrap(row["ref"] - row["none"], base["ref"] - base["none"], seed=seed)
+    if e.verdict == "lower":
+        return f"it reads its references less than its baseline: refs − blind {e.text()} below the baseline's"
+    return f"its reference effect is its baseline's (refs − blind, row − baseline: {e.text()})"
 
 
 def _protocol_rows(

@@ -86,22 +86,41 @@ def test_each_claim_is_judged_in_its_papers_direction():
     rng = np.random.default_rng(0)
     n = 40
     ref = rng.normal(0.85, 0.01, n)
+    blind, copy = ref - 0.01 + rng.normal(0, 1e-3, n), np.full(n, 0.20)
     extra = {
-        "full": {"ref": ref, "copy": np.full(n, 0.30)},
+        "full": {"ref": ref, "none": blind, "copy": np.full(n, 0.30), "copy_blind": copy},
         # masks copy less in conflict regions (the claim: lower), identity unchanged
-        "refstar_in_context": {"ref": ref.copy(), "copy": np.where(np.arange(n) % 4, 0.20, np.nan)},
-        # the decoupled route: identity lower (a reversal)
-        "refstar_decoupled": {"ref": ref - 0.01, "copy": np.full(n, 0.20)},
-        # the cycle loss: identity unchanged
-        "refstar_decoupled_cycle": {"ref": ref - 0.01 + rng.normal(0, 1e-5, n), "copy": np.full(n, 0.2)},
+        "refstar_in_context": {
+            "ref": ref.copy(),
+            "none": blind,
+            "copy": np.where(np.arange(n) % 4, 0.20, np.nan),
+            "copy_blind": copy,
+        },
+        # the decoupled route: identity lower (a reversal) with blind lower by as much (same reference effect)
+        "refstar_decoupled": {"ref": ref - 0.01, "none": blind - 0.01, "copy": copy, "copy_blind": copy},
+        # the cycle loss: identity unchanged, but the references no longer read (refs = blind)
+        "refstar_decoupled_cycle": {"ref": ref - 0.01 + rng.normal(0, 1e-5, n), "none": ref - 0.01},
     }
+    extra["refstar_decoupled_cycle"] |= {"copy": copy, "copy_blind": copy}
     names = list(extra)
     lines, out = _verdicts(names, baselines(names), extra, seed=0)
     assert out["refstar_in_context"]["verdict"] == "shown" and out["refstar_in_context"]["n"] == 30
+    assert out["refstar_in_context"]["reason"] == ""
     assert out["refstar_decoupled"]["verdict"] == "not shown: lower"
+    assert out["refstar_decoupled"]["reason"].startswith("its reference effect is its baseline's")
     assert out["refstar_decoupled_cycle"]["verdict"] == "not shown: no difference"
+    assert out["refstar_decoupled_cycle"]["reason"].startswith("the row does not read its references")
     assert "full" not in out
-    assert any("RefSTAR, conflict masks" in line and "| shown |" in line for line in lines)
+    assert any("RefSTAR, conflict masks" in line and "| shown | — |" in line for line in lines)
+    # a baseline that copies nothing beyond its blind output leaves the masks nothing to remove
+    extra["full"]["copy"] = extra["refstar_in_context"]["copy"] = copy
+    _, out = _verdicts(names, baselines(names), extra, seed=0)
+    assert out["refstar_in_context"]["verdict"] == "not shown: no difference"
+    assert "nothing for the masks to remove" in out["refstar_in_context"]["reason"]
+    # a row that reads its references less than its baseline says so, with the paired difference
+    extra["refstar_decoupled"]["none"] = ref - 0.015
+    _, out = _verdicts(names, baselines(names), extra, seed=0)
+    assert out["refstar_decoupled"]["reason"].startswith("it reads its references less than its baseline")
 
 
 def test_single_route_starts_with_both_routes_queries(tmp_path):
