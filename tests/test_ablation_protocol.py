@@ -14,11 +14,11 @@ from pipelines.ablation import _verdicts, baselines
 from pipelines.config import VARIANT_NAMES
 
 
-def _model(variant: str, seed: int, lora: bool = True) -> IConFace:
+def _model(variant: str, seed: int, lora: bool = True, memory_tokens: int = 8, rank: int = 4) -> IConFace:
     torch.manual_seed(seed)
-    m = IConFace(build_backbone("tiny"), IConFaceConfig(variant=variant, memory_tokens=8))
+    m = IConFace(build_backbone("tiny"), IConFaceConfig(variant=variant, memory_tokens=memory_tokens))
     if lora:
-        add_lora(m.transformer, rank=4)
+        add_lora(m.transformer, rank=rank)
     with torch.no_grad():  # B and some pathways start at zero: make every weight something to check
         for n, p in m.named_parameters():
             if "lora_B" in n or not n.startswith("transformer."):
@@ -61,9 +61,7 @@ def test_a_row_with_new_modules_keeps_their_initialisation(tmp_path):
 
 def test_a_default_of_another_shape_is_refused_by_name(tmp_path):
     save_trainable(_model("full", seed=0), tmp_path / "model")
-    torch.manual_seed(0)
-    wide = IConFace(build_backbone("tiny"), IConFaceConfig(variant="full", memory_tokens=16))
-    add_lora(wide.transformer, rank=4)
+    wide = _model("full", seed=0, memory_tokens=16)
     with pytest.raises(ValueError, match=rf"{PATHWAYS_FILE}: pathway weights of another shape"):
         load_shared(wide, tmp_path / "model")
     with pytest.raises(FileNotFoundError, match="not a model folder written by the train stage"):
@@ -145,9 +143,7 @@ def test_a_folder_without_the_weights_the_row_trains_is_refused_by_name(tmp_path
     with pytest.raises(FileNotFoundError, match=rf"model: lacks {LORA_FILE}"):
         load_shared(_model("full", seed=1), tmp_path / "model")
     save_trainable(_model("full", seed=0), tmp_path / "r4")
-    torch.manual_seed(0)
-    wider = IConFace(build_backbone("tiny"), IConFaceConfig(variant="full", memory_tokens=8))
-    add_lora(wider.transformer, rank=8)
+    wider = _model("full", seed=0, rank=8)
     with pytest.raises(ValueError, match=rf"{LORA_FILE}: does not fit the model's LoRA adapter"):
         load_shared(wider, tmp_path / "r4")
 
