@@ -41,6 +41,7 @@ import torch
 from tqdm import tqdm
 
 from pipelines.ablation import SEED002_ROWS, control_batch, finetune_problems, protocol, report
+from pipelines.config import AblateConfig
 from pipelines.embedding import load_encoders
 from pipelines.fit import SCORE, fit
 from pipelines.io import write_bytes, write_json
@@ -102,6 +103,33 @@ def log_variant_run(variant: str, over: dict, sampler: dict, metrics: dict, timi
         )
 
 
+def protocol_base(
+    cfg: AblateConfig, tcfg: TrainConfig, base: TrainConfig, init: str | None
+) -> tuple[TrainConfig, str | None]:
+    """(every row's train config, the folder the rows start from or None) under `ablate.protocol`; a
+    fine-tune without the train stage's model or from a default that is not plain IConFace `full`, or a
+    scratch run too short to leave its warm-up, exits with the reason."""
+    if cfg.protocol == "scratch":
+        if tcfg.warmup_steps >= cfg.steps:
+            raise SystemExit(
+                f"error: ablate.protocol scratch trains {cfg.steps} steps but train.warmup_steps is "
+                f"{tcfg.warmup_steps}: no row would leave its warm-up (raise ablate.steps)"
+            )
+        return base, None
+    if not init or not Path(init).is_dir():
+        raise SystemExit(
+            f"error: ablate.protocol finetune starts from the train stage's model: --init {init!r} "
+            "is not a folder (run `dvc repro train`, or set ablate.protocol: scratch)"
+        )
+    if problems := finetune_problems(tcfg):
+        raise SystemExit(
+            f"error: ablate.protocol finetune needs the plain IConFace default as its base: {'; '.join(problems)} "
+            "(set ablate.protocol: scratch)"
+        )
+    over = {"lr": cfg.lr, "warmup_steps": cfg.warmup_steps, "lr_schedule": "cosine", "launcher": "local"}
+    return with_overrides(base, over), init
+
+
 def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__)
     for a in ("--shards", "--encoders", "--report", "--metrics"):
@@ -116,28 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     validate_shards(args.shards)
     encoders = load_encoders(ecfg, args.encoders)
     base = replace(tcfg, val_samples=cfg.val_samples, seed=cfg.seed, batch_size=cfg.batch_size, accumulate=1)
-    init = None
-    if cfg.protocol == "finetune":
-        if not args.init or not Path(args.init).is_dir():
-            raise SystemExit(
-                f"error: ablate.protocol finetune starts from the train stage's model: --init {args.init!r} "
-                "is not a folder (run `dvc repro train`, or set ablate.protocol: scratch)"
-            )
-        if problems := finetune_problems(tcfg):
-            raise SystemExit(
-                f"error: ablate.protocol finetune needs the plain IConFace default as its base: {'; '.join(problems)} "
-                "(set ablate.protocol: scratch)"
-            )
-        init = args.init
-        base = with_overrides(
-            base,
-            {"lr": cfg.lr, "warmup_steps": cfg.warmup_steps, "lr_schedule": "cosine", "launcher": "local"},
-        )
-    elif tcfg.warmup_steps >= cfg.steps:
-        raise SystemExit(
-            f"error: ablate.protocol scratch trains {cfg.steps} steps but train.warmup_steps is "
-            f"{tcfg.warmup_steps}: no row would leave its warm-up (raise ablate.steps)"
-        )
+    base, init = protocol_base(cfg, tcfg, base, args.init)
     val = validation_batch(args.shards, base, base.max_refs)
 
     import mlflow
