@@ -179,3 +179,22 @@ def test_the_knock_out_before_any_step_puts_every_mode_back():
     m.frozen.eval()
     _restore_as_loaded(m, None, 2, 1.0)
     assert m.training and m.net.training and not m.frozen.training
+
+
+def test_the_stage_refuses_a_protocol_it_cannot_run(tmp_path):
+    """stages.ablate.protocol_base: the fine-tune's overrides, or an exit naming what is wrong."""
+    from pipelines.config import AblateConfig
+    from pipelines.train_config import TrainConfig, with_overrides
+    from stages.ablate import protocol_base
+
+    tcfg, cfg = TrainConfig(), AblateConfig(steps=40, lr=3e-4, warmup_steps=5)
+    base, init = protocol_base(cfg, tcfg, tcfg, str(tmp_path))
+    assert init == str(tmp_path) and (base.lr, base.warmup_steps, base.lr_schedule) == (3e-4, 5, "cosine")
+    with pytest.raises(SystemExit, match="--init 'nowhere' is not a folder"):
+        protocol_base(cfg, tcfg, tcfg, "nowhere")
+    with pytest.raises(SystemExit, match="plain IConFace default as its base: train.variant is 'concat'"):
+        protocol_base(cfg, with_overrides(tcfg, {"variant": "concat"}), tcfg, str(tmp_path))
+    scratch = AblateConfig(protocol="scratch", steps=40)
+    assert protocol_base(scratch, with_overrides(tcfg, {"warmup_steps": 10}), tcfg, None) == (tcfg, None)
+    with pytest.raises(SystemExit, match="scratch trains 40 steps but train.warmup_steps is 50"):
+        protocol_base(scratch, with_overrides(tcfg, {"warmup_steps": 50}), tcfg, None)
