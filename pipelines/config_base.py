@@ -30,6 +30,7 @@ PRESET_NAMES = (
     "refldm_moderate",
     "refldm_severe",
     "iconface_mixed",
+    "iconface_refldm",
 )
 WEIGHT_METRICS = (
     "lpips",

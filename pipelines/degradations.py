@@ -529,6 +529,22 @@ def iconface_mixed(img_u8: np.ndarray, rng: np.random.Generator) -> tuple[np.nda
     return out, log
 
 
+def iconface_refldm(img_u8: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+    """A mild/severe training mix (ours): per sample, IConFace's mixed chain (`iconface_mixed`, p = 0.5)
+    or ReF-LDM's training degradations (`refldm_train`, p = 0.5).
+
+    `iconface_mixed` at its strongest is the published Real-ESRGAN / BSRGAN chains (at most ×4 down,
+    blur σ ≤ 3 at 512²); ReF-LDM's severe test set blurs with σ 8–16 and downsamples ×8–32, outside
+    that range. ReF-LDM's training degradations (σ 0–16, ×1–32) cover it; half the samples keep the
+    mild end, which a unified checkpoint must also serve.
+    """
+    if rng.uniform() < 0.5:
+        out, log = iconface_mixed(img_u8, rng)
+    else:
+        out, log = PRESETS["refldm_train"](img_u8, rng)
+    return out, {"preset": "iconface_refldm", "chain": log}
+
+
 PRESETS: dict[str, Preset] = {
     "realesrgan": lambda x, r: realesrgan(x, r),
     "bsrgan": lambda x, r: bsrgan(x, r),
@@ -547,6 +563,7 @@ PRESETS: dict[str, Preset] = {
         x, r, (8.0, 16.0), (8.0, 32.0), (0.0, 20.0), (30, 100), "refldm_severe"
     ),
     "iconface_mixed": iconface_mixed,
+    "iconface_refldm": iconface_refldm,
 }
 
 

@@ -90,6 +90,12 @@ def _restore_as_loaded(module, val: Batch, val_steps: int, guidance: float) -> t
     return out
 
 
+def training_degradations(cfg: TrainConfig, dcfg: DegradeConfig) -> DegradeConfig:
+    """The `degrade` settings the transformer trains on: `train.degrade_preset` in place of
+    `degrade.preset` where it is set (the front end keeps `degrade.preset`)."""
+    return dcfg if cfg.degrade_preset is None else replace(dcfg, preset=cfg.degrade_preset)
+
+
 def fit(
     cfg: TrainConfig,
     dcfg: DegradeConfig,
@@ -128,6 +134,7 @@ def fit(
     steps = cfg.max_steps if steps is None else steps
     val_steps = cfg.val_steps if val_steps is None else val_steps
     cfg = replace(cfg, max_steps=steps)
+    dcfg = training_degradations(cfg, dcfg)
     run = dict(
         report_every=report_every,
         report=report,

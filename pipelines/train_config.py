@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from pipelines.config_base import BACKBONE_NAMES, VARIANT_NAMES, ConfigError
+from pipelines.config_base import BACKBONE_NAMES, PRESET_NAMES, VARIANT_NAMES, ConfigError
 
 
 def _check_paths(obj: Any, names: tuple[str, ...], where: str) -> None:
@@ -129,6 +129,10 @@ class TrainConfig:
     # output. front_end 0 = off (the paper).
     front_end: int = 48
     front: str | None = "data/front/front.safetensors"
+    # ours: the transformer's own training degradations (a preset name); None = `degrade.preset`, the
+    # front end's. iconface_refldm: half IConFace's mild-to-moderate mix, half ReF-LDM's training range,
+    # which reaches the severe test set's blur and downscaling (pipelines.degradations.iconface_refldm)
+    degrade_preset: str | None = None
     # ours: the head also reads an aligned fusion of the references' final tokens (models.iconface,
     # "Reference readout"). auto: on where the degraded readout is (a random backbone with x0_residual);
     # off = the paper's head (klein)
@@ -227,6 +231,11 @@ class TrainConfig:
         if self.variant not in VARIANT_NAMES:
             raise ConfigError(
                 f"{where}.variant: unknown variant {self.variant!r}; valid: {', '.join(VARIANT_NAMES)}"
+            )
+        if self.degrade_preset is not None and self.degrade_preset not in PRESET_NAMES:
+            raise ConfigError(
+                f"{where}.degrade_preset: unknown preset {self.degrade_preset!r}; valid: "
+                f"{', '.join(PRESET_NAMES)} (or null: degrade.preset)"
             )
         if not 0 < self.sigma_max <= 1:
             raise ConfigError(

@@ -155,6 +155,19 @@ def test_iconface_strength_buckets():
     assert p["chain"]["preset"] in ("realesrgan", "bsrgan") and 0 <= p["strength"] <= 16
 
 
+def test_iconface_refldm_mixes_the_mild_chain_and_refldm_train_half_and_half():
+    img = np.asarray(rgb(5))
+    drawn = [D.degrade(img, "iconface_refldm", 0, f"k{i}", 0) for i in range(200)]
+    chains = [d.params["chain"]["preset"] for d in drawn]
+    assert set(chains) == {"iconface_mixed", "refldm_train"}
+    assert 0.4 < chains.count("refldm_train") / len(chains) < 0.6
+    again = D.degrade(img, "iconface_refldm", 0, "k7", 0)  # seed + key decide the draw
+    assert np.array_equal(again.image, drawn[7].image) and again.params == drawn[7].params
+    # the ReF-LDM half reaches the severe test set's downscaling (×8–32), which iconface_mixed never draws
+    down = [d.params["chain"]["down"] for d in drawn if d.params["chain"]["preset"] == "refldm_train"]
+    assert max(down) > 8
+
+
 def test_unknown_preset():
     with pytest.raises(ValueError, match="valid: realesrgan"):
         D.get_preset("gfpgan")

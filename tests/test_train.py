@@ -29,11 +29,25 @@ from pipelines.network import build_network
         ({"max_refs": 4, "ref_schedule": [0.2, 0.2, 0.2, 0.2, 0.2]}, "the model accepts 0-3 references"),
         ({"batch_size": 3, "devices": 2}, "batch_size 3 is not divisible by 2 ranks"),
         ({"backbone": "klein_base_4b"}, "klein_base_4b needs weights, vae and prompt_cache"),
+        (
+            {"degrade_preset": "refldm_hard"},
+            "degrade_preset: unknown preset 'refldm_hard'; valid: realesrgan",
+        ),
     ],
 )
 def test_bad_configuration_fails_with_what_to_change(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         build(TrainConfig, override, "train")
+
+
+def test_the_transformer_trains_on_its_own_degradations_where_set():
+    from pipelines.config import DegradeConfig
+    from pipelines.fit import training_degradations
+
+    dcfg = DegradeConfig(preset="iconface_mixed", seed=3)
+    assert training_degradations(build(TrainConfig, {}, "train"), dcfg) is dcfg  # null: the front end's
+    own = training_degradations(build(TrainConfig, {"degrade_preset": "iconface_refldm"}, "train"), dcfg)
+    assert own == DegradeConfig(preset="iconface_refldm", seed=3)
 
 
 @pytest.mark.parametrize("prediction,readout", [("x0_residual", True), ("velocity", False)])
