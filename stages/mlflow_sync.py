@@ -27,7 +27,6 @@ It writes no file: a second `dvc repro` reports this one stage and "in sync", no
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 from pipelines.config import flat_dict
@@ -174,9 +173,10 @@ def sync_register(client, exp_id, cfg, root: Path) -> str:
         client.set_model_version_tag(name, version, "restored_from", "dvc outputs")
         if evaluation.is_file():
             from pipelines.registry import flatten
+            from stages.register import evaluation_tag
 
             flat = flatten(read_json(evaluation))
-            client.set_model_version_tag(name, version, "evaluation", json.dumps(flat, sort_keys=True)[:5000])
+            client.set_model_version_tag(name, version, "evaluation", evaluation_tag(flat))
         done.append(f"registered version {version} (committed as version {reg['version']})")
     version = str(mv.version)
 

@@ -35,18 +35,51 @@ ROOT = Path(__file__).resolve().parents[1]
 CODE_PATHS = [str(ROOT / "pipelines"), str(ROOT / "models")]
 
 
-def champion_targets(client, mv) -> dict | None:
-    """The champion's per-target values (the `per_target.json` its register run logged), or None."""
+TAG_LIMIT = 5000  # MLflow's longest tag value
+
+
+def logged_json(client, mv, name: str) -> dict | None:
+    """A JSON file the register run of model version `mv` logged (`per_target.json`, `evaluation.json`),
+    or None."""
     import tempfile
 
     from mlflow.exceptions import MlflowException
 
     try:
         with tempfile.TemporaryDirectory() as d:
-            path = client.download_artifacts(mv.run_id, "per_target.json", d)
+            path = client.download_artifacts(mv.run_id, name, d)
             return json.loads(Path(path).read_text())
     except (MlflowException, OSError):
         return None
+
+
+def champion_targets(client, mv) -> dict | None:
+    """The champion's per-target values (the `per_target.json` its register run logged), or None."""
+    return logged_json(client, mv, "per_target.json")
+
+
+def champion_metrics(client, mv) -> dict | None:
+    """The champion's flat evaluation metrics: the `evaluation.json` its register run logged. The
+    `evaluation` tag holds only what fits MLflow's tag limit (`evaluation_tag`); it is read only for a
+    version whose run logged no file."""
+    evaluation = logged_json(client, mv, "evaluation.json")
+    if evaluation is not None:
+        return flatten(evaluation)
+    try:
+        return json.loads(mv.tags.get("evaluation", "{}")) or None
+    except json.JSONDecodeError:  # a tag cut at the limit by an earlier version of this stage
+        return None
+
+
+def evaluation_tag(flat: dict) -> str:
+    """The `evaluation` tag: the flat metrics in sorted order, as many whole entries as fit MLflow's
+    tag limit (always valid JSON; the full set is the run's evaluation.json)."""
+    kept: dict = {}
+    for k in sorted(flat):
+        if len(json.dumps({**kept, k: flat[k]}, sort_keys=True)) > TAG_LIMIT:
+            break
+        kept[k] = flat[k]
+    return json.dumps(kept, sort_keys=True)
 
 
 def champion_evidence(client, name: str, champ, targets, gate: Gate, cfgs: dict, args) -> tuple:
@@ -55,7 +88,7 @@ def champion_evidence(client, name: str, champ, targets, gate: Gate, cfgs: dict,
     challenger's (pipelines.champion; cached per bundle and targets)."""
     if champ is None:
         return None, None, None
-    metrics = json.loads(champ.tags.get("evaluation", "{}")) or None
+    metrics = champion_metrics(client, champ)
     own = champion_targets(client, champ)
     sets = gate_sets(gate)
     if targets is None or same_targets(targets, own, sets):
@@ -199,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         version = (
             str(existing.version) if existing is not None else log_model_version(bundle, name, CODE_PATHS)
         )
-        client.set_model_version_tag(name, version, "evaluation", json.dumps(flat, sort_keys=True)[:5000])
+        client.set_model_version_tag(name, version, "evaluation", evaluation_tag(flat))
         client.set_registered_model_alias(name, "challenger", version)
 
         champ, promote, reasons = gate_challenger(client, name, version, flat, targets, gate, cfgs, args)
