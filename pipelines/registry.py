@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 from dataclasses import dataclass, field
 
@@ -216,6 +217,22 @@ def lookup(metrics: dict, name: str) -> float | None:
     s, row, m = name.split("/")
     v = metrics.get("sets", {}).get(s, {}).get(row, {}).get(m)
     return None if v is None else float(v)
+
+
+TAG_LIMIT = 5000  # MLflow's longest tag value
+
+
+def evaluation_tag(flat: dict) -> str:
+    """A model version's `evaluation` tag: the flat metrics in sorted order, as many whole entries as fit
+    MLflow's tag limit (always valid JSON; the full set is the register run's evaluation.json)."""
+    kept: dict = {}
+    size = 2  # the braces
+    for k in sorted(flat):
+        entry = len(json.dumps({k: flat[k]})) - 2 + (2 if kept else 0)  # ", " between entries
+        if size + entry > TAG_LIMIT:
+            break
+        kept[k], size = flat[k], size + entry
+    return json.dumps(kept, sort_keys=True)
 
 
 def flatten(metrics: dict) -> dict[str, float]:

@@ -172,8 +172,7 @@ def sync_register(client, exp_id, cfg, root: Path) -> str:
         client.set_model_version_tag(name, version, "gate_decision", reg["decision"])
         client.set_model_version_tag(name, version, "restored_from", "dvc outputs")
         if evaluation.is_file():
-            from pipelines.registry import flatten
-            from stages.register import evaluation_tag
+            from pipelines.registry import evaluation_tag, flatten
 
             flat = flatten(read_json(evaluation))
             client.set_model_version_tag(name, version, "evaluation", evaluation_tag(flat))

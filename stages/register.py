@@ -23,7 +23,16 @@ from typing import TYPE_CHECKING
 
 from pipelines.champion import champion_on_targets, same_targets
 from pipelines.io import read_json, write_bytes, write_json
-from pipelines.registry import Gate, blocking, bundle_sha, decide, find_version, flatten, log_model_version
+from pipelines.registry import (
+    Gate,
+    blocking,
+    bundle_sha,
+    decide,
+    evaluation_tag,
+    find_version,
+    flatten,
+    log_model_version,
+)
 from pipelines.tracking import mark_run, registry_uri, tracking_uri
 from stages._common import load_params, parser, setup_logging
 
@@ -33,9 +42,6 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parents[1]
 CODE_PATHS = [str(ROOT / "pipelines"), str(ROOT / "models")]
-
-
-TAG_LIMIT = 5000  # MLflow's longest tag value
 
 
 def logged_json(client, mv, name: str) -> dict | None:
@@ -69,17 +75,6 @@ def champion_metrics(client, mv) -> dict | None:
         return json.loads(mv.tags.get("evaluation", "{}")) or None
     except json.JSONDecodeError:  # a tag cut at the limit by an earlier version of this stage
         return None
-
-
-def evaluation_tag(flat: dict) -> str:
-    """The `evaluation` tag: the flat metrics in sorted order, as many whole entries as fit MLflow's
-    tag limit (always valid JSON; the full set is the run's evaluation.json)."""
-    kept: dict = {}
-    for k in sorted(flat):
-        if len(json.dumps({**kept, k: flat[k]}, sort_keys=True)) > TAG_LIMIT:
-            break
-        kept[k] = flat[k]
-    return json.dumps(kept, sort_keys=True)
 
 
 def champion_evidence(client, name: str, champ, targets, gate: Gate, cfgs: dict, args) -> tuple:

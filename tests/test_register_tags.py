@@ -3,8 +3,8 @@ champion's metrics from the evaluation.json its run logged, and its tag is alway
 
 import json
 
-from pipelines.registry import flatten
-from stages.register import TAG_LIMIT, champion_metrics, evaluation_tag
+from pipelines.registry import TAG_LIMIT, evaluation_tag, flatten
+from stages.register import champion_metrics
 
 
 def big_evaluation() -> dict:
