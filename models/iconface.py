@@ -41,6 +41,11 @@ output equals the stock diffusers forward exactly.
   (identity traits) and what not (the reference's pose, expression, lighting). Padded and RefSTAR-masked
   reference tokens contribute nothing; without references Δ = 0. A pretrained FLUX.2 attends across
   its in-context tokens: klein keeps the paper's head.
+* **Degradation embedding** (ours; `train.degradation_embed`, off by default): the timestep embedding,
+  and so every block's modulation and the output norm, also reads the degraded input's log-sharpness
+  (`DegradationEmbedding`, zero-initialised; the statistic is the reference gate's,
+  pipelines.reference_gate), so one checkpoint can learn to lean on the references for a blurred photo
+  and to leave a sharp one as it is.
 * **Degradation-removal front end** (ours, `FrontEnd`; DiffBIR's stage 1): a small residual CNN
   trained beforehand by L2 (stage `train_front`), frozen; the model conditions on its output.
 * **Composite conditioning** (`IConFaceConfig.conditioning = "composite"`, seed 002, models.composite):
@@ -61,6 +66,7 @@ from types import MethodType
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from diffusers import Flux2Transformer2DModel
 from torch import nn
 
@@ -207,6 +213,9 @@ class IConFaceConfig:
     reference_route: str = "in_context"
     decoupled_scale: float = 1.0
     decoupled_rank: int = 16
+    # ours: the modulation also reads the degraded input's sharpness (DegradationEmbedding), so that one
+    # model can act differently on mildly and severely degraded photos; False = the paper
+    degradation_embed: bool = False
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -246,6 +255,9 @@ class Conditioning:
     ref_tokens: torch.Tensor | None = None
     # (B,) weight of the reference readout's Δ per sample (pipelines.reference_gate); None = 1
     ref_scale: torch.Tensor | None = None
+    # (B,) log of the degraded input's sharpness (pipelines.reference_gate.sharpness_tensor), read by the
+    # degradation embedding where the model has one (IConFaceConfig.degradation_embed); None otherwise
+    degradation: torch.Tensor | None = None
     # (reference slots in use, every one of them real in every sample), read from ref_mask once by
     # `with_layout` so that a sampling loop asks the device nothing per step; None = read per forward
     layout: tuple[int, bool] | None = None
@@ -269,6 +281,24 @@ def stack_conditionings(a: Conditioning, b: Conditioning) -> Conditioning:
             raise ValueError(f"stack_conditionings: {f.name} is set in one branch only")
         out[f.name] = None if x is None else torch.cat([x, y], 0)
     return with_layout(Conditioning(**out))
+
+
+class DegradationEmbedding(nn.Module):
+    """The modulation's offset from the degraded input's log-sharpness ℓ (B,) (ours): sinusoidal
+    features of ℓ at `n` frequencies, then a two-layer MLP to the timestep embedding's width, added to
+    it. Its last layer starts at zero, so at initialisation the model is the one without it."""
+
+    def __init__(self, dim: int, n: int = 8):
+        super().__init__()
+        self.register_buffer("freqs", 2.0 ** torch.arange(n, dtype=torch.float32) / 4, persistent=False)
+        self.inp = nn.Linear(2 * n, dim)
+        self.out = nn.Linear(dim, dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, log_s: torch.Tensor) -> torch.Tensor:
+        x = log_s.view(-1, 1) * self.freqs.to(log_s)
+        return self.out(F.silu(self.inp(torch.cat([torch.sin(x), torch.cos(x)], -1))))
 
 
 class IConFace(nn.Module):
@@ -303,6 +333,7 @@ class IConFace(nn.Module):
         self.identity = IdentityPathway(cfg.id_dim, dim) if self.parts["identity"] else None
         self.front = FrontEnd(cfg.front_end) if cfg.front_end else None
         self.ref_fuse = ReferenceReadout(dim) if cfg.ref_readout else None
+        self.deg_embed = DegradationEmbedding(dim) if cfg.degradation_embed else None
         if self.parts["memory"]:
             if self.parts["two_routes"]:
                 self.pool_base = QueryPooler(dim, cfg.memory_tokens // 2, cfg.memory_heads)
@@ -442,6 +473,13 @@ class IConFace(nn.Module):
         tr = self.transformer
         timestep = sigma.to(x.dtype) * 1000
         temb = tr.time_guidance_embed(timestep, None)  # (B, D)
+        if self.deg_embed is not None:
+            if cond.degradation is None:
+                raise ValueError(
+                    "this model reads the degraded input's sharpness (degradation_embed): "
+                    "Conditioning.degradation is missing"
+                )
+            temb = temb + self.deg_embed(cond.degradation.to(temb))
         mod_img = tr.double_stream_modulation_img(temb)  # (B, 6D)
         mod_txt = tr.double_stream_modulation_txt(temb)  # (B, 6D)
         mod_single = tr.single_stream_modulation(temb)  # (B, 3D)

@@ -38,6 +38,7 @@ from models.pathways import identity_anchor
 from models.sampler import sample
 from pipelines.batches import Batch
 from pipelines.config import TrainConfig
+from pipelines.reference_gate import sharpness_tensor
 from pipelines.refstar import RefstarSettings, add_cycle
 
 
@@ -274,6 +275,9 @@ class IConFaceModule(L.LightningModule):
         )
         with torch.no_grad():
             z_deg = self.identity(lq)
+        degradation = None
+        if self.net.cfg.degradation_embed:  # the raw input's log-sharpness, before the front end cleans it
+            degradation = sharpness_tensor(batch["lq"]).clamp_min(1e-3).log()
         tokens = None
         if r and "ref_consistent" in batch:  # RefSTAR: conflict-region reference tokens leave the attention
             from models.refstar import token_keep
@@ -291,6 +295,7 @@ class IConFaceModule(L.LightningModule):
             ref_images=batch["refs"],  # read by the composite context's general encoder only
             ref_tokens=tokens,
             ref_scale=batch.get("ref_scale"),  # the reference gate's α (pipelines.reference_gate), if any
+            degradation=degradation,
         )
 
     def predict(

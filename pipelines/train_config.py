@@ -137,6 +137,9 @@ class TrainConfig:
     # "Reference readout"). auto: on where the degraded readout is (a random backbone with x0_residual);
     # off = the paper's head (klein)
     reference_readout: Literal["auto", "on", "off"] = "auto"
+    # ours: the modulation also reads the degraded input's log-sharpness (models.iconface, "Degradation
+    # embedding"), so one checkpoint can treat mild and severe inputs apart; false = the paper
+    degradation_embed: bool = False
     # velocity = the recipe (û from the network). x0_residual: the network predicts the clean latent as
     # a residual over the degraded one, ẑ0 = z_deg + f(·), û = (z_σ − ẑ0)/σ, and L_fm is taken in ẑ0
     # space (= σ²·‖û − u*‖²): a from-scratch CPU model starts at the degraded image instead of at noise.

@@ -158,8 +158,9 @@ def write_encoders(folder: Path) -> Path:
     return folder
 
 
-def write_tiny_bundle(tmp: Path) -> Path:
-    """A tiny restorer bundle (tiny backbone, 32 px, random pathways) written as `evaluate` writes one."""
+def write_tiny_bundle(tmp: Path, **train_overrides) -> Path:
+    """A tiny restorer bundle (tiny backbone, 32 px, random pathways) written as `evaluate` writes one;
+    `train_overrides`: train config keys on top of the tiny one."""
     import torch
 
     from models.lora import save_trainable
@@ -169,7 +170,7 @@ def write_tiny_bundle(tmp: Path) -> Path:
 
     enc = write_encoders(tmp / "encoders")
     train = {"backbone": "tiny", "pixel_patch": 4, "memory_tokens": 8, "train_backbone": True}
-    cfg = build(TrainConfig, {**train, "front_end": 0, "front": None}, "train")
+    cfg = build(TrainConfig, {**train, "front_end": 0, "front": None, **train_overrides}, "train")
     net, _, _ = build_network(cfg, 512)
     torch.manual_seed(0)
     with torch.no_grad():

@@ -315,3 +315,28 @@ def test_every_safetensors_write_is_byte_reproducible(tmp_path):
     meta = json.loads(raw[8 : 8 + n])["__metadata__"]
     assert list(meta) == sorted(meta) == ["format", "width"]
     load_front(FrontEnd(width=8), tmp_path / "front.safetensors")  # still a valid file
+
+
+def test_the_degradation_embedding_starts_as_the_model_without_it_and_is_trained():
+    m = IConFace(
+        _model("full", lora=True, ref_readout=True).transformer,
+        IConFaceConfig(variant="full", memory_tokens=8, ref_readout=True, degradation_embed=True),
+    )
+    base = IConFace(m.transformer, IConFaceConfig(variant="full", memory_tokens=8, ref_readout=True))
+    base.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("deg_embed.")})
+    _perturb(base)
+    m.load_state_dict(base.state_dict(), strict=False)
+    c = _cond(2)
+    scene, sigma = torch.randn(B, C, H, W), torch.tensor([0.2, 0.9])
+    with pytest.raises(ValueError, match="Conditioning.degradation is missing"):
+        m(scene, sigma, c)
+    c.degradation = torch.log(torch.tensor([3.0, 30.0]))  # a blurred and a sharp input
+    with torch.no_grad():
+        assert torch.equal(m(scene, sigma, c), base(scene, sigma, c))  # zero-initialised
+    m(scene, sigma, c).square().mean().backward()
+    assert m.deg_embed.out.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        m.deg_embed.out.weight.normal_(0, 0.05)
+        swapped = Conditioning(**{**c.__dict__, "degradation": c.degradation.flip(0)})
+        a, b = m(scene, sigma, c), m(scene, sigma, swapped)
+    assert not torch.allclose(a, b)  # the same inputs, told apart by their sharpness only

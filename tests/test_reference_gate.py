@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.reference_gate import ReferenceGate, fit, sharpness, write_gate
+from pipelines.reference_gate import ReferenceGate, fit, sharpness, sharpness_tensor, write_gate
 
 
 def _images():
@@ -27,6 +27,14 @@ def test_sharpness_is_the_mean_absolute_laplacian():
     assert s[0] == 0 and 0 < s[1] < s[2]
     # a checkerboard of 0/255: every interior pixel's 4-neighbour Laplacian is 4·255 in magnitude
     assert s[2] > 0.8 * 4 * 255
+
+
+def test_the_torch_sharpness_is_the_opencv_one():
+    rng = np.random.default_rng(0)
+    noisy = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(3)]
+    images = _images() + noisy
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    np.testing.assert_allclose(sharpness_tensor(x).double().numpy(), sharpness(images), atol=5e-3, rtol=1e-4)
 
 
 def test_alpha_by_definition():
@@ -235,3 +243,22 @@ def test_the_gates_own_effect_is_a_paired_row_apart_from_the_blind_comparisons()
     text = markdown(results, {"severe": paired}, {}, "m", 0)
     assert "The gate's own effect" in text and "| 1 reference | +0.0110" in text
     assert f"| {GATED_VS_OPEN} |" not in text  # not listed among the differences to the blind mode
+
+
+def test_a_bundle_with_the_degradation_embedding_restores_by_its_inputs_sharpness(tmp_path):
+    """train.degradation_embed through the product's path: the bundle is built from its train config,
+    the module computes each input's log-sharpness (sharpness_tensor) and the model reads it."""
+    from conftest import write_tiny_bundle
+
+    from pipelines.restorer import Restorer
+
+    r = Restorer(write_tiny_bundle(tmp_path, degradation_embed=True))
+    emb = r.module.net.deg_embed
+    assert emb is not None
+    flat, _, board = _images()
+    lq = [flat, board]
+    before = r.restore_batch(lq, [[], []])
+    with torch.no_grad():
+        emb.out.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(1))
+    after = r.restore_batch(lq, [[], []])
+    assert not np.array_equal(before, after)  # the embedding reaches the output
