@@ -255,7 +255,7 @@ class Conditioning:
     ref_tokens: torch.Tensor | None = None
     # (B,) weight of the reference readout's Δ per sample (pipelines.reference_gate); None = 1
     ref_scale: torch.Tensor | None = None
-    # (B,) log of the degraded input's sharpness (pipelines.reference_gate.sharpness_tensor), read by the
+    # (B,) log of the degraded input's sharpness (sharpness_tensor), read by the
     # degradation embedding where the model has one (IConFaceConfig.degradation_embed); None otherwise
     degradation: torch.Tensor | None = None
     # (reference slots in use, every one of them real in every sample), read from ref_mask once by
@@ -281,6 +281,18 @@ def stack_conditionings(a: Conditioning, b: Conditioning) -> Conditioning:
             raise ValueError(f"stack_conditionings: {f.name} is set in one branch only")
         out[f.name] = None if x is None else torch.cat([x, y], 0)
     return with_layout(Conditioning(**out))
+
+
+def sharpness_tensor(x: torch.Tensor) -> torch.Tensor:
+    """(B,) `pipelines.reference_gate.sharpness` of a batch (B, 3, H, W) in [-1, 1] as the model
+    receives it, in torch (on its device, no gradient): the images rounded to uint8 levels, grey by ITU-R BT.601 rounded as OpenCV
+    rounds it, the 4-neighbour Laplacian with reflected borders (OpenCV's default). It agrees with
+    that function on the same uint8 images to about 1e-3 (OpenCV's fixed-point grey conversion)."""
+    with torch.no_grad():
+        u8 = ((x.float() + 1) * 127.5).round().clamp(0, 255)
+        grey = (0.299 * u8[:, 0] + 0.587 * u8[:, 1] + 0.114 * u8[:, 2]).round().unsqueeze(1)
+        k = grey.new_tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
+        return F.conv2d(F.pad(grey, (1, 1, 1, 1), mode="reflect"), k).abs().mean((1, 2, 3))
 
 
 class DegradationEmbedding(nn.Module):

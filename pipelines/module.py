@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from models.codecs import LatentCodec
 from models.guidance import apply_cfg_drops, draw_cfg_drops
-from models.iconface import Conditioning, IConFace
+from models.iconface import Conditioning, IConFace, sharpness_tensor
 from models.id_encoder import IRBackbone, raw_embedding
 from models.losses import (
     LossWeights,
@@ -38,7 +38,6 @@ from models.pathways import identity_anchor
 from models.sampler import sample
 from pipelines.batches import Batch
 from pipelines.config import TrainConfig
-from pipelines.reference_gate import sharpness_tensor
 from pipelines.refstar import RefstarSettings, add_cycle
 
 

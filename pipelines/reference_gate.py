@@ -28,8 +28,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from pipelines.degradations import get_preset
 from pipelines.evaluation import cosine, embed
@@ -60,24 +58,13 @@ class ReferenceGate:
 
 
 def sharpness(images: list[np.ndarray]) -> np.ndarray:
-    """(B,) mean |Laplacian| of each uint8 RGB image's grey version (lower: blurrier)."""
+    """(B,) mean |Laplacian| of each uint8 RGB image's grey version (lower: blurrier). The model's
+    degradation embedding computes the same statistic in torch (models.iconface.sharpness_tensor)."""
     out = []
     for x in images:
         grey = cv2.cvtColor(np.ascontiguousarray(x), cv2.COLOR_RGB2GRAY).astype(np.float64)
         out.append(np.abs(cv2.Laplacian(grey, cv2.CV_64F)).mean())
     return np.array(out, np.float64)
-
-
-def sharpness_tensor(x: torch.Tensor) -> torch.Tensor:
-    """(B,) `sharpness` of a batch (B, 3, H, W) in [-1, 1] as the model receives it, in torch (on its
-    device, no gradient): the images rounded to uint8 levels, grey by ITU-R BT.601 rounded as OpenCV
-    rounds it, the 4-neighbour Laplacian with reflected borders (OpenCV's default). It agrees with
-    `sharpness` of the same uint8 images to about 1e-3 (OpenCV's fixed-point grey conversion)."""
-    with torch.no_grad():
-        u8 = ((x.float() + 1) * 127.5).round().clamp(0, 255)
-        grey = (0.299 * u8[:, 0] + 0.587 * u8[:, 1] + 0.114 * u8[:, 2]).round().unsqueeze(1)
-        k = grey.new_tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
-        return F.conv2d(F.pad(grey, (1, 1, 1, 1), mode="reflect"), k).abs().mean((1, 2, 3))
 
 
 def fit(s: dict[str, np.ndarray], delta: dict[str, np.ndarray]) -> tuple[ReferenceGate | None, dict]:

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.reference_gate import ReferenceGate, fit, sharpness, sharpness_tensor, write_gate
+from models.iconface import sharpness_tensor
+from pipelines.reference_gate import ReferenceGate, fit, sharpness, write_gate
 
 
 def _images():
