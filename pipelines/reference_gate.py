@@ -14,10 +14,17 @@ tokens still take part in the attention.
 `calibrate` fits the two constants on the validation split, never on the evaluation targets. Each
 evaluation preset degrades the validation targets (sample i with default_rng(seed + i)); each target is
 restored blind and with its first reference (gate open), and δ_i = cos(out_1ref, gt) − cos(out_blind, gt)
-is measured with the model's own (primary) identity encoder. A least-squares line δ ≈ a + b·log s over all
-presets gives s_sharp = exp(−a/b), where the fitted δ crosses zero (references expected to help below
-it; b < 0), and s_blurred = the lowest per-preset median of s. A fit with b ≥ 0 finds no sharpness where
-references stop helping: there is no gate (α = 1).
+is measured with the model's own (primary) identity encoder. s_blurred is the lowest per-preset median of
+s. s_sharp is the threshold whose gate gives the validation targets the largest total gain, Σ_i α(s_i)·δ_i
+(α taken as scaling the gain), searched over s_blurred and every validation s above it; a tie keeps the
+lower (the stricter gate). If the references' full weight gains at least as much, there is no gate
+(α = 1); if no threshold gains anything, the gate is shut (s_sharp = s_blurred = 0: α = 0 on every input).
+
+A least-squares line δ ≈ a + b·log s over all presets is recorded beside the gate (its slope is in the
+report). The first version of the gate took s_sharp where that line crosses zero; with two evaluation
+presets the line only joins two clusters, and its crossing can lie where no validation target says the
+references help (docs/results.md: it opened the gate on the sharpest moderate inputs of a model that
+reads its input's sharpness).
 """
 
 from __future__ import annotations
@@ -43,9 +50,12 @@ class ReferenceGate:
 
     def alpha(self, images: list[np.ndarray]) -> np.ndarray:
         """(B,) float32 weights of the reference readout for uint8 RGB images at the model's resolution."""
-        s = sharpness(images)
+        return self.alpha_of(sharpness(images)).astype(np.float32)
+
+    def alpha_of(self, s: np.ndarray) -> np.ndarray:
+        """α of sharpness values `s` (float64)."""
         span = max(self.sharp - self.blurred, 1e-6)
-        return np.clip((self.sharp - s) / span, 0.0, 1.0).astype(np.float32)
+        return np.clip((self.sharp - np.asarray(s, np.float64)) / span, 0.0, 1.0)
 
     def as_dict(self) -> dict:
         return {"statistic": "sharpness", **asdict(self)}
@@ -69,18 +79,32 @@ def sharpness(images: list[np.ndarray]) -> np.ndarray:
 
 def fit(s: dict[str, np.ndarray], delta: dict[str, np.ndarray]) -> tuple[ReferenceGate | None, dict]:
     """The gate from per-preset sharpness `s` and reference gains `delta` (module docstring), None when
-    it stays open, and the fit's record (slope, intercept)."""
-    x = np.log(np.maximum(np.concatenate([s[k] for k in sorted(s)]), 1e-6))
-    y = np.concatenate([delta[k] for k in sorted(s)])
-    if len(x) < 2 or np.ptp(x) == 0:  # nothing to fit a line to: references keep their full weight
-        return None, {"slope_per_log_s": None, "intercept": None}
-    slope, intercept = (float(v) for v in np.polyfit(x, y, 1))
-    record = {"slope_per_log_s": slope, "intercept": intercept}
-    if slope >= 0:
+    it stays open, and the fit's record (the line's slope and intercept, the validation's total gain
+    with the gate and with the references at full weight)."""
+    keys = sorted(s)
+    sv = np.concatenate([s[k] for k in keys]).astype(np.float64)
+    dv = np.concatenate([delta[k] for k in keys]).astype(np.float64)
+    x = np.log(np.maximum(sv, 1e-6))
+    record: dict = {"slope_per_log_s": None, "intercept": None, "gain_gated": None, "gain_open": None}
+    if len(sv) == 0:
         return None, record
-    sharp = float(np.exp(-intercept / slope))
-    blurred = min(min(float(np.median(s[k])) for k in s), sharp)  # a step at s_sharp if it lies below
-    return ReferenceGate(sharp, blurred), record
+    if len(x) >= 2 and np.ptp(x) > 0:
+        slope, intercept = (float(v) for v in np.polyfit(x, dv, 1))
+        record.update(slope_per_log_s=slope, intercept=intercept)
+    blurred = min(float(np.median(s[k])) for k in keys)
+    best_t, best_gain = None, 0.0
+    for t in np.unique(np.concatenate([[blurred], sv[sv > blurred]])):  # ascending: a tie keeps the lower
+        gain = float((ReferenceGate(float(t), blurred).alpha_of(sv) * dv).sum())
+        if gain > best_gain:
+            best_t, best_gain = float(t), gain
+    open_gain = float(dv.sum())
+    record.update(gain_gated=round(best_gain, 6), gain_open=round(open_gain, 6))
+    if open_gain >= best_gain and open_gain > 0:  # full weight gains as much: no gate
+        record["gain_gated"] = round(open_gain, 6)
+        return None, record
+    if best_t is None:  # no threshold gains anything: the references are shut out
+        return ReferenceGate(0.0, 0.0), record
+    return ReferenceGate(best_t, blurred), record
 
 
 def validation_samples(shards: str, preset: str, seed: int, limit: int) -> list[dict]:
@@ -124,6 +148,8 @@ def calibrate(
             return None, {
                 "slope_per_log_s": None,
                 "intercept": None,
+                "gain_gated": None,
+                "gain_open": None,
                 "sets": {},
                 "gate": None,
                 "reason": reason,

@@ -197,6 +197,7 @@ class Restorer:
         if train.get("prompt_cache") and not Path(train["prompt_cache"]).is_absolute():
             train["prompt_cache"] = str(bundle / train["prompt_cache"])
         train.setdefault("reference_readout", "off")  # bundles written before it existed have none
+        train.setdefault("degradation_embed", False)  # nor this
         self.cfg = build(TrainConfig, train, "train")
         if threads:
             torch.set_num_threads(threads)

@@ -124,16 +124,26 @@ def gate_lines(gate: dict) -> list[str]:
         for k, v in gate["sets"].items()
     )
     if g["sharp"] is None:
-        what = "the fit found no sharpness above which references stop helping: no gate (α = 1)"
+        what = "full weight gains the validation targets at least as much as any gate: no gate (α = 1)"
+    elif g["sharp"] == 0:
+        what = "no threshold gains the validation targets anything: the gate is shut (α = 0)"
     else:
         what = f"s_sharp = {g['sharp']:.3f}, s_blurred = {g['blurred']:.3f}"
+    totals = ""
+    if gate.get("gain_gated") is not None:
+        totals = (
+            f"; total gain over the validation targets {gate['gain_gated']:+.3f} gated, "
+            f"{gate['gain_open']:+.3f} at full weight"
+        )
     return [
         "",
         "References are weighed by the reference gate (pipelines/reference_gate.py): the reference "
         "readout's Δ times α = clip((s_sharp − s) / (s_sharp − s_blurred), 0, 1), s = the degraded input's "
-        f"mean |Laplacian|. Fitted on the validation split ({sets}; gain = GT-ID with the primary encoder, "
-        f"1 reference − blind, gate open; slope {gate['slope_per_log_s'] or 0:+.4f} per log s): {what}. Rows "
-        "marked “gate open” are the same modes with the references at full weight.",
+        "mean |Laplacian|; s_blurred = the lowest per-set median of s, s_sharp = the threshold that gives the "
+        f"validation targets the largest total gain. Fitted on the validation split ({sets}; gain = GT-ID "
+        f"with the primary encoder, 1 reference − blind, gate open; slope {gate['slope_per_log_s'] or 0:+.4f} "
+        f"per log s{totals}): {what}. Rows marked “gate open” are the same modes with the references at "
+        "full weight.",
     ]
 
 

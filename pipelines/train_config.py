@@ -132,14 +132,14 @@ class TrainConfig:
     # ours: the transformer's own training degradations (a preset name); None = `degrade.preset`, the
     # front end's. iconface_refldm: half IConFace's mild-to-moderate mix, half ReF-LDM's training range,
     # which reaches the severe test set's blur and downscaling (pipelines.degradations.iconface_refldm)
-    degrade_preset: str | None = None
+    degrade_preset: str | None = "iconface_refldm"
     # ours: the head also reads an aligned fusion of the references' final tokens (models.iconface,
     # "Reference readout"). auto: on where the degraded readout is (a random backbone with x0_residual);
     # off = the paper's head (klein)
     reference_readout: Literal["auto", "on", "off"] = "auto"
     # ours: the modulation also reads the degraded input's log-sharpness (models.iconface, "Degradation
     # embedding"), so one checkpoint can treat mild and severe inputs apart; false = the paper
-    degradation_embed: bool = False
+    degradation_embed: bool = True
     # velocity = the recipe (û from the network). x0_residual: the network predicts the clean latent as
     # a residual over the degraded one, ẑ0 = z_deg + f(·), û = (z_σ − ẑ0)/σ, and L_fm is taken in ẑ0
     # space (= σ²·‖û − u*‖²): a from-scratch CPU model starts at the degraded image instead of at noise.

@@ -58,24 +58,67 @@ def test_round_trip_and_a_bad_record():
         ReferenceGate.from_dict({"statistic": "entropy", "sharp": 1.0, "blurred": 0.5})
 
 
-def test_fit_finds_where_the_references_stop_helping():
+def _total(gate, s, delta):
+    sv = np.concatenate([s[k] for k in sorted(s)])
+    dv = np.concatenate([delta[k] for k in sorted(s)])
+    return float((gate.alpha_of(sv) * dv).sum())
+
+
+def test_fit_takes_the_threshold_with_the_largest_validation_gain():
     rng = np.random.default_rng(0)
     s = {"mild": np.exp(rng.uniform(2.0, 3.5, 80)), "severe": np.exp(rng.uniform(0.8, 2.2, 80))}
     a, b = 0.03, -0.013  # δ = a + b·log s: references help below s = exp(a / 0.013) ≈ 10.1
-    delta = {k: a + b * np.log(v) for k, v in s.items()}
+    delta = {k: a + b * np.log(v) + rng.normal(0, 0.002, v.size) for k, v in s.items()}
     gate, rec = fit(s, delta)
-    assert gate.sharp == pytest.approx(np.exp(-a / b), rel=1e-9)
     assert gate.blurred == pytest.approx(min(np.median(v) for v in s.values()))
-    assert rec["slope_per_log_s"] == pytest.approx(b) and rec["intercept"] == pytest.approx(a)
-    # references help more on sharper inputs (or as much): no gate
-    assert fit(s, {k: 0.01 + 0.0 * v for k, v in s.items()})[0] is None
-    assert fit(s, {k: -a - b * np.log(v) for k, v in s.items()})[0] is None
-    # one point, or one sharpness: nothing to fit
-    assert fit({"x": np.array([3.0])}, {"x": np.array([0.1])})[0] is None
-    # the crossing below the severe median: a step at it
-    low = {k: -0.05 + b * np.log(v) for k, v in s.items()}
-    g2, _ = fit(s, low)
-    assert g2.blurred == g2.sharp == pytest.approx(np.exp(0.05 / b))
+    # the least-squares line is recorded beside the gate
+    assert rec["slope_per_log_s"] == pytest.approx(b, abs=2e-3) and rec["intercept"] == pytest.approx(
+        a, abs=5e-3
+    )
+    # no threshold on a fine grid (nor full weight) gains the validation targets more than the chosen one
+    best = _total(gate, s, delta)
+    assert rec["gain_gated"] == pytest.approx(best, abs=1e-6) and best > rec["gain_open"]
+    for t in np.linspace(gate.blurred, 40.0, 400):
+        assert _total(ReferenceGate(float(t), gate.blurred), s, delta) <= best + 1e-9
+    # the gate opens below where the references stop helping and closes above it
+    assert 10.1 < gate.sharp < 40.0
+
+
+def test_fit_does_not_open_where_no_target_gains():
+    """Two clusters, as two evaluation presets give: a line through them crosses zero between the
+    clusters (here at s ≈ 10), where the mildly degraded targets at s 9–11 lose. The fitted gate gains more
+    and gives those targets less than half the weight the line's gate gives them."""
+    rng = np.random.default_rng(1)
+    severe = rng.uniform(3.0, 6.0, 90)
+    mild = np.concatenate([rng.uniform(9.0, 11.0, 10), rng.uniform(15.0, 40.0, 80)])
+    s = {"mild": mild, "severe": severe}
+    delta = {"mild": np.full(mild.size, -0.02), "severe": np.full(severe.size, 0.02)}
+    gate, rec = fit(s, delta)
+    crossing = np.exp(-rec["intercept"] / rec["slope_per_log_s"])
+    assert crossing > 9.0  # the line's zero lies among the mild targets that lose
+    line = ReferenceGate(float(crossing), gate.blurred)
+    assert _total(gate, s, delta) > _total(line, s, delta)
+    assert gate.alpha_of(mild).sum() < 0.5 * line.alpha_of(mild).sum()
+    assert (gate.alpha_of(severe[severe <= gate.blurred]) == 1).all()
+
+
+def test_fit_edge_cases():
+    s = {"a": np.array([2.0, 4.0, 8.0]), "b": np.array([16.0, 32.0, 64.0])}
+    # references help everywhere: full weight gains most, no gate
+    assert fit(s, {k: np.full(3, 0.01) for k in s})[0] is None
+    # they help more on sharper inputs: no gate
+    assert fit(s, {k: 0.001 * np.log(v) for k, v in s.items()})[0] is None
+    # they hurt everywhere: the gate is shut (α = 0 on every input)
+    shut, rec = fit(s, {k: np.full(3, -0.01) for k in s})
+    assert shut == ReferenceGate(0.0, 0.0) and (shut.alpha_of(np.array([0.5, 3.0, 100.0])) == 0).all()
+    assert rec["gain_gated"] == 0.0
+    # a tie keeps the stricter gate: only the bluriest target gains, every threshold up to the next
+    # target's sharpness gains the same
+    g, _ = fit({"a": np.array([1.0, 5.0, 9.0])}, {"a": np.array([0.02, -0.01, -0.01])})
+    assert g.blurred == 5.0 and g.sharp == 5.0
+    # one point: it is the median, a step there
+    one, _ = fit({"x": np.array([3.0])}, {"x": np.array([0.1])})
+    assert one is None  # its gain is full weight's
 
 
 @pytest.fixture(scope="module")

@@ -45,8 +45,9 @@ def test_the_transformer_trains_on_its_own_degradations_where_set():
     from pipelines.fit import training_degradations
 
     dcfg = DegradeConfig(preset="iconface_mixed", seed=3)
-    assert training_degradations(build(TrainConfig, {}, "train"), dcfg) is dcfg  # null: the front end's
-    own = training_degradations(build(TrainConfig, {"degrade_preset": "iconface_refldm"}, "train"), dcfg)
+    front = build(TrainConfig, {"degrade_preset": None}, "train")
+    assert training_degradations(front, dcfg) is dcfg  # null: the front end's
+    own = training_degradations(build(TrainConfig, {}, "train"), dcfg)  # the default: the mix
     assert own == DegradeConfig(preset="iconface_refldm", seed=3)
 
 
