@@ -41,7 +41,7 @@ output equals the stock diffusers forward exactly.
   (identity traits) and what not (the reference's pose, expression, lighting). Padded and RefSTAR-masked
   reference tokens contribute nothing; without references Δ = 0. A pretrained FLUX.2 attends across
   its in-context tokens: klein keeps the paper's head.
-* **Degradation embedding** (ours; `train.degradation_embed`, off by default): the timestep embedding,
+* **Degradation embedding** (ours; `train.degradation_embed`, on in the default): the timestep embedding,
   and so every block's modulation and the output norm, also reads the degraded input's log-sharpness
   (`DegradationEmbedding`, zero-initialised; the statistic is the reference gate's,
   pipelines.reference_gate), so one checkpoint can learn to lean on the references for a blurred photo

@@ -351,6 +351,9 @@ class EvaluateConfig:
     guidance: float = 1.0
     seed: int = 42
     batch_size: int = 16
+    # the blind mode also sampled with this many steps, paired with the front end alone: how much of the
+    # transformer's gap to the front end is the sampler's trajectory (0: not restored)
+    front_probe_steps: int = 2
     copy_tau: float = 12.0
     grid_samples: int = 6
     threads: int = 2
@@ -360,6 +363,11 @@ class EvaluateConfig:
     reference_gate: GateConfig = field(default_factory=GateConfig)
 
     def validate(self, where: str) -> None:
+        if self.front_probe_steps < 0 or self.front_probe_steps >= self.steps:
+            raise ConfigError(
+                f"{where}.front_probe_steps: {self.front_probe_steps}; expected 0 (off) or fewer than steps "
+                f"({self.steps})"
+            )
         bad = [m for m in self.modes if not 0 <= m <= 3]
         if bad or not self.modes:
             raise ConfigError(f"{where}.modes: reference counts must lie in 0..3, got {list(self.modes)}")

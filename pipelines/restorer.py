@@ -370,12 +370,17 @@ class Restorer:
         return to_uint8(out)
 
     def restore_in_batches(
-        self, lq: list[np.ndarray], refs: list[list[np.ndarray]], batch_size: int, gate: bool | None = None
+        self,
+        lq: list[np.ndarray],
+        refs: list[list[np.ndarray]],
+        batch_size: int,
+        gate: bool | None = None,
+        steps: int | None = None,
     ) -> np.ndarray:
         """`restore_batch` over chunks of `batch_size` images (the same outputs: every image is sampled
         with its own noise), concatenated; what evaluation and the gate's calibration restore with."""
         parts = [
-            self.restore_batch(lq[i : i + batch_size], refs[i : i + batch_size], gate=gate)
+            self.restore_batch(lq[i : i + batch_size], refs[i : i + batch_size], gate=gate, steps=steps)
             for i in range(0, len(lq), batch_size)
         ]
         return np.concatenate(parts)

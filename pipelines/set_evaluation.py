@@ -32,6 +32,8 @@ CONTROL = "{k} reference{s} of another person"
 GATE_OPEN = "{mode} - gate open"  # a mode restored with the reference gate open (full weight)
 GATED_VS_OPEN = "gated vs gate open"  # paired's entry: {mode: {metric: difference}}, the gate's effect
 FRONT = "front end alone"  # ours: the stage-1 output (names must be valid MLflow metric keys)
+FEW_STEPS = "no reference - {n} sampler step{s}"  # the blind mode with evaluate.front_probe_steps
+BLIND_VS_FRONT = "blind vs front end"  # paired's entry: {blind row: {metric: difference}}
 
 
 def mode_label(k: int) -> str:
@@ -167,6 +169,48 @@ def gate_effect_lines(effect: dict | None) -> list[str]:
     return lines
 
 
+def blind_vs_front_lines(d: dict | None, steps: int) -> list[str]:
+    """The report's paragraph on the blind mode against the front end alone (paired_rows' BLIND_VS_FRONT
+    entry): the paired differences, and where a gap is, how much of it fewer sampler steps close."""
+    if not d or "no reference" not in d:
+        return []
+    lines = [
+        "",
+        "The transformer against the front end alone: the blind mode minus the front end's output (same "
+        "targets):",
+        "",
+        "| blind row | Δ PSNR (dB) | verdict | Δ GT-ID | verdict |",
+        "|---|---:|---|---:|---|",
+    ]
+    for row, v in d.items():
+        p, g = v["psnr"], v["gt_id"]
+        label = f"{row} ({steps} sampler steps, the rows above)" if row == "no reference" else row
+        lines.append(
+            f"| {label} | {p['diff']:+.3f} [{p['lo']:+.3f}, {p['hi']:+.3f}] | {p['verdict']} | "
+            f"{g['diff']:+.4f} [{g['lo']:+.4f}, {g['hi']:+.4f}] | {g['verdict']} |"
+        )
+    full = d["no reference"]
+    below = [m for m, name in (("psnr", "PSNR"), ("gt_id", "GT-ID")) if full[m]["verdict"] == "lower"]
+    if not below:
+        lines += ["", "The blind mode is at least as good as the front end alone here (PSNR and GT-ID)."]
+        return lines
+    few = [v for row, v in d.items() if row != "no reference"]
+    why = (
+        "The transformer does not earn its place in the blind mode here: it samples from the front end's "
+        f"output and ends below it in {' and '.join('PSNR' if m == 'psnr' else 'GT-ID' for m in below)}."
+    )
+    if few and full["psnr"]["diff"] < 0:
+        gap, short = full["psnr"]["diff"], few[0]["psnr"]["diff"]
+        share = 1 - max(short, gap) / gap
+        why += (
+            f" With fewer sampler steps the PSNR gap is {short:+.3f} dB against {gap:+.3f} dB: "
+            f"{share:.0%} of it is the sampler's trajectory (each step adds sampled detail that PSNR counts "
+            "as error), the rest the model, a backbone that has learned no restoration beyond the front "
+            "end's CNN it starts from (docs/results.md, “The blind mode and the front end”)."
+        )
+    return [*lines, "", why]
+
+
 def markdown(
     results: dict,
     paired: dict,
@@ -175,7 +219,9 @@ def markdown(
     seed: int,
     files: dict | None = None,
     gate: dict | None = None,
+    steps: int = 8,
 ) -> str:
+    """reports/evaluation.md from the stage's results; `steps`: the sampler steps of its rows."""
     files = files or {}
     extra = [
         c for c in (*PER_TARGET, "fid") if any(c in m for rows in results.values() for m in rows.values())
@@ -232,7 +278,7 @@ def markdown(
             "|---|---:|---:|---:|---:|" + "---:|" * (len(paired_cols) - len(PAIRED)) + "---|",
         ]
         for row, d in paired[name].items():
-            if row in ("true vs another person", GATED_VS_OPEN):
+            if row in ("true vs another person", GATED_VS_OPEN, BLIND_VS_FRONT):
                 continue
             cells = [
                 "—"
@@ -242,6 +288,7 @@ def markdown(
             ]
             lines.append(f"| {row} | " + " | ".join(cells) + f" | {d['gt_id']['verdict']} |")
         lines += gate_effect_lines(paired[name].get(GATED_VS_OPEN))
+        lines += blind_vs_front_lines(paired[name].get(BLIND_VS_FRONT), steps)
         c = paired[name].get("true vs another person")
         if c:
             lines += [
@@ -363,6 +410,10 @@ def evaluate_set(
         measure(mode_label(k), restore(lq, [s["refs"][:k] for s in samples]))
         if progress is not None:
             progress.update(1)
+    n = cfg.front_probe_steps
+    if front is not None and 0 in cfg.modes and n:  # where the blind mode's gap to the front end comes from
+        blind_few = restorer.restore_in_batches(lq, [[] for _ in samples], cfg.batch_size, steps=n)
+        measure(FEW_STEPS.format(n=n, s="s" if n > 1 else ""), blind_few)
     if gate_modes is None:
         gate_modes = gate_open_modes(restorer, cfg)
     for k in gate_modes:  # the same modes with the reference gate open: its effect
@@ -416,6 +467,14 @@ def paired_rows(res: SetResult, cols: tuple[str, ...], seed: int) -> dict:
             for m in ("gt_id", "psnr"):
                 r = paired_bootstrap(res.values[mode][m], res.values[row][m], seed=seed)
                 paired[GATED_VS_OPEN][mode][m] = {**r.as_dict(), "verdict": r.verdict}
+    if FRONT in res.values and blind is not None:  # the transformer against the front end alone
+        front = res.values[FRONT]
+        paired[BLIND_VS_FRONT] = {}
+        for row in [r for r in res.values if r == "no reference" or r.startswith("no reference - ")]:
+            paired[BLIND_VS_FRONT][row] = {}
+            for m in ("psnr", "gt_id"):
+                r = paired_bootstrap(res.values[row][m], front[m], seed=seed)
+                paired[BLIND_VS_FRONT][row][m] = {**r.as_dict(), "verdict": r.verdict}
     true_label = mode_label(res.k_control)
     if true_label in res.values:
         d = paired_bootstrap(res.values[true_label]["gt_id"], res.values[res.control]["gt_id"], seed=seed)

@@ -198,7 +198,9 @@ def main(argv: list[str] | None = None) -> None:
         print(real_photo_figure(restorer, args.real_photo))
     write_bytes(
         args.report,
-        markdown(results, paired, not_computed, "data/train/model", cfg.seed, wm.files, gate).encode(),
+        markdown(
+            results, paired, not_computed, "data/train/model", cfg.seed, wm.files, gate, cfg.steps
+        ).encode(),
     )
     write_plot_rows(args.plot, plot_rows)
     print(summary_line(results, paired, cfg, args.report))

@@ -168,7 +168,7 @@ def project(tmp_path_factory):
             "front_end": 8,  # a front end inside the bundle (its weights in model/, not train.front)
             "front": "/nonexistent/front.safetensors",
         },
-        "evaluate": {"samples": 0, "steps": 2, "batch_size": 8, "grid_samples": 2},
+        "evaluate": {"samples": 0, "steps": 2, "front_probe_steps": 1, "batch_size": 8, "grid_samples": 2},
         "register": {"model_name": "refface-test", "experiment": "refface-test"},
     }
     pp = tmp / "params.yaml"
@@ -269,6 +269,7 @@ def test_evaluate_register_gate_restore_and_serve(project):
             "degraded input",
             "front end alone",  # the bundle's model has a front end
             "no reference",
+            "no reference - 1 sampler step",  # evaluate.front_probe_steps: against the front end alone
             "1 reference",
             "2 references",
             "3 references",
@@ -297,6 +298,17 @@ def test_evaluate_register_gate_restore_and_serve(project):
     assert "lpips: no local weights: set evaluate.weights.lpips to torchvision's AlexNet" in report
     assert "Paired differences to the blind mode" in report and "3 references of another person" in report
     assert "References are weighed by the reference gate" in report
+    # the transformer against the front end alone, paired, at the report's steps and at front_probe_steps
+    from pipelines.set_evaluation import BLIND_VS_FRONT
+
+    vs_front = m["paired"]["severe"][BLIND_VS_FRONT]
+    assert set(vs_front) == {"no reference", "no reference - 1 sampler step"}
+    d = vs_front["no reference"]["psnr"]
+    assert (
+        d["diff"] == pytest.approx(rows["no reference"]["psnr"] - rows["front end alone"]["psnr"], abs=0.01)
+        and d["lo"] <= d["diff"] <= d["hi"]
+    )
+    assert "The transformer against the front end alone" in report
     if gate["gate"]:  # the gate's own effect, paired: gated − gate open on the same targets
         from pipelines.set_evaluation import GATED_VS_OPEN
 
@@ -625,3 +637,28 @@ def _evaluate_on(tmp, pp, env, model: Path, tag: str, eval_sets: Path) -> dict:
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads((tmp / f"ev_{tag}.json").read_text())
+
+
+def test_the_report_says_how_much_of_the_blind_modes_gap_fewer_steps_close():
+    from pipelines.set_evaluation import blind_vs_front_lines
+
+    def entry(diff, lo, hi, verdict):
+        return {"diff": diff, "lo": lo, "hi": hi, "n": 62, "verdict": verdict}
+
+    d = {
+        "no reference": {
+            "psnr": entry(-0.30, -0.32, -0.27, "lower"),
+            "gt_id": entry(-0.0018, -0.0023, -0.0013, "lower"),
+        },
+        "no reference - 2 sampler steps": {
+            "psnr": entry(-0.075, -0.08, -0.07, "lower"),
+            "gt_id": entry(-0.0005, -0.0008, -0.0003, "lower"),
+        },
+    }
+    text = "\n".join(blind_vs_front_lines(d, 8))
+    assert "| no reference (8 sampler steps, the rows above) | -0.300 [-0.320, -0.270] | lower |" in text
+    assert "does not earn its place" in text and "in PSNR and GT-ID" in text
+    assert "-0.075 dB against -0.300 dB: 75% of it is the sampler's trajectory" in text
+    same = {k: {m: entry(0.01, -0.02, 0.04, "no difference") for m in ("psnr", "gt_id")} for k in d}
+    assert "at least as good as the front end alone" in "\n".join(blind_vs_front_lines(same, 8))
+    assert blind_vs_front_lines(None, 8) == [] and blind_vs_front_lines({}, 8) == []

@@ -62,7 +62,14 @@ SMALL = {
     },
     "annotate": {"pool": 20},
     "refsel": {"epochs": 3, "widths": [8, 16, 32], "review_max": 3},
-    "evaluate": {"samples": 0, "modes": [0, 1], "steps": 2, "batch_size": 4, "grid_samples": 2},
+    "evaluate": {
+        "samples": 0,
+        "modes": [0, 1],
+        "steps": 2,
+        "front_probe_steps": 1,
+        "batch_size": 4,
+        "grid_samples": 2,
+    },
     "ablate": {
         "variants": ["concat", "full"],
         "steps": 2,
