@@ -260,6 +260,13 @@ class IConFaceModule(L.LightningModule):
         front = getattr(self.net, "front", None)
         return lq if front is None else front(lq).clamp(-1, 1)
 
+    def degradation_of(self, lq: torch.Tensor) -> torch.Tensor | None:
+        """(B,) what the degradation embedding reads: the log-sharpness of the raw degraded input `lq`
+        (B, 3, H, W) in [-1, 1], before the front end cleans it; None for a model without the embedding."""
+        if not self.net.cfg.degradation_embed:
+            return None
+        return sharpness_tensor(lq).clamp_min(1e-3).log()
+
     def conditioning(self, batch: Batch) -> Conditioning:
         """The model's inputs; with a front end the degraded image is replaced by its output everywhere
         (degraded tokens, structure pathway, blind identity fallback, x0_residual base)."""
@@ -274,9 +281,7 @@ class IConFaceModule(L.LightningModule):
         )
         with torch.no_grad():
             z_deg = self.identity(lq)
-        degradation = None
-        if self.net.cfg.degradation_embed:  # the raw input's log-sharpness, before the front end cleans it
-            degradation = sharpness_tensor(batch["lq"]).clamp_min(1e-3).log()
+        degradation = self.degradation_of(batch["lq"])
         tokens = None
         if r and "ref_consistent" in batch:  # RefSTAR: conflict-region reference tokens leave the attention
             from models.refstar import token_keep

@@ -199,6 +199,7 @@ def add_cycle(module, batch: dict, x0_hat: torch.Tensor, sigma: torch.Tensor, te
             z_deg,
             module.text.expand(len(idx), -1, -1),
             ref_tokens=tokens,
+            degradation=module.degradation_of(batch["ref_lq"][idx]),  # the degraded reference's
         )
         from models.losses import add_noise
 

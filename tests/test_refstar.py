@@ -287,6 +287,8 @@ def test_three_training_steps_with_masks_and_the_cycle_loss(pair_shards, route):
         ref_schedule=[0, 0.5, 0.5, 0],
     )
     assert module.refstar.masks and module.refstar.cycle and module.refstar.weights.cycle == 1.5
+    # the default's degradation embedding reads the cycle pass's input too (the degraded reference)
+    assert module.net.cfg.degradation_embed
     stream = DegradationStream(shard_paths(pair_shards, "train"), "iconface_mixed", 0, 4, 1, inline=True)
     it = iter(StreamIterable(stream, (0, 0.5, 0.5, 0), 3, 0, masks=True, ref_preset="iconface_mixed"))
     opt = torch.optim.AdamW([p for p in module.net.parameters() if p.requires_grad], lr=1e-3)
