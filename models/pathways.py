@@ -7,6 +7,8 @@ and our degradation-removal front end; `models.iconface.IConFace` places them ar
   and detail memory routes, detail on x_deg − `smooth_tokens`(x_deg)), `MemoryCrossAttention` (after
   every block, gated from zero).
 * `ReferenceReadout` (ours): the head's aligned fusion of the references' final tokens.
+* `DegradationEmbedding` (ours): the modulation's offset from the degraded input's log-sharpness
+  (`sharpness_tensor`, the reference gate's statistic in torch).
 * `FrontEnd` (ours; DiffBIR's stage 1): a small residual CNN trained by L2 before the transformer, with
   `save_front` / `load_front` for its weights.
 Every addition starts at zero, so at initialisation IConFace equals the stock forward.
@@ -236,3 +238,33 @@ def load_front(front: FrontEnd, path) -> None:
             "width train_front was trained with"
         )
     front.load_state_dict(load_file(str(path)))
+
+
+def sharpness_tensor(x: torch.Tensor) -> torch.Tensor:
+    """(B,) `pipelines.reference_gate.sharpness` of a batch (B, 3, H, W) in [-1, 1] as the model
+    receives it, in torch (on its device, no gradient): the images rounded to uint8 levels, grey by ITU-R BT.601 rounded as OpenCV
+    rounds it, the 4-neighbour Laplacian with reflected borders (OpenCV's default). It agrees with
+    that function on the same uint8 images to about 1e-3 (OpenCV's fixed-point grey conversion)."""
+    with torch.no_grad():
+        u8 = ((x.float() + 1) * 127.5).round().clamp(0, 255)
+        grey = (0.299 * u8[:, 0] + 0.587 * u8[:, 1] + 0.114 * u8[:, 2]).round().unsqueeze(1)
+        k = grey.new_tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
+        return F.conv2d(F.pad(grey, (1, 1, 1, 1), mode="reflect"), k).abs().mean((1, 2, 3))
+
+
+class DegradationEmbedding(nn.Module):
+    """The modulation's offset from the degraded input's log-sharpness ℓ (B,) (ours): sinusoidal
+    features of ℓ at `n` frequencies, then a two-layer MLP to the timestep embedding's width, added to
+    it. Its last layer starts at zero, so at initialisation the model is the one without it."""
+
+    def __init__(self, dim: int, n: int = 8):
+        super().__init__()
+        self.register_buffer("freqs", 2.0 ** torch.arange(n, dtype=torch.float32) / 4, persistent=False)
+        self.inp = nn.Linear(2 * n, dim)
+        self.out = nn.Linear(dim, dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, log_s: torch.Tensor) -> torch.Tensor:
+        x = log_s.view(-1, 1) * self.freqs.to(log_s)
+        return self.out(F.silu(self.inp(torch.cat([torch.sin(x), torch.cos(x)], -1))))

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from models.codecs import LatentCodec
 from models.guidance import apply_cfg_drops, draw_cfg_drops
-from models.iconface import Conditioning, IConFace, sharpness_tensor
+from models.iconface import Conditioning, IConFace
 from models.id_encoder import IRBackbone, raw_embedding
 from models.losses import (
     LossWeights,
@@ -34,7 +34,7 @@ from models.losses import (
     parameterise,
     velocity_target,
 )
-from models.pathways import identity_anchor
+from models.pathways import identity_anchor, sharpness_tensor
 from models.sampler import sample
 from pipelines.batches import Batch
 from pipelines.config import TrainConfig

@@ -69,7 +69,7 @@ class ReferenceGate:
 
 def sharpness(images: list[np.ndarray]) -> np.ndarray:
     """(B,) mean |Laplacian| of each uint8 RGB image's grey version (lower: blurrier). The model's
-    degradation embedding computes the same statistic in torch (models.iconface.sharpness_tensor)."""
+    degradation embedding computes the same statistic in torch (models.pathways.sharpness_tensor)."""
     out = []
     for x in images:
         grey = cv2.cvtColor(np.ascontiguousarray(x), cv2.COLOR_RGB2GRAY).astype(np.float64)

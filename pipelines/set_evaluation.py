@@ -149,6 +149,11 @@ def gate_lines(gate: dict) -> list[str]:
     ]
 
 
+def interval(d: dict, digits: int = 4) -> str:
+    """A paired difference as the report prints it: mean [95 % interval], signed."""
+    return f"{d['diff']:+.{digits}f} [{d['lo']:+.{digits}f}, {d['hi']:+.{digits}f}]"
+
+
 def gate_effect_lines(effect: dict | None) -> list[str]:
     """The report's table of the gate's own effect (paired_rows' GATED_VS_OPEN entry; none: no lines)."""
     if not effect:
@@ -162,10 +167,7 @@ def gate_effect_lines(effect: dict | None) -> list[str]:
     ]
     for mode, d in effect.items():
         g, p = d["gt_id"], d["psnr"]
-        lines.append(
-            f"| {mode} | {g['diff']:+.4f} [{g['lo']:+.4f}, {g['hi']:+.4f}] | {g['verdict']} | "
-            f"{p['diff']:+.3f} [{p['lo']:+.3f}, {p['hi']:+.3f}] | {p['verdict']} |"
-        )
+        lines.append(f"| {mode} | {interval(g)} | {g['verdict']} | {interval(p, 3)} | {p['verdict']} |")
     return lines
 
 
@@ -185,10 +187,7 @@ def blind_vs_front_lines(d: dict | None, steps: int) -> list[str]:
     for row, v in d.items():
         p, g = v["psnr"], v["gt_id"]
         label = f"{row} ({steps} sampler steps, the rows above)" if row == "no reference" else row
-        lines.append(
-            f"| {label} | {p['diff']:+.3f} [{p['lo']:+.3f}, {p['hi']:+.3f}] | {p['verdict']} | "
-            f"{g['diff']:+.4f} [{g['lo']:+.4f}, {g['hi']:+.4f}] | {g['verdict']} |"
-        )
+        lines.append(f"| {label} | {interval(p, 3)} | {p['verdict']} | {interval(g)} | {g['verdict']} |")
     full = d["no reference"]
     below = [m for m, name in (("psnr", "PSNR"), ("gt_id", "GT-ID")) if full[m]["verdict"] == "lower"]
     if not below:
@@ -280,12 +279,7 @@ def markdown(
         for row, d in paired[name].items():
             if row in ("true vs another person", GATED_VS_OPEN, BLIND_VS_FRONT):
                 continue
-            cells = [
-                "—"
-                if m not in d or d[m]["n"] == 0
-                else f"{d[m]['diff']:+.4f} [{d[m]['lo']:+.4f}, {d[m]['hi']:+.4f}]"
-                for m in paired_cols
-            ]
+            cells = ["—" if m not in d or d[m]["n"] == 0 else interval(d[m]) for m in paired_cols]
             lines.append(f"| {row} | " + " | ".join(cells) + f" | {d['gt_id']['verdict']} |")
         lines += gate_effect_lines(paired[name].get(GATED_VS_OPEN))
         lines += blind_vs_front_lines(paired[name].get(BLIND_VS_FRONT), steps)
@@ -294,7 +288,7 @@ def markdown(
             lines += [
                 "",
                 f"Control: GT-ID with the true references minus with another person's ({c['rows'][0]}, same targets): "
-                f"{c['diff']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}] — {c['verdict']}"
+                f"{interval(c)} — {c['verdict']}"
                 + (" (the model reads who the references show)" if c["verdict"] == "higher" else ""),
             ]
     if "fid" in extra:

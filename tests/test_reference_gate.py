@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.iconface import sharpness_tensor
+from models.pathways import sharpness_tensor
 from pipelines.reference_gate import ReferenceGate, fit, sharpness, write_gate
 
 
