@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from pipelines.batches import to_uint8
-from pipelines.config import VARIANT_NAMES, AblateConfig, TrainConfig
+from pipelines.config import DEFAULT_ROW, VARIANT_NAMES, AblateConfig, TrainConfig
 from pipelines.network import reference_readout
 from pipelines.stats import paired_bootstrap
 from pipelines.validation import no_refs, psnr
@@ -106,9 +106,9 @@ def protocol(
 # Each seed system's row is paired against the same fine-tune without its addition, and what its paper
 # claims: (system, claim, the per-target measure of `protocol`, the direction the paper reports).
 ADDON_BASELINES: dict[str, str] = {
-    "composite": "full",
+    "composite": DEFAULT_ROW,
     "composite_ensemble": "composite",
-    "refstar_in_context": "full",
+    "refstar_in_context": DEFAULT_ROW,
     "refstar_decoupled": "refstar_in_context",
     "refstar_decoupled_cycle": "refstar_decoupled",
 }
@@ -171,23 +171,34 @@ def finetune_problems(tcfg: TrainConfig) -> list[str]:
 
 def _protocol_text(cfg: AblateConfig, tcfg: TrainConfig, init: str | None) -> list[str]:
     """The paragraph that states how every row was trained."""
+    readout = reference_readout(tcfg)
+    table3_off = readout and cfg.table3_readout == "off"
+    where = " (off in Table 3's rows)" if table3_off else ""
     common = (
         f"batch {cfg.batch_size}, backbone `{tcfg.backbone}`, prediction `{tcfg.prediction}`, reference "
-        f"readout {'on' if reference_readout(tcfg) else 'off'}"
+        f"readout {'on' if readout else 'off'}{where}"
     )
     if cfg.protocol == "scratch":
         return [f"Protocol `scratch`: each row trains from seed {cfg.seed} for {cfg.steps} steps ({common})."]
+    head = (
+        " in the paper's head: the default's reference readout (ours, `ref_fuse`) is left out of each of "
+        "them (`ablate.table3_readout`), since it carries the references past the pathways those rows remove "
+        "(with it, no step of the order resolved: docs/results.md, “The ablation”)"
+        if table3_off
+        else ""
+    )
     return [
         f"Protocol `finetune`: each row starts from the trained default (`{init}`: variant `{tcfg.variant}`, "
         f"{tcfg.max_steps} steps) and trains {cfg.steps} more steps on the same degradation stream (seed "
         f"{cfg.seed}, {common}; lr {cfg.lr:g}, linear warm-up over {cfg.warmup_steps} steps, then cosine to 0). "
         "A row differs from its baseline by one change. Table 3's rows are the default with parts removed "
         "(their weights left out; `single_route`'s one memory route starts with both routes' queries, "
-        "models/iconface.py `adapt_pathways`): what each part contributes to the trained model once the rest has had "
-        f"{cfg.steps} steps to adapt, not a model trained without it. The seed systems' rows add their "
+        f"models/iconface.py `adapt_pathways`){head}: what each part contributes to the trained model once the "
+        f"rest has had {cfg.steps} steps to adapt, not a model trained without it. `{DEFAULT_ROW}` is the "
+        "trained default fine-tuned as it is. The seed systems' rows add their "
         "modules to the default (new weights start at their initialisation; RefSTAR's reference K/V "
-        "up-projections at zero) and are paired against the same fine-tune without the addition (`full`, or "
-        "the row they add to: the ensemble to `composite`, the decoupled route to the masked in-context row, "
+        f"up-projections at zero) and are paired against the same fine-tune without the addition (`{DEFAULT_ROW}`, "
+        "or the row they add to: the ensemble to `composite`, the decoupled route to the masked in-context row, "
         "the cycle loss to the decoupled row): their new weights have "
         f"had {cfg.steps} steps, the default's {tcfg.max_steps + cfg.steps}, so a row below its baseline may be "
         "a row not trained enough rather than a worse method.",

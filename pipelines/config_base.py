@@ -22,6 +22,9 @@ REFSTAR_ROW_NAMES = ("refstar_in_context", "refstar_decoupled", "refstar_decoupl
 # ablate rows of seed 002 (pipelines.ablation.SEED002_ROWS): Composite Context, and the same model sampled with
 # the training-free multi-reference ensemble (its eq. 6)
 SEED002_ROW_NAMES = ("composite", "composite_ensemble")
+# the ablate row of the trained default fine-tuned as it is (its reference readout as trained): the seed
+# systems' rows are paired against it (pipelines.ablation.ADDON_BASELINES)
+DEFAULT_ROW = "default"
 PRESET_NAMES = (
     "realesrgan",
     "bsrgan",

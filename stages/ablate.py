@@ -7,9 +7,11 @@
 stage's model) and trains `ablate.steps` more steps at `ablate.lr` on the same stream, so that each row
 differs from its baseline by one change: Table 3's variants (`concat`, `+struct`, `+id`, `single_route`,
 `full`; models/iconface.py) are the default with parts removed, each paired against the previous one of
-the order; the seed systems' rows add their modules to the default and are paired against the same
-fine-tune without the addition (pipelines.ablation.ADDON_BASELINES), with one verdict per paper claim
-(pipelines.ablation.CLAIMS). `scratch`: every row trains from the seed with the train section's
+the order, in the paper's head (`ablate.table3_readout: off`: the default's reference readout, ours, left
+out of them too; it carries the references past the pathways they remove); `default` is the trained
+default fine-tuned as it is; the seed systems' rows add their modules to the default and are paired
+against the same fine-tune without the addition (`default`, or the row they add to:
+pipelines.ablation.ADDON_BASELINES), with one verdict per paper claim (pipelines.ablation.CLAIMS). `scratch`: every row trains from the seed with the train section's
 schedule. Every row is evaluated on the same validation batch (`train.val_preset`) and is an MLflow run
 nested under one `ablate` run. On GPUs raise `ablate.steps` (docs/results.md, "The ablation").
 
@@ -41,10 +43,11 @@ import torch
 from tqdm import tqdm
 
 from pipelines.ablation import SEED002_ROWS, control_batch, finetune_problems, protocol, report
-from pipelines.config import AblateConfig
+from pipelines.config import DEFAULT_ROW, AblateConfig
 from pipelines.embedding import load_encoders
 from pipelines.fit import SCORE, fit
 from pipelines.io import write_bytes, write_json
+from pipelines.network import reference_readout
 from pipelines.refstar import ABLATE_ROWS, ablate_overrides, mask_provenance
 from pipelines.shards import iter_samples, validate_shards
 from pipelines.tracking import mark_run, tracking_uri
@@ -79,15 +82,19 @@ def protocol_inputs(shards: str, n: int) -> tuple[list, list]:
     return ids, conflict
 
 
-def variant_overrides(variant: str, masks: dict | None) -> tuple[dict, dict]:
-    """(train config overrides, sampler options) of one ablation row."""
+def variant_overrides(variant: str, masks: dict | None, table3_off: bool = False) -> tuple[dict, dict]:
+    """(train config overrides, sampler options) of one ablation row: Table 3's rows (the reference readout
+    off where `table3_off`: AblateConfig.table3_readout), `default` as the trained default (the `full`
+    variant), the seed systems' rows with their additions."""
     sampler: dict = {}
     if variant in ABLATE_ROWS:
         over = ablate_overrides(variant, masks["option"])
     elif variant in SEED002_ROWS:
         over, sampler = SEED002_ROWS[variant]
+    elif variant == DEFAULT_ROW:
+        over = {"variant": "full"}
     else:
-        over = {"variant": variant}
+        over = {"variant": variant, **({"reference_readout": "off"} if table3_off else {})}
     return over, sampler
 
 
@@ -155,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     if any(v in ABLATE_ROWS for v in cfg.variants):  # RefSTAR rows: the masks of these shards
         masks, val_masked = refstar_masks(args.shards, base, val)
     ids, conflict = protocol_inputs(args.shards, len(val["keys"]))
+    # Table 3's rows in the paper's head: only where the default has the readout (else `full` is `default`)
+    table3_off = cfg.table3_readout == "off" and reference_readout(base)
     results, extra, fitted = {}, {}, {}
     with mlflow.start_run(run_name="ablate") as parent:
         mlflow.log_params(
@@ -167,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
             }
         )
         for variant in tqdm(cfg.variants, desc="ablate", unit="variant", disable=not progress_enabled()):
-            over, sampler = variant_overrides(variant, masks)
+            over, sampler = variant_overrides(variant, masks, table3_off)
             batch = val_masked if variant in ABLATE_ROWS else val
             key = json.dumps(over, sort_keys=True)
             if key not in fitted:  # composite_ensemble samples the composite row's model: one training

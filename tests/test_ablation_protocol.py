@@ -69,11 +69,20 @@ def test_a_default_of_another_shape_is_refused_by_name(tmp_path):
 
 
 def test_every_row_is_paired_against_its_baseline():
-    names = [*VARIANT_NAMES, "composite", "composite_ensemble", "refstar_in_context", "refstar_decoupled"]
+    names = [
+        *VARIANT_NAMES,
+        "default",
+        "composite",
+        "composite_ensemble",
+        "refstar_in_context",
+        "refstar_decoupled",
+    ]
     base = baselines(names)
     assert base["concat"] is None and base["+struct"] == "concat" and base["full"] == "single_route"
-    assert base["composite"] == "full" and base["composite_ensemble"] == "composite"
-    assert base["refstar_in_context"] == "full" and base["refstar_decoupled"] == "refstar_in_context"
+    # the trained default as it is: the seed systems' baseline, paired with none
+    assert base["default"] is None
+    assert base["composite"] == "default" and base["composite_ensemble"] == "composite"
+    assert base["refstar_in_context"] == "default" and base["refstar_decoupled"] == "refstar_in_context"
     # a Table 3 row left out of the list: the next one pairs with the one before it
     assert baselines(["concat", "+id", "full"]) == {"concat": None, "+id": "concat", "full": "+id"}
     # an addition whose baseline is not among the rows has none
@@ -86,7 +95,7 @@ def test_each_claim_is_judged_in_its_papers_direction():
     ref = rng.normal(0.85, 0.01, n)
     blind, copy = ref - 0.01 + rng.normal(0, 1e-3, n), np.full(n, 0.20)
     extra = {
-        "full": {"ref": ref, "none": blind, "copy": np.full(n, 0.30), "copy_blind": copy},
+        "default": {"ref": ref, "none": blind, "copy": np.full(n, 0.30), "copy_blind": copy},
         # masks copy less in conflict regions (the claim: lower), identity unchanged
         "refstar_in_context": {
             "ref": ref.copy(),
@@ -108,10 +117,10 @@ def test_each_claim_is_judged_in_its_papers_direction():
     assert out["refstar_decoupled"]["reason"].startswith("its reference effect is its baseline's")
     assert out["refstar_decoupled_cycle"]["verdict"] == "not shown: no difference"
     assert out["refstar_decoupled_cycle"]["reason"].startswith("the row does not read its references")
-    assert "full" not in out
+    assert "default" not in out
     assert any("RefSTAR, conflict masks" in line and "| shown | — |" in line for line in lines)
     # a baseline that copies nothing beyond its blind output leaves the masks nothing to remove
-    extra["full"]["copy"] = extra["refstar_in_context"]["copy"] = copy
+    extra["default"]["copy"] = extra["refstar_in_context"]["copy"] = copy
     _, out = _verdicts(names, baselines(names), extra, seed=0)
     assert out["refstar_in_context"]["verdict"] == "not shown: no difference"
     assert "nothing for the masks to remove" in out["refstar_in_context"]["reason"]

@@ -115,7 +115,7 @@ def test_ablate_table(tmp_path):
     shards, params = _project(tmp_path)
     model = write_default(tmp_path, params)
     params["ablate"] = {
-        "variants": ["concat", "full", "composite", "composite_ensemble"],
+        "variants": ["concat", "full", "default", "composite", "composite_ensemble"],
         "steps": 3,
         "warmup_steps": 1,
         "batch_size": 4,
@@ -140,18 +140,33 @@ def test_ablate_table(tmp_path):
     r = _run(tmp_path, params, *args, "--init", str(model))
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((tmp_path / "a.json").read_text())
-    assert sorted(m) == sorted(["concat", "full", "composite", "composite_ensemble"])
+    assert sorted(m) == sorted(["concat", "full", "default", "composite", "composite_ensemble"])
     assert m["full"]["trainable_parameters"] > m["concat"]["trainable_parameters"]
-    # every row starts from the default: concat leaves its parts out, composite adds its context
-    assert m["full"]["init"]["left_out"] == {} and m["full"]["init"]["fresh"] == {}
-    assert {"identity", "xattn", "residual"} <= set(m["concat"]["init"]["left_out"])
+    # every row starts from the default: concat leaves its parts out, composite adds its context; Table 3's
+    # rows leave the default's reference readout out too (ablate.table3_readout: off, the paper's head),
+    # `default` is the default as it is
+    from pipelines.config import TrainConfig
+    from pipelines.config_base import build
+    from pipelines.network import reference_readout
+
+    assert reference_readout(build(TrainConfig, params["train"], "train")), (
+        "the test's default has the readout"
+    )
+    assert set(m["full"]["init"]["left_out"]) == {"ref_fuse"} and m["full"]["init"]["fresh"] == {}
+    assert m["default"]["init"]["left_out"] == {} and m["default"]["init"]["fresh"] == {}
+    assert m["full"]["trainable_parameters"] < m["default"]["trainable_parameters"]  # two trainings
+    assert {"identity", "xattn", "residual", "ref_fuse"} <= set(m["concat"]["init"]["left_out"])
+    assert "ref_fuse" not in m["composite"]["init"]["left_out"]
     assert "composite" in m["composite"]["init"]["fresh"]
     # one training for the composite rows; the ensemble row is its own sampling of that model
     assert m["composite_ensemble"]["trainable_parameters"] == m["composite"]["trainable_parameters"]
     assert m["composite_ensemble"]["final_loss"] == m["composite"]["final_loss"]
     # each row against its baseline; the seed system's rows carry their claim's verdict
     assert m["concat"]["paired"] is None and m["full"]["paired"]["vs"] == "concat"
-    assert m["composite"]["paired"]["vs"] == "full" and m["composite_ensemble"]["paired"]["vs"] == "composite"
+    assert m["default"]["paired"] is None
+    assert (
+        m["composite"]["paired"]["vs"] == "default" and m["composite_ensemble"]["paired"]["vs"] == "composite"
+    )
     claim = m["composite"]["claim"]  # the verdict follows from its interval and the claimed direction
     assert claim["measure"] == "ref" and claim["direction"] == "higher" and claim["n"] == 4
     v = claim["verdict"]
@@ -162,7 +177,7 @@ def test_ablate_table(tmp_path):
         assert claim["hi"] <= 0 and claim["diff"] < 0
     else:
         assert claim["lo"] <= 0 <= claim["hi"] or abs(claim["diff"]) <= 1e-4
-    assert "claim" not in m["full"]
+    assert "claim" not in m["full"] and "claim" not in m["default"]
     # the knock-out before any step: a row restored as loaded, paired with its baseline's
     assert m["full"]["paired"]["id_gt_as_loaded"]["n"] == 4
     assert "id_gt_as_loaded" not in m["composite_ensemble"]["paired"]  # its own sampler: no such restoration
@@ -175,3 +190,4 @@ def test_ablate_table(tmp_path):
     assert "| concat |" in table and "| full |" in table and "Table 3" in table
     assert "| composite_ensemble |" in table and "true − other person" in table
     assert "Protocol `finetune`" in table and "each claim against its baseline" in table
+    assert "reference readout on (off in Table 3's rows)" in table and "in the paper's head" in table
