@@ -137,12 +137,17 @@ def gate_lines(gate: dict) -> list[str]:
             f"; total gain over the validation targets {gate['gain_gated']:+.3f} gated, "
             f"{gate['gain_open']:+.3f} at full weight"
         )
+    if gate.get("mean_gain_gated"):
+        totals += "; mean gain per set under the gate " + ", ".join(
+            f"{k} {v:+.4f}" for k, v in gate["mean_gain_gated"].items()
+        )
     return [
         "",
         "References are weighed by the reference gate (pipelines/reference_gate.py): the reference "
         "readout's Δ times α = clip((s_sharp − s) / (s_sharp − s_blurred), 0, 1), s = the degraded input's "
         "mean |Laplacian|; s_blurred = the lowest per-set median of s, s_sharp = the threshold that gives the "
-        f"validation targets the largest total gain. Fitted on the validation split ({sets}; gain = GT-ID "
+        "validation targets the largest total gain among those under which no set's mean gain falls below "
+        f"zero. Fitted on the validation split ({sets}; gain = GT-ID "
         f"with the primary encoder, 1 reference − blind, gate open; slope {gate['slope_per_log_s'] or 0:+.4f} "
         f"per log s{totals}): {what}. Rows marked “gate open” are the same modes with the references at "
         "full weight.",

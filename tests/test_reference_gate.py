@@ -86,8 +86,10 @@ def test_fit_takes_the_threshold_with_the_largest_validation_gain():
 
 def test_fit_does_not_open_where_no_target_gains():
     """Two clusters, as two evaluation presets give: a line through them crosses zero between the
-    clusters (here at s ≈ 10), where the mildly degraded targets at s 9–11 lose. The fitted gate gains more
-    and gives those targets less than half the weight the line's gate gives them."""
+    clusters (here at s ≈ 10), where the mildly degraded targets at s 9–11 lose. The largest total gain
+    alone would open the gate over them too (the severe targets gain more than they lose); the fit keeps
+    every preset's mean gain at or above zero, so it gives them no weight, and no threshold that loses no
+    preset gains more."""
     rng = np.random.default_rng(1)
     severe = rng.uniform(3.0, 6.0, 90)
     mild = np.concatenate([rng.uniform(9.0, 11.0, 10), rng.uniform(15.0, 40.0, 80)])
@@ -96,9 +98,19 @@ def test_fit_does_not_open_where_no_target_gains():
     gate, rec = fit(s, delta)
     crossing = np.exp(-rec["intercept"] / rec["slope_per_log_s"])
     assert crossing > 9.0  # the line's zero lies among the mild targets that lose
+
+    def mild_mean(g):
+        return float((g.alpha_of(mild) * delta["mild"]).mean())
+
     line = ReferenceGate(float(crossing), gate.blurred)
-    assert _total(gate, s, delta) > _total(line, s, delta)
-    assert gate.alpha_of(mild).sum() < 0.5 * line.alpha_of(mild).sum()
+    assert mild_mean(line) < 0
+    grid = [ReferenceGate(float(t), gate.blurred) for t in np.linspace(gate.blurred, 40.0, 400)]
+    greedy = max(grid, key=lambda g: _total(g, s, delta))  # the largest total gain, presets ignored
+    assert _total(greedy, s, delta) > _total(gate, s, delta) and mild_mean(greedy) < 0
+    # the fit: no weight on the mild targets, every preset's mean gain >= 0, the best such threshold
+    assert (gate.alpha_of(mild) == 0).all() and rec["mean_gain_gated"]["mild"] == 0.0
+    assert rec["mean_gain_gated"]["severe"] > 0
+    assert all(_total(g, s, delta) <= _total(gate, s, delta) + 1e-9 for g in grid if mild_mean(g) >= 0)
     assert (gate.alpha_of(severe[severe <= gate.blurred]) == 1).all()
 
 
@@ -108,6 +120,10 @@ def test_fit_edge_cases():
     assert fit(s, {k: np.full(3, 0.01) for k in s})[0] is None
     # they help more on sharper inputs: no gate
     assert fit(s, {k: 0.001 * np.log(v) for k, v in s.items()})[0] is None
+    # full weight gains most in total but loses preset b: a gate that gives b's inputs no weight
+    g, rec = fit(s, {"a": np.full(3, 0.03), "b": np.full(3, -0.01)})
+    assert g is not None and (g.alpha_of(s["b"]) == 0).all() and rec["gain_open"] > 0
+    assert rec["mean_gain_gated"]["b"] == 0.0 and rec["mean_gain_gated"]["a"] > 0
     # they hurt everywhere: the gate is shut (α = 0 on every input)
     shut, rec = fit(s, {k: np.full(3, -0.01) for k in s})
     assert shut == ReferenceGate(0.0, 0.0) and (shut.alpha_of(np.array([0.5, 3.0, 100.0])) == 0).all()
