@@ -345,7 +345,7 @@ def test_ablate_compares_the_refstar_rows(tmp_path):
     _, params = _project(tmp_path)
     shards = make_pair_shards(tmp_path / "pairs", identities=(4, 2, 1), emb_dim=512)
     params["ablate"] = {  # the scratch protocol (the fine-tune: tests/test_tune_ablate.py)
-        "variants": ["full", "refstar_in_context", "refstar_decoupled_cycle"],
+        "variants": ["default", "refstar_in_context", "refstar_decoupled_cycle"],
         "protocol": "scratch",
         "steps": 3,
         "batch_size": 4,
@@ -378,20 +378,22 @@ def test_ablate_compares_the_refstar_rows(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((tmp_path / "a.json").read_text())
-    assert sorted(m) == ["full", "refstar_decoupled_cycle", "refstar_in_context"]
+    assert sorted(m) == ["default", "refstar_decoupled_cycle", "refstar_in_context"]
     # the decoupled route adds its reference K/V adapters (rank 16 on 4 blocks of width 256)
     extra = (
         m["refstar_decoupled_cycle"]["trainable_parameters"] - m["refstar_in_context"]["trainable_parameters"]
     )
     assert extra == 4 * 16 * 256 * 3
-    assert m["full"]["trainable_parameters"] == m["refstar_in_context"]["trainable_parameters"]
+    # the masks add no weights to the default (its reference readout included)
+    assert m["default"]["trainable_parameters"] == m["refstar_in_context"]["trainable_parameters"]
     table = (tmp_path / "ablation.md").read_text()
     assert "| refstar_decoupled_cycle |" in table and "conflict masks `truth` (synthetic 48 masks" in table
-    assert "full vs refstar_in_context" not in table  # Table 3's order is read among IConFace's variants
+    assert "default vs refstar_in_context" not in table  # Table 3's order is read among IConFace's variants
     assert "Protocol `scratch`" in table
-    # the masks row against full, the cycle row without its baseline (refstar_decoupled is not listed)
+    # the masks row against the default, the cycle row without its baseline (refstar_decoupled is not listed)
     assert (
-        m["refstar_in_context"]["paired"]["vs"] == "full" and m["refstar_decoupled_cycle"]["paired"] is None
+        m["refstar_in_context"]["paired"]["vs"] == "default"
+        and m["refstar_decoupled_cycle"]["paired"] is None
     )
     assert m["refstar_in_context"]["claim"]["measure"] == "copy"
 
