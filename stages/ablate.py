@@ -11,8 +11,8 @@ the order, in the paper's head (`ablate.table3_readout: off`: the default's refe
 out of them too; it carries the references past the pathways they remove); `default` is the trained
 default fine-tuned as it is; the seed systems' rows add their modules to the default and are paired
 against the same fine-tune without the addition (`default`, or the row they add to:
-pipelines.ablation.ADDON_BASELINES), with one verdict per paper claim (pipelines.ablation.CLAIMS). `scratch`: every row trains from the seed with the train section's
-schedule. Every row is evaluated on the same validation batch (`train.val_preset`) and is an MLflow run
+pipelines.ablation.ADDON_BASELINES), with one verdict per paper claim (pipelines.ablation.CLAIMS).
+`scratch`: every row trains from the seed with the train section's schedule. Every row is evaluated on the same validation batch (`train.val_preset`) and is an MLflow run
 nested under one `ablate` run. On GPUs raise `ablate.steps` (docs/results.md, "The ablation").
 
 RefSTAR's rows (pipelines.refstar.ABLATE_ROWS; list them in `ablate.variants`): `refstar_in_context`
@@ -42,12 +42,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipelines.ablation import SEED002_ROWS, control_batch, finetune_problems, protocol, report
+from pipelines.ablation import (
+    SEED002_ROWS,
+    control_batch,
+    finetune_problems,
+    protocol,
+    report,
+    table3_without_readout,
+)
 from pipelines.config import DEFAULT_ROW, AblateConfig
 from pipelines.embedding import load_encoders
 from pipelines.fit import SCORE, fit
 from pipelines.io import write_bytes, write_json
-from pipelines.network import reference_readout
 from pipelines.refstar import ABLATE_ROWS, ablate_overrides, mask_provenance
 from pipelines.shards import iter_samples, validate_shards
 from pipelines.tracking import mark_run, tracking_uri
@@ -162,8 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     if any(v in ABLATE_ROWS for v in cfg.variants):  # RefSTAR rows: the masks of these shards
         masks, val_masked = refstar_masks(args.shards, base, val)
     ids, conflict = protocol_inputs(args.shards, len(val["keys"]))
-    # Table 3's rows in the paper's head: only where the default has the readout (else `full` is `default`)
-    table3_off = cfg.table3_readout == "off" and reference_readout(base)
+    table3_off = table3_without_readout(cfg, base)
     results, extra, fitted = {}, {}, {}
     with mlflow.start_run(run_name="ablate") as parent:
         mlflow.log_params(

@@ -207,3 +207,22 @@ def test_the_stage_refuses_a_protocol_it_cannot_run(tmp_path):
     assert protocol_base(scratch, with_overrides(tcfg, {"warmup_steps": 10}), tcfg, None) == (tcfg, None)
     with pytest.raises(SystemExit, match="scratch trains 40 steps but train.warmup_steps is 50"):
         protocol_base(scratch, with_overrides(tcfg, {"warmup_steps": 50}), tcfg, None)
+
+
+def test_table3_rows_leave_the_readout_out_only_where_the_default_has_one():
+    """pipelines.ablation.table3_without_readout decides it once; stages.ablate's row overrides follow it:
+    Table 3's rows drop the readout, `default` never does, and a default without the readout (the paper's
+    head, klein) or `table3_readout: as_trained` leaves every row as trained."""
+    from pipelines.ablation import table3_without_readout
+    from pipelines.config import DEFAULT_ROW, AblateConfig
+    from pipelines.train_config import TrainConfig, with_overrides
+    from stages.ablate import variant_overrides
+
+    tcfg = TrainConfig()  # the CPU default: reference_readout auto, on with x0_residual
+    assert table3_without_readout(AblateConfig(), tcfg)
+    assert not table3_without_readout(AblateConfig(table3_readout="as_trained"), tcfg)
+    assert not table3_without_readout(AblateConfig(), with_overrides(tcfg, {"reference_readout": "off"}))
+    off = table3_without_readout(AblateConfig(), tcfg)
+    assert variant_overrides("+id", None, off)[0] == {"variant": "+id", "reference_readout": "off"}
+    assert variant_overrides(DEFAULT_ROW, None, off)[0] == {"variant": "full"}
+    assert variant_overrides("+id", None, False)[0] == {"variant": "+id"}
