@@ -47,7 +47,7 @@ class SynthesizeConfig:
     seed: int = 7
     render_size: int = 128  # rendered at this size, then area-downsampled to image_size
     image_size: int = 64
-    album_identities: int = 200  # the dataset pool, ingested like any album
+    album_identities: int = 400  # the dataset pool, ingested like any album
     album_images_per_identity: tuple[int, int] = (2, 8)  # inclusive range
     album_singleton_fraction: float = 0.03  # identities with a single image (they have no reference)
     encoder_identities: int = 300  # a disjoint pool that trains the identity encoders
