@@ -8,8 +8,12 @@ reference evidence Δ) per image by
 
 the input's own sharpness (uint8 units, at the model's resolution): references at full weight on inputs
 as blurred as a typical severe one (s ≤ s_blurred), not at all on inputs sharp enough that they did not
-help (s ≥ s_sharp), linearly between. α multiplies Δ only (`Conditioning.ref_scale`): the references'
-tokens still take part in the attention.
+help (s ≥ s_sharp), linearly between. For 0 < α the references' tokens take part in the attention and
+α multiplies Δ (`Conditioning.ref_scale`); where the gate is shut (α = 0) the restorer leaves the image's
+references out altogether, so that it is restored exactly as in the blind mode. The fit below assumes the
+gated gain is α·δ, which is zero at α = 0; with the tokens still attending it was not: on the moderate set
+(every input shut) 2 and 3 references − blind were −0.0001 [−0.0002, −0.0000] GT-ID and −0.02 dB, the
+tokens' own effect (docs/results.md, "More people in the album").
 
 `calibrate` fits the two constants on the validation split, never on the evaluation targets. Each
 evaluation preset degrades the validation targets (sample i with default_rng(seed + i)); each target is

@@ -332,7 +332,8 @@ class Restorer:
         goes through its own forward, so up to 3 are accepted whatever the model was trained with.
         `ref_masks` (RefSTAR): "predict", "none", masks per reference, or None for the model's default.
         `gate`: weigh the reference readout by the bundle's reference gate (None: when the bundle has one;
-        False: full weight, as calibration needs)."""
+        False: full weight, as calibration needs); an image whose gate is shut (α = 0) is restored without
+        its references, as in the blind mode (pipelines.reference_gate)."""
         s = self.meta["sampler"]
         sampler = {
             "guidance_image": s.get("guidance_image") if guidance_image is None else guidance_image,
@@ -349,9 +350,15 @@ class Restorer:
                 hint = "" if sampler["ref_ensemble"] else " (ref_ensemble takes up to 3, one per forward)"
                 raise InputError(f"image {i}: {len(r)} references; the model accepts at most {limit}{hint}")
         lq_f, refs_f = [self._fit(x) for x in lq], [[self._fit(r) for r in rs] for rs in refs]
+        alpha = self.gate.alpha(lq_f) if self.gate is not None and gate is not False else None
+        if alpha is not None:
+            # A shut gate (α = 0) leaves the image's references out altogether: it is restored blind.
+            refs_f = [[] if a == 0.0 else rs for a, rs in zip(alpha, refs_f)]
+            if ref_masks is not None and not isinstance(ref_masks, str):
+                ref_masks = [[] if a == 0.0 else ms for a, ms in zip(alpha, ref_masks)]
         batch = make_batch(lq_f, refs_f, ref_masks=self._masks(lq_f, refs_f, ref_masks))
-        if self.gate is not None and gate is not False:
-            batch["ref_scale"] = torch.from_numpy(self.gate.alpha(lq_f))
+        if alpha is not None:
+            batch["ref_scale"] = torch.from_numpy(alpha)
         if batch["refs"].shape[1]:
             # The references are embedded as the shard embeddings were (the module applies the crop).
             refs = batch["refs"].flatten(0, 1).to(self.module.device)

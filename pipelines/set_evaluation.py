@@ -149,7 +149,8 @@ def gate_lines(gate: dict) -> list[str]:
         "validation targets the largest total gain among those under which no set's mean gain falls below "
         f"zero. Fitted on the validation split ({sets}; gain = GT-ID "
         f"with the primary encoder, 1 reference − blind, gate open; slope {gate['slope_per_log_s'] or 0:+.4f} "
-        f"per log s{totals}): {what}. Rows marked “gate open” are the same modes with the references at "
+        f"per log s{totals}): {what}. An input whose gate is shut (α = 0) is restored without its "
+        "references, as in the blind mode. Rows marked “gate open” are the same modes with the references at "
         "full weight.",
     ]
 

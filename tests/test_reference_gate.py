@@ -183,8 +183,32 @@ def test_the_gate_scales_the_reference_readout_per_image(restorer, tmp_path):
     finally:
         r.gate = None
     assert np.array_equal(gated[0], full[0])  # α = 1: exactly the readout's Δ
-    assert np.array_equal(gated[1], no_readout[1])  # α = 0: the references attend, their Δ is off
-    assert not np.array_equal(gated[1], full[1]) and not np.array_equal(gated[1], blind[1])
+    # α = 0: the image's references are left out, not only their Δ: it is restored blind (in the same
+    # batch as the other image's references, so compared with that batch exactly, and with the blind
+    # batch to the float rounding of the longer, masked attention rows)
+    assert np.array_equal(gated, r.restore_batch(lq, [refs[0], []], gate=False))
+    assert np.abs(gated[1].astype(int) - blind[1]).max() <= 1
+    assert not np.array_equal(gated[1], no_readout[1]) and not np.array_equal(gated[1], full[1])
+
+
+def test_a_shut_gate_restores_exactly_as_blind_and_keeps_the_masks_in_step(restorer):
+    """Every image shut (α = 0): the references and their masks are left out, the batch is the blind one."""
+    r = restorer
+    imgs = _images()
+    lq = [imgs[1], imgs[2]]
+    rng = np.random.default_rng(3)
+    refs = [[rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)] for _ in lq]
+    masks = [[np.zeros((32, 32), np.uint8)] for _ in lq]
+    blind = r.restore_batch(lq, [[] for _ in lq])
+    r.gate = ReferenceGate(sharp=0.5, blurred=0.25)  # every textured input: α = 0
+    try:
+        assert (r.gate.alpha(lq) == 0).all()
+        assert np.array_equal(r.restore_batch(lq, refs), blind)
+        assert np.array_equal(r.restore_batch(lq, refs, ref_masks=masks), blind)
+        assert r.last_masks == {"source": "none"}
+        assert not np.array_equal(r.restore_batch(lq, refs, gate=False), blind)
+    finally:
+        r.gate = None
 
 
 def test_a_gate_written_to_the_bundle_is_read_back(tmp_path):
