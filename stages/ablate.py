@@ -12,8 +12,9 @@ out of them too; it carries the references past the pathways they remove); `defa
 default fine-tuned as it is; the seed systems' rows add their modules to the default and are paired
 against the same fine-tune without the addition (`default`, or the row they add to:
 pipelines.ablation.ADDON_BASELINES), with one verdict per paper claim (pipelines.ablation.CLAIMS).
-`scratch`: every row trains from the seed with the train section's schedule. Every row is evaluated on the same validation batch (`train.val_preset`) and is an MLflow run
-nested under one `ablate` run. On GPUs raise `ablate.steps` (docs/results.md, "The ablation").
+`scratch`: every row trains from the seed with the train section's schedule. Every row is evaluated on
+the same validation batch (`train.val_preset`) and is an MLflow run nested under one `ablate` run. On
+GPUs raise `ablate.steps` (docs/results.md, "The ablation").
 
 RefSTAR's rows (pipelines.refstar.ABLATE_ROWS; list them in `ablate.variants`): `refstar_in_context`
 (conflict masks, one joint softmax: eq. 3), `refstar_decoupled` (eq. 4), `refstar_decoupled_cycle`
