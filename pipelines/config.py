@@ -251,7 +251,7 @@ class TrainFrontConfig:
     train split with the `degrade` section's online degradations (models.iconface.FrontEnd)."""
 
     width: int = 48
-    steps: int = 1200
+    steps: int = 1500
     batch_size: int = 16
     lr: float = 1e-3
     warmup_steps: int = 100  # then a cosine decay to 0 at `steps`
