@@ -184,7 +184,7 @@ class TrainConfig:
     threads: int = 2
     log_every: int = 10
     checkpoint_every: int = 50
-    grid_every: int = 200
+    grid_every: int = 500  # each grid restores the validation batch (val_steps, with and without refs)
     val_samples: int = 32
     val_steps: int = 12
     val_guidance: float = 1.0  # the embedded default's prompt is synthetic: guidance has nothing to amplify

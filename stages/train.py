@@ -265,7 +265,8 @@ def start_run(cfg, dcfg, ecfg, encoders, shards: str, masks, run_id: str | None,
 
 
 class Track(Callback):
-    """Loss history (kept across resumes), sample grids every grid_every steps; rank 0 only."""
+    """Loss history (kept across resumes), sample grids every grid_every steps before the last (whose grid
+    is the summary's `grids/final.png`); rank 0 only."""
 
     def __init__(self, cfg, val, evaluator, history_file: Path, client, run_id: str):
         super().__init__()
@@ -284,10 +285,12 @@ class Track(Callback):
                 if new:
                     wr.writerow(["step", "loss", "fm", "id"])
                 wr.writerow([h["step"], round(h["loss"], 6), round(h["fm"], 6), round(h["id"], 6)])
+        # the last step's grid is the run's summary (`grids/final.png`, the same restorations): not twice
         if (
             cfg.grid_every
             and step > 0
             and step % cfg.grid_every == 0
+            and step < trainer.max_steps
             and batch_idx % trainer.accumulate_grad_batches == 0
         ):
             _, outs = evaluate(pl_module, self.val, self.evaluator, cfg.val_steps, cfg.val_guidance)

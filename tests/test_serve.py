@@ -23,7 +23,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-STAMP = ".venv/.installed"  # `make -o STAMP`: take the venv as installed (no pip in a test)
+STAMPS = (".venv/.installed", ".venv/.installed-dev")  # `make -o STAMP`: take the venv as installed (no pip)
 NAME = "refface-serve-test"
 
 
@@ -36,7 +36,7 @@ def _bare_env(**extra: str) -> dict[str, str]:
 
 def _make(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["make", "-s", "--no-print-directory", "-o", STAMP, *args],
+        ["make", "-s", "--no-print-directory", *(a for st in STAMPS for a in ("-o", st)), *args],
         cwd=ROOT,
         env=env or _bare_env(),
         capture_output=True,
@@ -203,8 +203,7 @@ def served(bundle, tmp_path_factory):
             "make",
             "-s",
             "--no-print-directory",
-            "-o",
-            STAMP,
+            *(a for st in STAMPS for a in ("-o", st)),
             "serve",
             f"MODEL=models:/{NAME}@champion",
             f"PORT={port}",

@@ -204,7 +204,8 @@ def test_train_tracks_to_mlflow_and_resumes_after_sigkill(tmp_path):
     for term in ("train/fm", "train/id", "train/lr", "train/samples_per_s", "train/ref_mix_0"):
         assert client.get_metric_history(first["run_id"], term), term
     arts = [a.path for a in client.list_artifacts(first["run_id"], "grids")]
-    assert "grids/final.png" in arts and any("step_" in a for a in arts)
+    assert "grids/final.png" in arts and "grids/step_000010.png" in arts
+    assert "grids/step_000030.png" not in arts  # the last step's grid is final.png, not restored twice
     model_dir = tmp_path / "out" / "model"
     assert (model_dir / "pytorch_lora_weights.safetensors").is_file() and (
         model_dir / "iconface_pathways.safetensors"
