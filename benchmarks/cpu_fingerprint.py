@@ -1,0 +1,162 @@
+"""Which numerical kernels give this CPU its own bytes: digests of small pinned computations to compare
+between machines.
+
+The chain's outputs are byte-identical across the CPUs the pins cover (pipelines/cpu_pins.py), yet an
+Intel Xeon with AMX and a 480 MiB L3 trained other id encoders from the first epoch on, with every pin
+binding (docs/results.md, "Running the default"). Run this on two machines and compare the lines: the
+first probe whose digest differs names the library and kernel that diverges (MKL's sgemm, oneDNN's
+convolution forward, its backward by data or by weight, the strided backward, torch's native
+convolution, numpy and OpenBLAS), and the id encoder's training step shows whether that is enough to
+move the stage.
+
+    python benchmarks/cpu_fingerprint.py [--threads 2] [--out fingerprint.json]
+
+Prints the CPU (model, AVX-512 and AMX, cache sizes), oneDNN's kernel per probe (its verbose log), and
+one sha256 prefix per probe. A few seconds on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import sys
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import stages  # noqa: E402,F401  (the CPU pins, before numpy and torch load)
+
+
+def digest(*arrays) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def cpu_info() -> dict:
+    """Model name, the ISA extensions that matter to the pins, and the cache sizes of CPU 0."""
+    info: dict = {"machine": platform.machine()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    for line in text.splitlines():
+        if line.startswith("model name") and "model" not in info:
+            info["model"] = line.split(":", 1)[1].strip()
+        if line.startswith("flags") and "flags" not in info:
+            flags = set(line.split(":", 1)[1].split())
+            info["flags"] = sorted(f for f in flags if f in {"avx2", "avx512f", "avx512_bf16", "amx_tile"})
+    caches = {}
+    for d in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level, kind = (d / "level").read_text().strip(), (d / "type").read_text().strip()
+            caches[f"L{level} {kind}"] = (d / "size").read_text().strip()
+        except OSError:
+            continue
+    info["caches"] = caches
+    return info
+
+
+def probes(threads: int) -> dict[str, str]:
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from models.id_encoder import IRBackbone, IRConfig
+
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    out: dict[str, str] = {}
+
+    a, b = torch.randn(512, 384, generator=g), torch.randn(384, 256, generator=g)
+    out["MKL sgemm (512x384 @ 384x256)"] = digest((a @ b).numpy())
+
+    x = torch.randn(16, 16, 32, 32, generator=g, requires_grad=True)
+    w = torch.randn(32, 16, 3, 3, generator=g, requires_grad=True)
+    for stride in (1, 2):
+        y = F.conv2d(x, w, stride=stride, padding=1)
+        gy = torch.randn(y.shape, generator=g)
+        dx, dw = torch.autograd.grad(y, (x, w), gy)
+        out[f"oneDNN conv 3x3 stride {stride} forward"] = digest(y.detach().numpy())
+        out[f"oneDNN conv 3x3 stride {stride} backward data"] = digest(dx.numpy())
+        out[f"oneDNN conv 3x3 stride {stride} backward weight"] = digest(dw.numpy())
+    with torch.backends.mkldnn.flags(enabled=False):
+        y = F.conv2d(x, w, padding=1)
+        dx, dw = torch.autograd.grad(y, (x, w), torch.ones_like(y))
+        out["native conv 3x3 (oneDNN off) forward"] = digest(y.detach().numpy())
+        out["native conv 3x3 (oneDNN off) backward"] = digest(dx.numpy(), dw.numpy())
+
+    # the primary id encoder of the embedded default (params.yaml train_id_encoder.primary): one step
+    torch.manual_seed(0)
+    cfg = IRConfig(64, (1, 1, 2, 1), (16, 16, 32, 64, 128), 512, 0.4, 2)
+    for mkldnn in (True, False):
+        with torch.backends.mkldnn.flags(enabled=mkldnn):
+            torch.manual_seed(0)
+            m = IRBackbone(cfg)
+            emb = m(torch.randn(64, 3, 64, 64, generator=torch.Generator().manual_seed(1)))[0]
+            emb.square().mean().backward()
+            grads = torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
+            name = "id encoder step" + ("" if mkldnn else " (oneDNN off)")
+            out[f"{name}: embeddings"] = digest(emb.detach().numpy())
+            out[f"{name}: gradients"] = digest(grads.numpy())
+
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal((256, 256))
+    out["numpy exp float64"] = digest(np.exp(v))
+    out["OpenBLAS dgemm (numpy 256x256)"] = digest(v @ v.T)
+    return out
+
+
+def onednn_kernels(threads: int) -> list[str]:
+    """oneDNN's implementation per primitive kind in the probes (its verbose log, a subprocess)."""
+    import subprocess
+
+    code = f"import runpy, sys; sys.argv = ['x', '--threads', '{threads}', '--no-kernels']; runpy.run_path({__file__!r}, run_name='__main__')"
+    env = {**os.environ, "ONEDNN_VERBOSE": "1"}
+    log = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout
+    kinds = set()
+    for line in log.splitlines():
+        f = line.split(",")
+        if len(f) > 7 and f[2] == "primitive" and f[3] == "exec" and f[5] == "convolution":
+            kinds.add(f"{f[6]} {f[7]}")
+    return sorted(kinds)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=2, help="torch's threads (the stages' default: 2)")
+    p.add_argument("--out", type=Path, help="also write the fingerprint as JSON")
+    p.add_argument("--no-kernels", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore", message="TF32 acceleration")  # torch.backends.mkldnn.flags on CPU
+    if args.no_kernels:  # the subprocess of onednn_kernels: only the probes, under ONEDNN_VERBOSE
+        probes(args.threads)
+        return
+    from pipelines.cpu_pins import pins_in_effect  # its probe turns oneDNN's verbose log off
+
+    result = {"cpu": cpu_info(), "threads": args.threads, "problems": pins_in_effect().get("problems", [])}
+    result["probes"] = probes(args.threads)
+    result["onednn_convolutions"] = onednn_kernels(args.threads)
+    cpu = result["cpu"]
+    print(
+        f"{cpu.get('model', '?')}; {' '.join(cpu.get('flags', []))}; "
+        + ", ".join(f"{k} {v}" for k, v in cpu.get("caches", {}).items())
+    )
+    print(
+        f"pins: {result['problems'] or 'no problem'}; oneDNN convolutions: {', '.join(result['onednn_convolutions'])}"
+    )
+    width = max(map(len, result["probes"]))
+    for name, d in result["probes"].items():
+        print(f"{name:<{width}}  {d}")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"cpu_fingerprint: {len(result['probes'])} probes on {args.threads} threads")
+
+
+if __name__ == "__main__":
+    main()
