@@ -11,8 +11,8 @@ move the stage.
 
     python benchmarks/cpu_fingerprint.py [--threads 2] [--out fingerprint.json]
 
-Prints the CPU (model, AVX-512 and AMX, cache sizes), oneDNN's kernel per probe (its verbose log), and
-one sha256 prefix per probe. A few seconds on 2 cores.
+Prints the CPU (model, AVX-512 and AMX, cache sizes), the convolution kernels oneDNN ran (its verbose
+log), and one sha256 prefix per probe. A few seconds on 2 cores.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import sys
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 import stages  # noqa: E402,F401  (the CPU pins, before numpy and torch load)
 
@@ -40,17 +41,17 @@ def digest(*arrays) -> str:
 
 def cpu_info() -> dict:
     """Model name, the ISA extensions that matter to the pins, and the cache sizes of CPU 0."""
+    from pipelines.cpu_pins import cpu_flags
+
     info: dict = {"machine": platform.machine()}
     try:
         text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return info
-    for line in text.splitlines():
-        if line.startswith("model name") and "model" not in info:
-            info["model"] = line.split(":", 1)[1].strip()
-        if line.startswith("flags") and "flags" not in info:
-            flags = set(line.split(":", 1)[1].split())
-            info["flags"] = sorted(f for f in flags if f in {"avx2", "avx512f", "avx512_bf16", "amx_tile"})
+        info["model"] = next(
+            ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        pass
+    info["flags"] = sorted((cpu_flags() or set()) & {"avx2", "avx512f", "avx512_bf16", "amx_tile"})
     caches = {}
     for d in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
         try:
@@ -91,14 +92,22 @@ def probes(threads: int) -> dict[str, str]:
         out["native conv 3x3 (oneDNN off) forward"] = digest(y.detach().numpy())
         out["native conv 3x3 (oneDNN off) backward"] = digest(dx.numpy(), dw.numpy())
 
-    # the primary id encoder of the embedded default (params.yaml train_id_encoder.primary): one step
-    torch.manual_seed(0)
-    cfg = IRConfig(64, (1, 1, 2, 1), (16, 16, 32, 64, 128), 512, 0.4, 2)
+    # the primary id encoder of the embedded default, built as pipelines.id_training.train_encoder builds it
+    from stages._common import load_params
+
+    c = load_params(REPO / "params.yaml", "train_id_encoder")["train_id_encoder"]
+    arch = c.primary
+    cfg = IRConfig(
+        c.input_size, tuple(arch.units), tuple(arch.widths), c.embedding_dim, 0.2, arch.stem_stride
+    )
     for mkldnn in (True, False):
         with torch.backends.mkldnn.flags(enabled=mkldnn):
-            torch.manual_seed(0)
+            torch.manual_seed(arch.seed)
             m = IRBackbone(cfg)
-            emb = m(torch.randn(64, 3, 64, 64, generator=torch.Generator().manual_seed(1)))[0]
+            batch = torch.randn(
+                c.batch_size, 3, c.input_size, c.input_size, generator=torch.Generator().manual_seed(1)
+            )
+            emb = m(batch)[0]
             emb.square().mean().backward()
             grads = torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
             name = "id encoder step" + ("" if mkldnn else " (oneDNN off)")
