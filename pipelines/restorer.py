@@ -383,14 +383,34 @@ class Restorer:
         batch_size: int,
         gate: bool | None = None,
         steps: int | None = None,
+        blind: np.ndarray | None = None,
     ) -> np.ndarray:
         """`restore_batch` over chunks of `batch_size` images (the same outputs: every image is sampled
-        with its own noise), concatenated; what evaluation and the gate's calibration restore with."""
-        parts = [
-            self.restore_batch(lq[i : i + batch_size], refs[i : i + batch_size], gate=gate, steps=steps)
-            for i in range(0, len(lq), batch_size)
-        ]
+        with its own noise), concatenated; what evaluation and the gate's calibration restore with.
+
+        `blind`: this call's images already restored without references (by this method, with the same
+        `batch_size` and `steps`). A chunk whose every image has its gate shut is then taken from it:
+        `restore_batch` would restore that chunk without references anyway, from the same batch (the
+        same images, no references, the same α), so the bytes are the same."""
+        shut = self.shut(lq) if blind is not None and gate is not False else None
+        parts = []
+        for i in range(0, len(lq), batch_size):
+            if shut is not None and shut[i : i + batch_size].all():
+                parts.append(blind[i : i + batch_size])
+            else:
+                parts.append(
+                    self.restore_batch(
+                        lq[i : i + batch_size], refs[i : i + batch_size], gate=gate, steps=steps
+                    )
+                )
         return np.concatenate(parts)
+
+    def shut(self, lq: list[np.ndarray]) -> np.ndarray:
+        """(B,) bool: the images whose reference gate is shut (α = 0), restored blind whatever their
+        references; none without a gate."""
+        if self.gate is None:
+            return np.zeros(len(lq), bool)
+        return self.gate.alpha([self._fit(x) for x in lq]) == 0.0
 
     def ref_limit(self, ensemble: bool) -> int:
         """How many references one image may have: the trained max_refs, or 3 with the eq. 6 ensemble."""

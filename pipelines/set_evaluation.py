@@ -392,8 +392,8 @@ def evaluate_set(
             f"(of {seen}); need at least 2 for a paired comparison"
         )
 
-    def restore(lqs, refs, gate=None):
-        return restorer.restore_in_batches(lqs, refs, cfg.batch_size, gate)
+    def restore(lqs, refs, gate=None, blind=None):
+        return restorer.restore_in_batches(lqs, refs, cfg.batch_size, gate, blind=blind)
 
     def measure(row: str, outs: np.ndarray) -> None:
         values[row] = per_target(outs, samples, prim, evaluator, cfg.copy_tau, border, wm)
@@ -406,8 +406,10 @@ def evaluate_set(
     front = restorer.front_only(lq)
     if front is not None:  # stage 1 alone: what the transformer adds is the difference to it
         measure(FRONT, front)
-    for k in cfg.modes:
-        measure(mode_label(k), restore(lq, [s["refs"][:k] for s in samples]))
+    for k in cfg.modes:  # chunks the gate shuts entirely are the blind mode's (restore_in_batches)
+        measure(
+            mode_label(k), restore(lq, [s["refs"][:k] for s in samples], blind=outputs.get(mode_label(0)))
+        )
         if progress is not None:
             progress.update(1)
     n = cfg.front_probe_steps

@@ -41,6 +41,35 @@ def test_psnr_ssim_by_their_definitions():
     assert ssim_u8(a, b).mean() > 0.9 > ssim_u8(a, noisy).mean()
 
 
+def test_ssim_is_the_2d_gaussian_window_ssim():
+    """The separable filter gives the SSIM of the 11x11 Gaussian window (sigma 1.5, valid positions)
+    written out directly, to float64 rounding: the values evaluation has always reported."""
+    r = np.random.default_rng(1)
+    a = r.integers(0, 256, (2, 20, 18, 3), dtype=np.uint8)
+    b = np.clip(a.astype(int) + r.normal(0, 25, a.shape), 0, 255).astype(np.uint8)
+    x1 = np.arange(11) - 5.0
+    g1 = np.exp(-(x1**2) / (2 * 1.5**2))
+    w = np.outer(g1, g1) / g1.sum() ** 2
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    want = np.zeros(len(a))
+    for n in range(len(a)):
+        for ch in range(3):
+            x, y = a[n, :, :, ch].astype(np.float64), b[n, :, :, ch].astype(np.float64)
+            vals = []
+            for i in range(x.shape[0] - 10):
+                for j in range(x.shape[1] - 10):
+                    px, py = x[i : i + 11, j : j + 11], y[i : i + 11, j : j + 11]
+                    mx, my = (w * px).sum(), (w * py).sum()
+                    sxx = (w * px * px).sum() - mx**2
+                    syy = (w * py * py).sum() - my**2
+                    sxy = (w * px * py).sum() - mx * my
+                    vals.append(
+                        ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
+                    )
+            want[n] += np.mean(vals) / 3
+    np.testing.assert_allclose(ssim_u8(a, b), want, rtol=0, atol=1e-12)
+
+
 def test_copy_score_extremes():
     tgt = np.zeros((8, 8, 3), np.uint8)
     ref = np.full((8, 8, 3), 200, np.uint8)

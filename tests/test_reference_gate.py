@@ -211,6 +211,35 @@ def test_a_shut_gate_restores_exactly_as_blind_and_keeps_the_masks_in_step(resto
         r.gate = None
 
 
+def test_chunks_the_gate_shuts_entirely_are_taken_from_the_blind_restorations(restorer, monkeypatch):
+    """restore_in_batches(blind=...), as evaluation calls it: a chunk whose every image is shut is the
+    blind mode's chunk, bytewise what restoring it gives; a chunk with an open image is restored."""
+    r = restorer
+    flat, ramp, board = _images()
+    lq = [ramp, board, flat, board]  # chunks of 2: both shut | one open (flat: α = 1)
+    rng = np.random.default_rng(4)
+    refs = [[rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)] for _ in lq]
+    r.gate = ReferenceGate(sharp=0.5, blurred=0.25)
+    try:
+        assert r.shut(lq).tolist() == [True, True, False, True]
+        blind = r.restore_in_batches(lq, [[] for _ in lq], 2)
+        want = r.restore_in_batches(lq, refs, 2)
+        calls = []
+        restore_batch = r.restore_batch
+        monkeypatch.setattr(r, "restore_batch", lambda *a, **k: calls.append(a[0]) or restore_batch(*a, **k))
+        got = r.restore_in_batches(lq, refs, 2, blind=blind)
+        assert np.array_equal(got, want) and len(calls) == 1 and calls[0][0] is flat
+        calls.clear()  # the gate open (calibration): nothing is taken from the blind restorations
+        assert np.array_equal(
+            r.restore_in_batches(lq, refs, 2, gate=False, blind=blind),
+            r.restore_in_batches(lq, refs, 2, gate=False),
+        )
+        assert len(calls) == 4
+    finally:
+        r.gate = None
+    assert not r.shut(lq).any()
+
+
 def test_a_gate_written_to_the_bundle_is_read_back(tmp_path):
     from conftest import write_tiny_bundle
 
