@@ -4,10 +4,13 @@ between machines.
 The chain's outputs are byte-identical across the CPUs the pins cover (pipelines/cpu_pins.py), yet an
 Intel Xeon with AMX and a 480 MiB L3 trained other id encoders from the first epoch on, with every pin
 binding (docs/results.md, "Running the default"). Run this on two machines and compare the lines: the
-first probe whose digest differs names the library and kernel that diverges (MKL's sgemm, oneDNN's
-convolution forward, its backward by data or by weight, the strided backward, torch's native
+first probe whose digest differs names the library and kernel that diverges (MKL's sgemm, plain and
+with a transposed operand, a linear layer forward and backward, batch norm and PReLU in training,
+oneDNN's convolution forward, its backward by data or by weight, the strided backward, torch's native
 convolution, numpy and OpenBLAS), and the id encoder's training step shows whether that is enough to
-move the stage.
+move the stage. An AMD EPYC that reproduces the committed bytes and the Xeon that does not agree on the
+forward kernels and oneDNN's convolutions and differ on the native convolution's backward and the id
+encoder's gradients (docs/results.md).
 
     python benchmarks/cpu_fingerprint.py [--threads 2] [--out fingerprint.json]
 
@@ -76,6 +79,25 @@ def probes(threads: int) -> dict[str, str]:
 
     a, b = torch.randn(512, 384, generator=g), torch.randn(384, 256, generator=g)
     out["MKL sgemm (512x384 @ 384x256)"] = digest((a @ b).numpy())
+    # the layouts a backward pass uses: an operand transposed (the gradient of a linear layer's weight
+    # and input, native convolution's backward); their own generator, so that the probes after them
+    # draw what they drew before these were added (their digests stay comparable)
+    g2 = torch.Generator().manual_seed(1)
+    at, bt = a.t().contiguous(), b.t().contiguous()
+    out["MKL sgemm transposed A (A^T @ B)"] = digest((at.t() @ b).numpy())
+    out["MKL sgemm transposed B (A @ B^T)"] = digest((a @ bt.t()).numpy())
+    xl = torch.randn(64, 2048, generator=g2, requires_grad=True)
+    wl = torch.randn(512, 2048, generator=g2, requires_grad=True)
+    yl = F.linear(xl, wl)
+    dxl, dwl = torch.autograd.grad(yl, (xl, wl), torch.randn(yl.shape, generator=g2))
+    out["linear 2048->512, batch 64: forward"] = digest(yl.detach().numpy())
+    out["linear 2048->512, batch 64: backward"] = digest(dxl.numpy(), dwl.numpy())
+    xb = torch.randn(64, 32, 16, 16, generator=g2, requires_grad=True)
+    bn, pr = torch.nn.BatchNorm2d(32), torch.nn.PReLU(32)
+    yb = pr(bn(xb))
+    gb = torch.autograd.grad(yb, (xb, bn.weight, pr.weight), torch.randn(yb.shape, generator=g2))
+    out["batch norm + PReLU (training): forward"] = digest(yb.detach().numpy())
+    out["batch norm + PReLU (training): backward"] = digest(*(t.numpy() for t in gb))
 
     x = torch.randn(16, 16, 32, 32, generator=g, requires_grad=True)
     w = torch.randn(32, 16, 3, 3, generator=g, requires_grad=True)
@@ -91,6 +113,10 @@ def probes(threads: int) -> dict[str, str]:
         dx, dw = torch.autograd.grad(y, (x, w), torch.ones_like(y))
         out["native conv 3x3 (oneDNN off) forward"] = digest(y.detach().numpy())
         out["native conv 3x3 (oneDNN off) backward"] = digest(dx.numpy(), dw.numpy())
+        y = F.conv2d(x, w, stride=2, padding=1)
+        dx, dw = torch.autograd.grad(y, (x, w), torch.ones_like(y))
+        out["native conv 3x3 stride 2 (oneDNN off) forward"] = digest(y.detach().numpy())
+        out["native conv 3x3 stride 2 (oneDNN off) backward"] = digest(dx.numpy(), dw.numpy())
 
     # the primary id encoder of the embedded default, built as pipelines.id_training.train_encoder builds it
     from stages._common import load_params
