@@ -8,8 +8,10 @@ from pathlib import Path
 
 # Before numpy (and torch, cv2) load: the CPU pins act only then, so the tests run pinned (pipelines.cpu_pins).
 from pipelines.cpu_pins import pin_cpu_numerics  # isort: skip
+from pipelines.malloc import keep_freed_memory  # isort: skip
 
 pin_cpu_numerics()
+keep_freed_memory()  # freed memory stays in the process (pipelines.malloc), as in the stages
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
