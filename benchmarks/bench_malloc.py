@@ -50,10 +50,12 @@ print(json.dumps({"wall": t1 - t0, "user": r1.ru_utime - r0.ru_utime, "sys": r1.
 """
 
 
-def run(on: bool, args) -> dict:
+def run(on: bool, steps: int, width: int, batch: int, size: int) -> dict:
+    """One fresh process: `steps` front-end steps after a warm-up one, with (`on`) or without the thresholds;
+    its wall, user and system seconds, minor faults and weight digest. tests/test_malloc.py calls it too."""
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     env["REFFACE_MALLOC"] = "1" if on else "0"
-    argv = [str(a) for a in (args.steps, args.width, args.batch, args.size)]
+    argv = [str(a) for a in (steps, width, batch, size)]
     p = subprocess.run(
         [sys.executable, "-c", CHILD, *argv], cwd=ROOT, env=env, capture_output=True, text=True, check=True
     )
@@ -71,7 +73,7 @@ def main() -> None:
     rows = {True: [], False: []}
     for _ in range(args.repeats):
         for on in (False, True):
-            r = run(on, args)
+            r = run(on, args.steps, args.width, args.batch, args.size)
             rows[on].append(r)
             print(
                 f"{'kept  ' if on else 'glibc '} {args.steps} steps: wall {r['wall']:6.1f} s  user {r['user']:6.1f} s"

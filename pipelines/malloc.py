@@ -23,7 +23,6 @@ this one starts (Ray workers, Lightning ranks, subprocesses): glibc reads them w
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from collections.abc import MutableMapping
 
@@ -36,11 +35,10 @@ TUNABLES = f"glibc.malloc.mmap_threshold={MMAP_THRESHOLD}:glibc.malloc.trim_thre
 
 
 def _mallopt():
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
+    """The C library's mallopt, looked up among the symbols the process already has (no `ldconfig` run,
+    as `ctypes.util.find_library` would start at every stage's import); None where there is none."""
     try:
-        fn = ctypes.CDLL(name).mallopt
+        fn = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return None
     fn.argtypes = (ctypes.c_int, ctypes.c_int)
