@@ -249,6 +249,9 @@ class StreamDataModule(L.LightningDataModule):
             connect(self.ray_cpus)
         rank = self.trainer.global_rank if self.trainer else 0
         world = self.trainer.world_size if self.trainer else 1
+        # RefSTAR: masks and the cycle's degraded reference when the module trains with them
+        rs = getattr(self.trainer.lightning_module, "refstar", None) if self.trainer else None
+        masks = bool(rs and rs.masks)
         stream = DegradationStream(
             self.paths,
             self.preset,
@@ -260,15 +263,14 @@ class StreamDataModule(L.LightningDataModule):
             world_size=world,
             inline=self.inline,
             storage_options=self.storage_options,
+            masks=masks,  # without RefSTAR's masks they stay undecoded
         )
-        # RefSTAR: masks and the cycle's degraded reference when the module trains with them
-        rs = getattr(self.trainer.lightning_module, "refstar", None) if self.trainer else None
         self.dataset = StreamIterable(
             stream,
             self.schedule,
             self.max_refs,
             self.seed,
-            masks=bool(rs and rs.masks),
+            masks=masks,
             ref_preset=self.preset if rs and rs.cycle else None,
         )
 

@@ -9,7 +9,7 @@ How it works. The driver plans an epoch as *chunks*: runs of up to `batch_size` 
 one shard, located by byte range (a header walk, no decoding). Each chunk becomes one Ray task that
 reads only its byte range, decodes the samples, degrades the targets with the preset (a pure function
 of (seed, key, epoch)) and returns a ready batch; references, masks and embeddings pass through
-untouched. At most `max_in_flight` tasks are outstanding (backpressure: memory stays bounded by
+untouched (or stay undecoded where the reader has no use for them: `references=False`, `masks=False`). At most `max_in_flight` tasks are outstanding (backpressure: memory stays bounded by
 max_in_flight × batch), and batches are delivered in plan order, so an epoch is reproducible to the
 byte however many workers run and wherever they run.
 
@@ -156,11 +156,18 @@ def epoch_order(
 
 
 def degrade_chunk_local(
-    chunk: Chunk, preset: str, seed: int, epoch: int, storage_options: dict | None = None
+    chunk: Chunk,
+    preset: str,
+    seed: int,
+    epoch: int,
+    storage_options: dict | None = None,
+    references: bool = True,
+    masks: bool = True,
 ) -> dict:
     """Read, decode and degrade one chunk (the body of the Ray task; callable without Ray).
 
-    A URL shard's chunk is one ranged read (`pipelines.storage.read_range`); a local one as before."""
+    A URL shard's chunk is one ranged read (`pipelines.storage.read_range`); a local one as before.
+    `references` / `masks` False: those stay undecoded (`pipelines.shards.decode_sample`)."""
     if _is_url(chunk.shard):
         from pipelines.storage import read_range
 
@@ -197,7 +204,7 @@ def degrade_chunk_local(
     for raw in raws:
         key = raw["__key__"]
         try:
-            s = decode_sample(raw)
+            s = decode_sample(raw, references, masks)
             d = degrade(s["gt"], preset, seed, key, epoch)
         except Exception as exc:  # a bad sample must not take the batch down: report it by key
             errors.append({"key": key, "error": f"{type(exc).__name__}: {exc}"})
@@ -230,9 +237,15 @@ def _ray_node() -> str | None:
 
 
 def degrade_chunk(
-    chunk: Chunk, preset: str, seed: int, epoch: int, storage_options: dict | None = None
+    chunk: Chunk,
+    preset: str,
+    seed: int,
+    epoch: int,
+    storage_options: dict | None = None,
+    references: bool = True,
+    masks: bool = True,
 ) -> dict:
-    return degrade_chunk_local(chunk, preset, seed, epoch, storage_options)
+    return degrade_chunk_local(chunk, preset, seed, epoch, storage_options, references, masks)
 
 
 _REMOTE = None
@@ -301,6 +314,8 @@ class DegradationStream:
     world_size: int = 1
     task_retries: int = 2  # driver-side resubmissions after Ray's own retries are exhausted
     inline: bool = False  # degrade in this process, without Ray (tests of multi-process training, debugging)
+    references: bool = True  # False: batches carry no reference images or masks (empty lists per sample)
+    masks: bool = True  # False: no conflict masks (None per reference)
     storage_options: dict | None = (
         None  # fsspec options for URL shards (else the environment's); to each task
     )
@@ -338,10 +353,11 @@ class DegradationStream:
         so = self.storage_options
 
         def submit(c: Chunk) -> None:
+            args = (c, self.preset, self.seed, epoch, so, self.references, self.masks)
             if self.inline:
-                pending.append((c, degrade_chunk_local(c, self.preset, self.seed, epoch, so)))
+                pending.append((c, degrade_chunk_local(*args)))
             else:
-                pending.append((c, degrade_chunk_task().remote(c, self.preset, self.seed, epoch, so)))
+                pending.append((c, degrade_chunk_task().remote(*args)))
 
         while todo or pending:
             while todo and len(pending) < self.max_in_flight:
@@ -362,7 +378,12 @@ class DegradationStream:
                     "chunk %d of %s failed (%s); resubmitting", chunk.index, chunk.shard, type(exc).__name__
                 )
                 pending.appendleft(
-                    (chunk, degrade_chunk_task().remote(chunk, self.preset, self.seed, epoch, so))
+                    (
+                        chunk,
+                        degrade_chunk_task().remote(
+                            chunk, self.preset, self.seed, epoch, so, self.references, self.masks
+                        ),
+                    )
                 )
                 continue
             finally:

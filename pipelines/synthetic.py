@@ -11,6 +11,7 @@ re-exported here, so `from pipelines.synthetic import face_spec, render` gives b
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict
 
@@ -336,6 +337,14 @@ def render(spec: FaceSpec, render_size: int = 128, image_size: int = 64) -> np.n
     return np.round(img).astype(np.uint8)
 
 
+@functools.lru_cache(maxsize=64)
+def _reference_geometry(spec: FaceSpec, size: int) -> _Geometry:
+    """A reference's own geometry, kept for the next masks of the same reference: `shards` draws one mask
+    per (target, reference) pair and a person's photos are each other's references, so consecutive pairs
+    share most of them. Read-only: nothing assigns to a `_Geometry` after its constructor."""
+    return _Geometry(spec, size)
+
+
 def conflict_mask(target: FaceSpec, reference: FaceSpec, size: int, dilate_px: int = 1) -> np.ndarray:
     """Exact ground-truth conflict mask of `reference` w.r.t. `target`, in the reference's pixel grid.
 
@@ -343,13 +352,13 @@ def conflict_mask(target: FaceSpec, reference: FaceSpec, size: int, dilate_px: i
     hair, neck), 1 where the reference's local state differs from the target's (the footprint of both
     states, drawn at the reference's pose), 0 elsewhere on the face.
     """
-    g_ref = _Geometry(reference, size)
-    g_tgt_state = _Geometry(reference, size, state=target.state)  # target's state at the ref's pose
+    g_ref = _reference_geometry(reference, size)
     face = (g_ref.face >= 0.5) & (g_ref.hair_front < 0.5)
     conflict = np.zeros((size, size), dtype=bool)
     for kind in conflict_kinds(target, reference):
         if kind == "mouth":
-            # Both states' lips, drawn at the reference's pose.
+            # Both states' lips, drawn at the reference's pose (the target's state at the ref's pose).
+            g_tgt_state = _Geometry(reference, size, state=target.state)
             region = np.maximum(g_ref.lips, g_tgt_state.lips)
         elif kind == "eyes":
             region = g_ref.eye_region

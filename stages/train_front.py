@@ -49,7 +49,13 @@ def train_front(cfg, dcfg, shards: str, progress: bool = False) -> tuple[FrontEn
     )
     connect(dcfg.num_cpus)
     stream = DegradationStream(
-        shard_paths(shards, "train"), dcfg.preset, dcfg.seed, cfg.batch_size, dcfg.max_in_flight, dcfg.shuffle
+        shard_paths(shards, "train"),
+        dcfg.preset,
+        dcfg.seed,
+        cfg.batch_size,
+        dcfg.max_in_flight,
+        dcfg.shuffle,
+        references=False,  # the front end learns from the target alone: its references stay undecoded
     )
     if len(stream) == 0:
         raise SystemExit(f"error: {shards} has no train batch of {cfg.batch_size} samples")

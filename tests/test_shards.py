@@ -13,6 +13,7 @@ from pipelines.shards import (
     iter_raw,
     iter_samples,
     npy_bytes,
+    shard_paths,
     validate_shards,
     write_split,
 )
@@ -60,6 +61,22 @@ def test_decoded_sample_follows_the_contract(tmp_path):
     assert x["gt"].shape == (64, 64, 3) and len(x["refs"]) == 2
     assert x["masks"][0].ndim == 2 and set(np.unique(x["masks"][0])) <= {0, 1, 255}  # single channel kept
     assert x["gt_emb"].tolist() == [1.0] * 8 and x["ref_emb"].shape == (2, 8)
+
+
+def test_a_reader_can_leave_references_and_masks_encoded(tmp_path):
+    _write(tmp_path)
+    raw = next(iter_raw(shard_paths(tmp_path, "train")))
+    full, no_masks, target_only = (
+        decode_sample(raw),
+        decode_sample(raw, masks=False),
+        decode_sample(raw, references=False),
+    )
+    assert all(np.array_equal(a, b) for a, b in zip(full["refs"], no_masks["refs"]))
+    assert len(no_masks["refs"]) == 2 and no_masks["masks"] == [None, None]
+    assert target_only["refs"] == [] and target_only["masks"] == []
+    for x in (no_masks, target_only):  # the rest is what the full decode gives
+        assert np.array_equal(x["gt"], full["gt"]) and np.array_equal(x["ref_emb"], full["ref_emb"])
+        assert x["meta"] == full["meta"]
 
 
 def test_validation_names_the_corrupt_or_missing_shard(tmp_path):

@@ -51,6 +51,12 @@ def test_chunk_task_is_a_pure_function(shards):
     assert a["lq"].tobytes() == b["lq"].tobytes()
     # references and masks pass through untouched
     assert len(a["refs"][0]) == 2 and a["masks"][0][0].shape == (32, 32)
+    # or stay undecoded for a reader that has no use for them, with the same degraded targets
+    lean = degrade_chunk_local(c, "iconface_mixed", 0, 0, references=False)
+    assert lean["lq"].tobytes() == a["lq"].tobytes() and lean["gt"].tobytes() == a["gt"].tobytes()
+    assert lean["refs"][0] == [] and lean["masks"][0] == [] and lean["ref_emb"][0].shape == (2, 4)
+    no_masks = degrade_chunk_local(c, "iconface_mixed", 0, 0, masks=False)
+    assert no_masks["masks"][0] == [None, None] and np.array_equal(no_masks["refs"][0][1], a["refs"][0][1])
 
 
 def test_stream_epoch_exact_and_reproducible(local_ray, shards):
@@ -65,6 +71,12 @@ def test_stream_epoch_exact_and_reproducible(local_ray, shards):
     again = list(DegradationStream(shards, "iconface_mixed", seed=0, batch_size=16, max_in_flight=1).epoch(0))
     assert [x["keys"] for x in again] == [x["keys"] for x in first]  # same order whatever the parallelism
     assert _digest(again) == _digest(first)
+    lean = list(
+        DegradationStream(
+            shards, "iconface_mixed", seed=0, batch_size=16, max_in_flight=3, references=False
+        ).epoch(0)
+    )
+    assert _digest(lean) == _digest(first) and all(r == [] for b in lean for r in b["refs"])
     other = _digest(s.epoch(1))
     assert sum(other[k] != v for k, v in _digest(first).items()) > N * 0.9  # a fresh corruption each epoch
     # resuming mid-epoch continues exactly where it stopped

@@ -143,3 +143,22 @@ def test_identity_cues_fine_shares_colour_and_shape_mixed_keeps_the_first_draws(
     assert fine[5] == face_spec(7, "album", 5, 2).identity  # the default
     with pytest.raises(ValueError, match="unknown identity cues 'coarse'"):
         sample_identity(7, "album", 0, "coarse")
+
+
+def test_masks_from_a_kept_reference_geometry_equal_fresh_ones():
+    """conflict_mask keeps each reference's geometry for the next pairs (shards draws one mask per
+    (target, reference) pair): masks drawn after others, with the geometry reused, equal masks drawn
+    from a cleared cache, for every pair of a small album and more than one size."""
+    from pipelines.synthetic import _reference_geometry
+
+    specs = [face_spec(7, "album", p, j) for p in range(2) for j in range(4)]
+    pairs = [(t, r, size) for size in (32, 64) for t in specs for r in specs if r is not t]
+    _reference_geometry.cache_clear()
+    kept = [conflict_mask(t, r, size) for t, r, size in pairs]
+    assert _reference_geometry.cache_info().hits > 0
+    fresh = []
+    for t, r, size in pairs:
+        _reference_geometry.cache_clear()
+        fresh.append(conflict_mask(t, r, size))
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(kept, fresh))
+    assert any((m == MASK_CONFLICT).any() for m in kept)
