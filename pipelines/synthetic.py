@@ -337,11 +337,13 @@ def render(spec: FaceSpec, render_size: int = 128, image_size: int = 64) -> np.n
     return np.round(img).astype(np.uint8)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=8)
 def _reference_geometry(spec: FaceSpec, size: int) -> _Geometry:
     """A reference's own geometry, kept for the next masks of the same reference: `shards` draws one mask
     per (target, reference) pair and a person's photos are each other's references, so consecutive pairs
-    share most of them. Read-only: nothing assigns to a `_Geometry` after its constructor."""
+    share most of them (the embedded default: 8 entries draw each of its 1866 images once, as many as
+    unbounded; 4 would draw 6850). A 512² geometry holds about 35 MB, hence the small bound. Read-only:
+    nothing assigns to a `_Geometry` after its constructor."""
     return _Geometry(spec, size)
 
 

@@ -77,6 +77,13 @@ def test_stream_epoch_exact_and_reproducible(local_ray, shards):
         ).epoch(0)
     )
     assert _digest(lean) == _digest(first) and all(r == [] for b in lean for r in b["refs"])
+    bare = list(
+        DegradationStream(
+            shards, "iconface_mixed", seed=0, batch_size=16, max_in_flight=3, masks=False
+        ).epoch(0)
+    )
+    assert _digest(bare) == _digest(first) and all(m == [None, None] for b in bare for m in b["masks"])
+    assert all(len(r) == 2 for b in bare for r in b["refs"])
     other = _digest(s.epoch(1))
     assert sum(other[k] != v for k, v in _digest(first).items()) > N * 0.9  # a fresh corruption each epoch
     # resuming mid-epoch continues exactly where it stopped
