@@ -9,7 +9,8 @@ How it works. The driver plans an epoch as *chunks*: runs of up to `batch_size` 
 one shard, located by byte range (a header walk, no decoding). Each chunk becomes one Ray task that
 reads only its byte range, decodes the samples, degrades the targets with the preset (a pure function
 of (seed, key, epoch)) and returns a ready batch; references, masks and embeddings pass through
-untouched (or stay undecoded where the reader has no use for them: `references=False`, `masks=False`). At most `max_in_flight` tasks are outstanding (backpressure: memory stays bounded by
+untouched (or stay undecoded where the reader has no use for them: `references=False`, `masks=False`).
+At most `max_in_flight` tasks are outstanding (backpressure: memory stays bounded by
 max_in_flight × batch), and batches are delivered in plan order, so an epoch is reproducible to the
 byte however many workers run and wherever they run.
 
@@ -236,16 +237,9 @@ def _ray_node() -> str | None:
     return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
 
 
-def degrade_chunk(
-    chunk: Chunk,
-    preset: str,
-    seed: int,
-    epoch: int,
-    storage_options: dict | None = None,
-    references: bool = True,
-    masks: bool = True,
-) -> dict:
-    return degrade_chunk_local(chunk, preset, seed, epoch, storage_options, references, masks)
+def degrade_chunk(*args, **kwargs) -> dict:
+    """`degrade_chunk_local` under the name the Ray task carries (`degrade_chunk_task`)."""
+    return degrade_chunk_local(*args, **kwargs)
 
 
 _REMOTE = None
@@ -352,12 +346,14 @@ class DegradationStream:
 
         so = self.storage_options
 
+        def task_args(c: Chunk) -> tuple:
+            return (c, self.preset, self.seed, epoch, so, self.references, self.masks)
+
         def submit(c: Chunk) -> None:
-            args = (c, self.preset, self.seed, epoch, so, self.references, self.masks)
             if self.inline:
-                pending.append((c, degrade_chunk_local(*args)))
+                pending.append((c, degrade_chunk_local(*task_args(c))))
             else:
-                pending.append((c, degrade_chunk_task().remote(*args)))
+                pending.append((c, degrade_chunk_task().remote(*task_args(c))))
 
         while todo or pending:
             while todo and len(pending) < self.max_in_flight:
@@ -377,14 +373,7 @@ class DegradationStream:
                 log.warning(
                     "chunk %d of %s failed (%s); resubmitting", chunk.index, chunk.shard, type(exc).__name__
                 )
-                pending.appendleft(
-                    (
-                        chunk,
-                        degrade_chunk_task().remote(
-                            chunk, self.preset, self.seed, epoch, so, self.references, self.masks
-                        ),
-                    )
-                )
+                pending.appendleft((chunk, degrade_chunk_task().remote(*task_args(chunk))))
                 continue
             finally:
                 self.stats["wait_s"] += time.perf_counter() - t
